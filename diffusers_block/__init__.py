@@ -1,0 +1,38 @@
+"""diffusers-block: make diffusers transformers fast without retraining them.
+
+Importing the package adds ``enable_block_cache``, ``disable_block_cache`` and ``block_cache_summary`` methods to
+diffusers' ``DiffusionPipeline`` (new methods only; nothing existing is replaced). The functions below do the same
+for pipelines and bare transformers.
+"""
+
+from .cache import (
+    BlockCacheSummary,
+    BWCacheConfig,
+    CacheConfig,
+    StaticScheduleConfig,
+    block_cache_summary,
+    disable_block_cache,
+    enable_block_cache,
+    reset_block_cache,
+)
+from .models import UnsupportedModelError, supported_families
+from .pipeline_methods import install_pipeline_methods
+from .state import ShapeChangedError
+
+__version__ = "0.1.0"
+
+install_pipeline_methods()
+
+__all__ = [
+    "BWCacheConfig",
+    "BlockCacheSummary",
+    "CacheConfig",
+    "ShapeChangedError",
+    "StaticScheduleConfig",
+    "UnsupportedModelError",
+    "block_cache_summary",
+    "disable_block_cache",
+    "enable_block_cache",
+    "reset_block_cache",
+    "supported_families",
+]

@@ -1,0 +1,18 @@
+"""Block-wise feature caching: hooks on transformer blocks (or their sub-blocks) that reuse cached residuals."""
+
+from .apply import block_cache_summary, disable_block_cache, enable_block_cache, reset_block_cache
+from .bwcache import BWCacheConfig
+from .policy import CacheConfig
+from .static import StaticScheduleConfig
+from .summary import BlockCacheSummary
+
+__all__ = [
+    "BWCacheConfig",
+    "BlockCacheSummary",
+    "CacheConfig",
+    "StaticScheduleConfig",
+    "block_cache_summary",
+    "disable_block_cache",
+    "enable_block_cache",
+    "reset_block_cache",
+]

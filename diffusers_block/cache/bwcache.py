@@ -1,0 +1,84 @@
+"""BWCache: a per-block runtime indicator (Block-Wise Caching, arXiv 2509.13789).
+
+Each unit measures how much its cached quantity (a block's residual, a sub-block's output) changed between its
+two most recent computed steps, as a relative L1 distance per step. It then reuses the cache while that rate,
+extrapolated to the current step, stays under ``threshold``: a unit that barely moves is skipped for several
+steps, one that moves a lot is recomputed every step. The first and last few steps are always computed, since
+features change fastest there (the U-shaped curve of the paper), and ``max_consecutive_reuse`` bounds drift.
+
+The indicator is one fp32 reduction over a tensor the block already produced. Its values are read back to the
+host in one batch per transformer call, the first time a decision needs them, not once per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .policy import CacheConfig, CachePolicy, check_float, check_int
+from .slot import CacheSlot
+
+
+@dataclass(frozen=True)
+class BWCacheConfig(CacheConfig):
+    """threshold: largest predicted relative L1 change of a unit's cached tensor at which it is reused
+        (0 disables reuse: outputs are identical to no cache).
+    max_consecutive_reuse: most steps in a row a unit may be reused before it is recomputed.
+    warmup_steps / cooldown_steps: first / last steps of a generation that always compute every unit.
+    """
+
+    threshold: float = 0.1
+    max_consecutive_reuse: int = 3
+    warmup_steps: int = 2
+    cooldown_steps: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        check_float(owner, "threshold", self.threshold, 0.0, 10.0)
+        check_int(owner, "max_consecutive_reuse", self.max_consecutive_reuse, 0, 1000)
+        check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
+
+    def build(self, unit_names: Sequence[str]) -> "BWCachePolicy":
+        return BWCachePolicy(self, unit_names)
+
+
+class BWCachePolicy(CachePolicy):
+    planned = False
+    wants_indicator = True
+
+    def __init__(self, config: BWCacheConfig, unit_names: Sequence[str]) -> None:
+        super().__init__(config, unit_names)
+        self._pending: list[CacheSlot] = []
+
+    def reset(self) -> None:
+        self._pending.clear()
+
+    def observe(self, unit: int, slot: CacheSlot, step: int) -> None:
+        if isinstance(slot.indicator, torch.Tensor):
+            self._pending.append(slot)
+
+    def _read_pending(self) -> None:
+        """Move every pending indicator to the host with a single synchronisation."""
+        pending = [slot for slot in self._pending if isinstance(slot.indicator, torch.Tensor)]
+        self._pending.clear()
+        if pending:
+            values = torch.stack([slot.indicator for slot in pending]).tolist()
+            for slot, value in zip(pending, values):
+                slot.indicator = value
+
+    def should_compute(self, unit: int, slot: CacheSlot, step: int, num_steps: int | None) -> bool:
+        config: BWCacheConfig = self.config
+        if step < config.warmup_steps or slot.reuses >= config.max_consecutive_reuse:
+            return True
+        if num_steps is not None and step >= num_steps - config.cooldown_steps:
+            return True
+        if slot.indicator is None or slot.previous_step < 0:
+            return True  # no rate yet: needs two computed steps
+        if isinstance(slot.indicator, torch.Tensor):
+            self._read_pending()
+        rate = slot.indicator / (slot.computed_step - slot.previous_step)
+        return not rate * (step - slot.computed_step) < config.threshold

@@ -1,0 +1,64 @@
+"""The one hook of block caching: on each call, ask the policy "compute or reuse?" and do it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Hashable
+
+import torch
+from diffusers.hooks import ModelHook
+
+from .forecast import reused_tensors
+from .slot import CacheSlot, relative_l1
+
+if TYPE_CHECKING:
+    from .block_cache import BlockCache
+
+CACHE_HOOK = "diffusers_block.block_cache"
+
+
+class BlockCacheHook(ModelHook):
+    """Attached to one block or sub-block; keeps one CacheSlot per CFG branch."""
+
+    _is_stateful = True
+
+    def __init__(self, cache: "BlockCache", index: int, unit) -> None:
+        super().__init__()
+        self.cache = cache
+        self.index = index
+        self.unit = unit
+        self.slots: dict[Hashable, CacheSlot] = {}
+        self.planned_compute = True  # set between calls by planned policies
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        cache, tracker, policy = self.cache, self.cache.tracker, self.cache.policy
+        step = tracker.step
+        hidden = self.unit.input_tensor(args, kwargs)
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else ()
+        slot = self.slots.get(tracker.branch)
+        if slot is None:
+            slot = self.slots[tracker.branch] = CacheSlot()
+        elif slot.matches(shape):
+            if policy.planned:
+                compute = self.planned_compute
+            else:
+                compute = policy.should_compute(self.index, slot, step, tracker.num_steps)
+            if not compute:
+                slot.reuses += 1
+                cache.record(self.index, computed=False)
+                return self.unit.rebuild(args, kwargs, reused_tensors(slot, step, cache.config.forecast))
+
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        tensors = self.unit.extract(args, kwargs, output)
+        indicator = None
+        if policy.wants_indicator and slot.matches(shape):
+            indicator = relative_l1(self.unit.primary(tensors), self.unit.primary(slot.current))
+        slot.store(tensors, step, shape, keep_previous=cache.config.forecast != "none")
+        slot.indicator = indicator
+        policy.observe(self.index, slot, step)
+        cache.record(self.index, computed=True, indicator=indicator)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End of a pipeline call (diffusers' maybe_free_model_hooks): free the cached tensors."""
+        self.slots.clear()
+        return module

@@ -1,0 +1,87 @@
+"""What every cache policy shares: the config fields common to all policies and the decision interface.
+
+A policy decides, a hook executes. Policies never touch a model: they see unit indices, step numbers and the
+cache slot's bookkeeping, so they are unit-testable without one. A *planned* policy (a fixed schedule) decides
+every unit for a whole step before the transformer runs, which keeps host synchronisation and per-step Python
+values out of the forward; a *runtime* policy decides each unit when it is called.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Sequence
+
+if TYPE_CHECKING:
+    from .slot import CacheSlot
+
+Granularity = Literal["block", "sub_block"]
+Forecast = Literal["none", "taylor1"]
+GRANULARITIES = ("block", "sub_block")
+FORECASTS = ("none", "taylor1")
+
+
+def check_int(owner: str, name: str, value, low: int, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{owner}.{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_float(owner: str, name: str, value, low: float, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"{owner}.{name} must be a number {allowed}, got {value!r}")
+
+
+def check_choice(owner: str, name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Fields every policy has.
+
+    granularity: cache whole blocks ("block") or each block's attention / cross-attention / FFN branch on its
+        own ("sub_block").
+    forecast: what a reused unit returns. "none" reuses the last computed residual as is; "taylor1"
+        extrapolates it linearly from the last two computed steps (first-order TaylorSeer), at the cost of
+        keeping two residuals per unit.
+    """
+
+    granularity: Granularity = "block"
+    forecast: Forecast = "none"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_choice(owner, "granularity", self.granularity, GRANULARITIES)
+        check_choice(owner, "forecast", self.forecast, FORECASTS)
+
+    def build(self, unit_names: Sequence[str]) -> "CachePolicy":
+        raise NotImplementedError
+
+
+class CachePolicy(abc.ABC):
+    """Runtime side of a config, built once per enabled model with the names of its cache units."""
+
+    planned: bool = False  # decisions made per step by plan(), not per call by should_compute()
+    wants_indicator: bool = False  # the hook measures each computed unit's relative change for observe()
+
+    def __init__(self, config: CacheConfig, unit_names: Sequence[str]) -> None:
+        self.config = config
+        self.unit_names = tuple(unit_names)
+
+    def plan(self, unit: int, step: int, num_steps: int | None) -> bool:
+        """Planned policies: whether ``unit`` computes at ``step``. Called between transformer calls."""
+        raise NotImplementedError
+
+    def should_compute(self, unit: int, slot: "CacheSlot", step: int, num_steps: int | None) -> bool:
+        """Runtime policies: whether ``unit`` computes now; ``slot`` holds its cached state for this branch."""
+        raise NotImplementedError
+
+    def observe(self, unit: int, slot: "CacheSlot", step: int) -> None:
+        """Called after ``unit`` computed at ``step`` and its slot was updated."""
+
+    def reset(self) -> None:
+        """A new generation starts."""

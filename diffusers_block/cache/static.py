@@ -1,0 +1,100 @@
+"""Static schedules: each unit's update steps are fixed before sampling starts.
+
+A schedule makes no decision at run time, so it needs no host synchronisation: the transformer can run under
+``torch.compile`` (no graph breaks) and CUDA graphs. Schedules come from a rule (compute every ``interval``
+steps after ``warmup_steps``, always the last ``cooldown_steps``), from explicit per-unit step lists (e.g. the
+output of BAC calibration), or from both: units listed in ``update_steps`` follow their list, the others the rule.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+from .policy import CacheConfig, CachePolicy, check_int
+
+
+@dataclass(frozen=True)
+class StaticScheduleConfig(CacheConfig):
+    """update_steps: unit name (e.g. "blocks.3", or "blocks.3.attn1" with granularity="sub_block") -> the steps
+        at which it computes; every list must contain step 0.
+    interval / warmup_steps / cooldown_steps: the rule for units not in ``update_steps``; interval=1 computes
+        every step (identical to no cache).
+    """
+
+    update_steps: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    interval: int = 1
+    warmup_steps: int = 0
+    cooldown_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        owner = type(self).__name__
+        check_int(owner, "interval", self.interval, 1)
+        check_int(owner, "warmup_steps", self.warmup_steps, 0)
+        check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
+        if not isinstance(self.update_steps, Mapping):
+            raise ValueError(f"{owner}.update_steps must map unit names to lists of steps, got {type(self.update_steps).__name__}")
+        frozen = {}
+        for name, steps in self.update_steps.items():
+            steps = tuple(sorted(set(steps)))
+            if not steps or steps[0] != 0 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
+                raise ValueError(
+                    f"{owner}.update_steps[{name!r}] must be a list of non-negative integer steps containing 0 "
+                    f"(a unit must compute at the first step before it can be reused), got {list(steps)}"
+                )
+            frozen[str(name)] = steps
+        object.__setattr__(self, "update_steps", MappingProxyType(frozen))
+
+    def computes(self, unit_name: str, step: int, num_steps: int | None) -> bool:
+        steps = self.update_steps.get(unit_name)
+        if steps is not None:
+            return step in steps
+        if step < self.warmup_steps or (num_steps is not None and step >= num_steps - self.cooldown_steps):
+            return True
+        return (step - self.warmup_steps) % self.interval == 0
+
+    def build(self, unit_names: Sequence[str]) -> "StaticSchedulePolicy":
+        unknown = sorted(set(self.update_steps) - set(unit_names))
+        if unknown:
+            raise ValueError(
+                f"StaticScheduleConfig.update_steps names units this model does not have: {unknown[:5]}. "
+                f"Its units are e.g. {list(unit_names)[:3]} (granularity={self.granularity!r})."
+            )
+        return StaticSchedulePolicy(self, unit_names)
+
+    # -- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "granularity": self.granularity,
+            "forecast": self.forecast,
+            "interval": self.interval,
+            "warmup_steps": self.warmup_steps,
+            "cooldown_steps": self.cooldown_steps,
+            "update_steps": {name: list(steps) for name, steps in self.update_steps.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StaticScheduleConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"Cannot read a static cache schedule from {path}: {error}") from error
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"Schedule file {path} has unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+
+class StaticSchedulePolicy(CachePolicy):
+    planned = True
+    wants_indicator = False
+
+    def plan(self, unit: int, step: int, num_steps: int | None) -> bool:
+        return self.config.computes(self.unit_names[unit], step, num_steps)

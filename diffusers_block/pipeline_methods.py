@@ -1,0 +1,42 @@
+"""``pipe.enable_block_cache()`` and friends on every diffusers pipeline.
+
+The methods are added to ``DiffusionPipeline`` once, at import; they only forward to the functions of
+:mod:`diffusers_block.cache`, which attach their hooks to the one pipeline instance they are called on.
+"""
+
+from __future__ import annotations
+
+from diffusers import DiffusionPipeline
+
+from .cache import CacheConfig, block_cache_summary, disable_block_cache, enable_block_cache
+from .cache.summary import BlockCacheSummary
+
+
+def _enable_block_cache(self, config: CacheConfig | None = None):
+    """Cache this pipeline's transformer blocks (see diffusers_block.enable_block_cache)."""
+    return enable_block_cache(self, config)
+
+
+def _disable_block_cache(self) -> None:
+    """Remove block caching from this pipeline; outputs are exactly the uncached ones again."""
+    disable_block_cache(self)
+
+
+def _block_cache_summary(self) -> BlockCacheSummary:
+    """Steps x blocks record of what was computed and reused in the last generation."""
+    return block_cache_summary(self)
+
+
+_METHODS = {
+    "enable_block_cache": _enable_block_cache,
+    "disable_block_cache": _disable_block_cache,
+    "block_cache_summary": _block_cache_summary,
+}
+
+
+def install_pipeline_methods() -> None:
+    for name, method in _METHODS.items():
+        existing = getattr(DiffusionPipeline, name, None)
+        if existing is not None and existing is not method:
+            continue  # diffusers grew its own method of that name: leave it alone
+        setattr(DiffusionPipeline, name, method)

@@ -1,0 +1,202 @@
+"""Where a generation is: the denoising step, the classifier-free-guidance branch, the input shapes.
+
+Caches are only correct if every call of the transformer knows which step of which generation it belongs to
+and which CFG branch it serves. Pipelines tell us in three different ways, used in this order:
+
+1. diffusers' ``transformer.cache_context(name, step_index=..., num_inference_steps=...)`` (Wan, Flux,
+   HunyuanVideo, LTX, Mochi, CogVideoX pipelines): the branch is the context name;
+2. the pipeline's scheduler (every pipeline, including DiT, PixArt, SD3 and Allegro which set no context):
+   ``set_timesteps`` starts a generation and ``step`` ends a denoising step; the n-th transformer call inside a
+   step is branch n;
+3. neither (a bare transformer in a hand-written loop): every call is one step of branch 0, and a change of
+   input shape starts a new generation.
+
+All of it runs outside the transformer's forward except the per-call branch counter, so a compiled transformer
+sees no per-step Python values (see :meth:`GenerationTracker.on_step_start`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Hashable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+TRACKER_HOOK = "diffusers_block.generation_tracker"
+
+
+class ShapeChangedError(ValueError):
+    """The transformer's input shape changed in the middle of a generation."""
+
+
+class GenerationTracker:
+    """Step / branch / shape state of one pipeline (shared by its transformers) or of one bare transformer."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.num_steps: int | None = None
+        self.branch: Hashable = 0
+        self.generation = 0
+        self.stepped = False  # True once a scheduler or a cache context drives the step counter
+        self._calls_in_step = 0
+        self.branches_seen: list[Hashable] = []
+        self._context_name: str | None = None
+        self._shapes: dict[tuple[int, Hashable], tuple[int, ...]] = {}
+        self._listeners: list[Callable[[str], None]] = []
+        self._scheduler = None
+        self._scheduler_originals: dict[str, Callable] = {}
+        self._pipeline_ref: Callable | None = None
+
+    # -- listeners (cache hooks) ------------------------------------------------------------------------------
+    def add_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(event)`` is called with "generation" when a generation starts and "step" at every step."""
+        self._listeners.append(listener)
+
+    def _notify(self, event: str) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def on_generation_start(self, num_steps: int | None = None) -> None:
+        self.step = 0
+        self.num_steps = num_steps
+        self.generation += 1
+        self._calls_in_step = 0
+        self.branches_seen = []
+        self._shapes.clear()
+        self._notify("generation")
+        self._notify("step")
+
+    def on_step_start(self, step: int) -> None:
+        """Called between transformer calls; cache policies with a fixed schedule plan the step here."""
+        self.step = step
+        self._calls_in_step = 0
+        self._notify("step")
+
+    def on_context(self, context) -> None:
+        """A diffusers CacheContext was set (or cleared, with None) on the transformer."""
+        if context is None:
+            self._context_name = None
+            return
+        self._context_name = context.name
+        step_index = getattr(context, "step_index", None)
+        if step_index is None:
+            return
+        self.stepped = True
+        num_steps = getattr(context, "num_inference_steps", None)
+        if self.generation == 0 or step_index < self.step:
+            self.on_generation_start(num_steps)
+            if step_index > 0:
+                self.on_step_start(step_index)
+        elif step_index > self.step:
+            self.on_step_start(step_index)
+        if num_steps is not None:
+            self.num_steps = num_steps
+
+    def on_forward(self, module_id: int, hidden_states: torch.Tensor | None) -> None:
+        """Called at the start of every transformer forward: picks the branch and checks shapes."""
+        pipeline = self._pipeline_ref() if self._pipeline_ref is not None else None
+        if pipeline is not None and getattr(pipeline, "scheduler", None) is not self._scheduler:
+            # The user swapped the scheduler after enabling the cache: follow it, and treat this as a new call.
+            self.attach_scheduler(pipeline.scheduler)
+            self.on_generation_start(None)
+        if not self.stepped:
+            if self.generation == 0:
+                self.on_generation_start(None)
+            elif self._calls_in_step > 0:
+                self.on_step_start(self.step + 1)
+        self.branch = self._context_name if self._context_name is not None else self._calls_in_step
+        self._calls_in_step += 1
+        if self.branch not in self.branches_seen:
+            self.branches_seen.append(self.branch)
+        if hidden_states is None:
+            return
+        shape = tuple(hidden_states.shape)
+        key = (module_id, self.branch)
+        previous = self._shapes.get(key)
+        if previous is not None and previous != shape:
+            if self.stepped and self.step > 0:
+                raise ShapeChangedError(
+                    f"The transformer input changed shape from {previous} to {shape} at step {self.step} of a "
+                    f"generation (batch size, resolution and frame count must stay fixed within one generation). "
+                    f"Start a new generation with a new pipeline call, or call diffusers_block.reset_block_cache()."
+                )
+            self.on_generation_start(self.num_steps)
+            self.branch = self._context_name if self._context_name is not None else 0
+            self._calls_in_step = 1
+        self._shapes[key] = shape
+
+    # -- scheduler hooks ----------------------------------------------------------------------------------------
+    def attach_pipeline(self, pipeline) -> None:
+        self._pipeline_ref = weakref.ref(pipeline)
+        self.attach_scheduler(getattr(pipeline, "scheduler", None))
+
+    def attach_scheduler(self, scheduler) -> None:
+        """Wrap this scheduler instance's ``set_timesteps`` and ``step`` (instance attributes, not the class)."""
+        self.detach_scheduler()
+        if scheduler is None or not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+            return
+        tracker = self
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+        def tracked_set_timesteps(*args, **kwargs):
+            result = set_timesteps(*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            tracker.stepped = True
+            tracker.on_generation_start(len(timesteps) if timesteps is not None else None)
+            return result
+
+        def tracked_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            tracker.on_step_start(tracker.step + 1)
+            return result
+
+        self._scheduler = scheduler
+        self._scheduler_originals = {"set_timesteps": set_timesteps, "step": step}
+        scheduler.set_timesteps = tracked_set_timesteps
+        scheduler.step = tracked_step
+
+    def detach_scheduler(self) -> None:
+        if self._scheduler is not None:
+            for name in self._scheduler_originals:
+                self._scheduler.__dict__.pop(name, None)
+        self._scheduler = None
+        self._scheduler_originals = {}
+
+
+class _ContextListener(StateManager):
+    """Receives diffusers' cache context: ``_set_cache_context`` calls ``set_context`` on StateManager attributes."""
+
+    def __init__(self, tracker: GenerationTracker) -> None:
+        super().__init__(dict)
+        self._tracker = tracker
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self._tracker.on_context(context)
+
+
+class GenerationTrackerHook(ModelHook):
+    """Sits on the transformer itself: tells the tracker a forward began, before any block runs."""
+
+    _is_stateful = True
+
+    def __init__(self, tracker: GenerationTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.context_listener = _ContextListener(tracker)
+
+    def pre_forward(self, module, *args, **kwargs):
+        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
+        self.tracker.on_forward(id(module), hidden_states if isinstance(hidden_states, torch.Tensor) else None)
+        return args, kwargs
+
+    def reset_state(self, module):
+        return module
+
+
+def attach_tracker(model: torch.nn.Module, tracker: GenerationTracker) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(GenerationTrackerHook(tracker), TRACKER_HOOK)
