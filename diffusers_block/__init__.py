@@ -17,7 +17,7 @@ from .cache import (
 )
 from .models import UnsupportedModelError, supported_families
 from .pipeline_methods import install_pipeline_methods
-from .state import ShapeChangedError
+from .state import ShapeChangedError, cache_context
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "StaticScheduleConfig",
     "UnsupportedModelError",
     "block_cache_summary",
+    "cache_context",
     "disable_block_cache",
     "enable_block_cache",
     "reset_block_cache",

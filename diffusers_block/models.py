@@ -8,9 +8,8 @@ block registry knows their return convention; anything else gets :class:`Unsuppo
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Mapping
 
 import torch
 
@@ -44,7 +43,7 @@ class BlockListSpec:
     encoder_arg: str = "encoder_hidden_states"
 
     def __post_init__(self):
-        object.__setattr__(self, "sub_blocks", MappingProxyType(dict(self.sub_blocks)))
+        object.__setattr__(self, "sub_blocks", dict(self.sub_blocks))
 
 
 @dataclass(frozen=True)
@@ -54,65 +53,67 @@ class FamilySpec:
     block_lists: tuple[BlockListSpec, ...]
 
 
-FAMILIES: Mapping[str, FamilySpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            FamilySpec("dit", ("DiTTransformer2DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)),
-            FamilySpec(
-                "pixart", ("PixArtTransformer2DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
+FAMILIES: Mapping[str, FamilySpec] = {
+    spec.name: spec
+    for spec in (
+        FamilySpec(
+            "dit", ("DiTTransformer2DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
+        ),
+        FamilySpec(
+            "pixart",
+            ("PixArtTransformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "sd3",
+            ("SD3Transformer2DModel",),
+            (BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), {**_JOINT_SUB_BLOCKS, SELF_ATTN_2: "attn2"}),),
+        ),
+        FamilySpec(
+            "flux",
+            ("FluxTransformer2DModel",),
+            (
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}),
             ),
-            FamilySpec(
-                "sd3",
-                ("SD3Transformer2DModel",),
-                (BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), {**_JOINT_SUB_BLOCKS, SELF_ATTN_2: "attn2"}),),
+        ),
+        FamilySpec(
+            "cogvideox",
+            ("CogVideoXTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff"}),),
+        ),
+        FamilySpec(
+            "wan",
+            ("WanTransformer3DModel",),
+            (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}),),
+        ),
+        FamilySpec(
+            "hunyuanvideo",
+            ("HunyuanVideoTransformer3DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}),
             ),
-            FamilySpec(
-                "flux",
-                ("FluxTransformer2DModel",),
-                (
-                    BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                    BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}),
+        ),
+        FamilySpec(
+            "ltx", ("LTXVideoTransformer3DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
+        ),
+        FamilySpec(
+            "mochi",
+            ("MochiTransformer3DModel",),
+            (
+                BlockListSpec(
+                    "transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff", FFN_CONTEXT: "ff_context"}
                 ),
             ),
-            FamilySpec(
-                "cogvideox",
-                ("CogVideoXTransformer3DModel",),
-                (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff"}),),
-            ),
-            FamilySpec(
-                "wan",
-                ("WanTransformer3DModel",),
-                (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}),),
-            ),
-            FamilySpec(
-                "hunyuanvideo",
-                ("HunyuanVideoTransformer3DModel",),
-                (
-                    BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),
-                    BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}),
-                ),
-            ),
-            FamilySpec(
-                "ltx", ("LTXVideoTransformer3DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
-            ),
-            FamilySpec(
-                "mochi",
-                ("MochiTransformer3DModel",),
-                (
-                    BlockListSpec(
-                        "transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff", FFN_CONTEXT: "ff_context"}
-                    ),
-                ),
-            ),
-            FamilySpec(
-                "allegro",
-                ("AllegroTransformer3DModel",),
-                (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
-            ),
-        )
-    }
-)
+        ),
+        FamilySpec(
+            "allegro",
+            ("AllegroTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
+    )
+}
 
 # Child names the generic adapter recognises as sub-blocks of an unlisted family.
 _GENERIC_SUB_BLOCK_NAMES = {

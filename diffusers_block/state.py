@@ -18,11 +18,12 @@ sees no per-step Python values (see :meth:`GenerationTracker.on_step_start`).
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
+from contextlib import contextmanager
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import StateManager
+from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
 
 TRACKER_HOOK = "diffusers_block.generation_tracker"
 
@@ -200,3 +201,21 @@ class GenerationTrackerHook(ModelHook):
 def attach_tracker(model: torch.nn.Module, tracker: GenerationTracker) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(GenerationTrackerHook(tracker), TRACKER_HOOK)
+
+
+@contextmanager
+def cache_context(
+    model: torch.nn.Module, name: str, *, step_index: int | None = None, num_inference_steps: int | None = None
+):
+    """``model.cache_context(...)`` for any transformer, including those without diffusers' CacheMixin (DiT, PixArt).
+
+    Wrap each call of a hand-written denoising loop in it to give the cache its branch name and step::
+
+        with diffusers_block.cache_context(transformer, "cond", step_index=i, num_inference_steps=n):
+            noise_pred = transformer(...)
+    """
+    _set_cache_context(model, CacheContext(name, step_index=step_index, num_inference_steps=num_inference_steps))
+    try:
+        yield
+    finally:
+        _set_cache_context(model, None)

@@ -18,7 +18,9 @@ def _units(model: torch.nn.Module, granularity: str) -> list[tuple[str, torch.nn
     adapter = resolve_adapter(model)
     if granularity == "block":
         return [(ref.name, ref.module, BlockUnit(ref.name, ref.module, ref.spec)) for ref in adapter.blocks]
-    units = [(name, module, SubBlockUnit(name, module)) for ref in adapter.blocks for name, _, module in ref.sub_blocks()]
+    units = [
+        (name, module, SubBlockUnit(name, module)) for ref in adapter.blocks for name, _, module in ref.sub_blocks()
+    ]
     if not units:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no known attention/FFN sub-blocks; use granularity='block'."
@@ -44,7 +46,7 @@ class BlockCache:
         self.hooks: list[BlockCacheHook] = []
         self._modules: list[torch.nn.Module] = []
         self._records: list[tuple] = []  # (step, branch, unit, computed, indicator)
-        for index, (name, module, unit) in enumerate(units):
+        for index, (_, module, unit) in enumerate(units):
             hook = BlockCacheHook(self, index, unit)
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK)
             self.hooks.append(hook)

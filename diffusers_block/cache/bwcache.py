@@ -12,8 +12,8 @@ host in one batch per transformer call, the first time a decision needs them, no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class BWCacheConfig(CacheConfig):
         check_int(owner, "warmup_steps", self.warmup_steps, 0)
         check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
 
-    def build(self, unit_names: Sequence[str]) -> "BWCachePolicy":
+    def build(self, unit_names: Sequence[str]) -> BWCachePolicy:
         return BWCachePolicy(self, unit_names)
 
 

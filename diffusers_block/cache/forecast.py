@@ -15,5 +15,6 @@ def reused_tensors(slot: CacheSlot, step: int, forecast: str) -> tuple:
         return slot.current
     scale = (step - slot.computed_step) / (slot.computed_step - slot.previous_step)
     return tuple(
-        None if cur is None or prev is None else cur + (cur - prev) * scale for cur, prev in zip(slot.current, slot.previous)
+        None if cur is None or prev is None else cur + (cur - prev) * scale
+        for cur, prev in zip(slot.current, slot.previous)
     )

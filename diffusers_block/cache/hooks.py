@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Hashable
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.hooks import ModelHook
@@ -21,7 +22,7 @@ class BlockCacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, cache: "BlockCache", index: int, unit) -> None:
+    def __init__(self, cache: BlockCache, index: int, unit) -> None:
         super().__init__()
         self.cache = cache
         self.index = index

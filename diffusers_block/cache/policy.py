@@ -8,10 +8,10 @@ values out of the forward; a *runtime* policy decides each unit when it is calle
 
 from __future__ import annotations
 
-import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .slot import CacheSlot
@@ -58,11 +58,11 @@ class CacheConfig:
         check_choice(owner, "granularity", self.granularity, GRANULARITIES)
         check_choice(owner, "forecast", self.forecast, FORECASTS)
 
-    def build(self, unit_names: Sequence[str]) -> "CachePolicy":
+    def build(self, unit_names: Sequence[str]) -> CachePolicy:
         raise NotImplementedError
 
 
-class CachePolicy(abc.ABC):
+class CachePolicy:
     """Runtime side of a config, built once per enabled model with the names of its cache units."""
 
     planned: bool = False  # decisions made per step by plan(), not per call by should_compute()
@@ -76,11 +76,11 @@ class CachePolicy(abc.ABC):
         """Planned policies: whether ``unit`` computes at ``step``. Called between transformer calls."""
         raise NotImplementedError
 
-    def should_compute(self, unit: int, slot: "CacheSlot", step: int, num_steps: int | None) -> bool:
+    def should_compute(self, unit: int, slot: CacheSlot, step: int, num_steps: int | None) -> bool:
         """Runtime policies: whether ``unit`` computes now; ``slot`` holds its cached state for this branch."""
         raise NotImplementedError
 
-    def observe(self, unit: int, slot: "CacheSlot", step: int) -> None:
+    def observe(self, unit: int, slot: CacheSlot, step: int) -> None:
         """Called after ``unit`` computed at ``step`` and its slot was updated."""
 
     def reset(self) -> None:

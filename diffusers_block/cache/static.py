@@ -9,10 +9,9 @@ output of BAC calibration), or from both: units listed in ``update_steps`` follo
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Mapping, Sequence
 
 from .policy import CacheConfig, CachePolicy, check_int
 
@@ -37,7 +36,9 @@ class StaticScheduleConfig(CacheConfig):
         check_int(owner, "warmup_steps", self.warmup_steps, 0)
         check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
         if not isinstance(self.update_steps, Mapping):
-            raise ValueError(f"{owner}.update_steps must map unit names to lists of steps, got {type(self.update_steps).__name__}")
+            raise ValueError(
+                f"{owner}.update_steps must map unit names to lists of steps, got {type(self.update_steps).__name__}"
+            )
         frozen = {}
         for name, steps in self.update_steps.items():
             steps = tuple(sorted(set(steps)))
@@ -47,7 +48,7 @@ class StaticScheduleConfig(CacheConfig):
                     f"(a unit must compute at the first step before it can be reused), got {list(steps)}"
                 )
             frozen[str(name)] = steps
-        object.__setattr__(self, "update_steps", MappingProxyType(frozen))
+        object.__setattr__(self, "update_steps", frozen)
 
     def computes(self, unit_name: str, step: int, num_steps: int | None) -> bool:
         steps = self.update_steps.get(unit_name)
@@ -57,7 +58,7 @@ class StaticScheduleConfig(CacheConfig):
             return True
         return (step - self.warmup_steps) % self.interval == 0
 
-    def build(self, unit_names: Sequence[str]) -> "StaticSchedulePolicy":
+    def build(self, unit_names: Sequence[str]) -> StaticSchedulePolicy:
         unknown = sorted(set(self.update_steps) - set(unit_names))
         if unknown:
             raise ValueError(
@@ -81,7 +82,7 @@ class StaticScheduleConfig(CacheConfig):
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "StaticScheduleConfig":
+    def load(cls, path: str | Path) -> StaticScheduleConfig:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable
 
 import numpy as np
 
@@ -76,7 +76,9 @@ class BlockCacheSummary:
         ax.set_ylabel("cache unit")
         if len(self.unit_names) <= 60:
             ax.set_yticks(range(len(self.unit_names)), self.unit_names, fontsize=6)
-        ax.set_title(title or f"branch {self.branches[branch]}: computed {self.fraction_computed:.0%} (blue) / reused (orange)")
+        ax.set_title(
+            title or f"branch {self.branches[branch]}: computed {self.fraction_computed:.0%} (blue) / reused (orange)"
+        )
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)

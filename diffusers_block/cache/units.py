@@ -87,7 +87,8 @@ class BlockUnit:
         if self._bare:
             return inputs[HIDDEN] + residuals[0]
         return tuple(
-            None if residual is None else inputs[role] + residual for role, residual in zip(self.spec.returns, residuals)
+            None if residual is None else inputs[role] + residual
+            for role, residual in zip(self.spec.returns, residuals)
         )
 
     def primary(self, residuals: tuple) -> torch.Tensor:
