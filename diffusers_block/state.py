@@ -9,7 +9,7 @@ and which CFG branch it serves. Pipelines tell us in three different ways, used 
    ``set_timesteps`` starts a generation and ``step`` ends a denoising step; the n-th transformer call inside a
    step is branch n;
 3. neither (a bare transformer in a hand-written loop): every call is one step of branch 0, and a change of
-   input shape starts a new generation.
+   input shape starts a new generation (:func:`cache_context` gives such a loop steps and branch names).
 
 All of it runs outside the transformer's forward except the per-call branch counter, so a compiled transformer
 sees no per-step Python values (see :meth:`GenerationTracker.on_step_start`).
@@ -17,6 +17,7 @@ sees no per-step Python values (see :meth:`GenerationTracker.on_step_start`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable, Hashable
 from contextlib import contextmanager
@@ -42,9 +43,9 @@ class GenerationTracker:
         self.generation = 0
         self.stepped = False  # True once a scheduler or a cache context drives the step counter
         self._calls_in_step = 0
-        self.branches_seen: list[Hashable] = []
+        self._context_names: list[str] = []  # branch names seen this generation
+        self._max_calls = 0  # most context-less calls seen in one step this generation
         self._context_name: str | None = None
-        self._shapes: dict[tuple[int, Hashable], tuple[int, ...]] = {}
         self._listeners: list[Callable[[str], None]] = []
         self._scheduler = None
         self._scheduler_originals: dict[str, Callable] = {}
@@ -65,13 +66,14 @@ class GenerationTracker:
         self.num_steps = num_steps
         self.generation += 1
         self._calls_in_step = 0
-        self.branches_seen = []
-        self._shapes.clear()
+        self._context_names = []
+        self._max_calls = 0
         self._notify("generation")
         self._notify("step")
 
     def on_step_start(self, step: int) -> None:
         """Called between transformer calls; cache policies with a fixed schedule plan the step here."""
+        self._max_calls = max(self._max_calls, self._calls_in_step)
         self.step = step
         self._calls_in_step = 0
         self._notify("step")
@@ -82,6 +84,8 @@ class GenerationTracker:
             self._context_name = None
             return
         self._context_name = context.name
+        if context.name not in self._context_names:
+            self._context_names.append(context.name)
         step_index = getattr(context, "step_index", None)
         if step_index is None:
             return
@@ -96,8 +100,12 @@ class GenerationTracker:
         if num_steps is not None:
             self.num_steps = num_steps
 
-    def on_forward(self, module_id: int, hidden_states: torch.Tensor | None) -> None:
-        """Called at the start of every transformer forward: picks the branch and checks shapes."""
+    def on_forward(self) -> None:
+        """Called at the start of every transformer forward, possibly inside a compiled graph: picks the branch.
+
+        Everything it reads is constant across the calls of a generation but for the call counter (context-less
+        pipelines only), so a compiled transformer is specialised on the branch and nothing else.
+        """
         pipeline = self._pipeline_ref() if self._pipeline_ref is not None else None
         if pipeline is not None and getattr(pipeline, "scheduler", None) is not self._scheduler:
             # The user swapped the scheduler after enabling the cache: follow it, and treat this as a new call.
@@ -108,26 +116,27 @@ class GenerationTracker:
                 self.on_generation_start(None)
             elif self._calls_in_step > 0:
                 self.on_step_start(self.step + 1)
-        self.branch = self._context_name if self._context_name is not None else self._calls_in_step
-        self._calls_in_step += 1
-        if self.branch not in self.branches_seen:
-            self.branches_seen.append(self.branch)
-        if hidden_states is None:
-            return
-        shape = tuple(hidden_states.shape)
-        key = (module_id, self.branch)
-        previous = self._shapes.get(key)
-        if previous is not None and previous != shape:
-            if self.stepped and self.step > 0:
-                raise ShapeChangedError(
-                    f"The transformer input changed shape from {previous} to {shape} at step {self.step} of a "
-                    f"generation (batch size, resolution and frame count must stay fixed within one generation). "
-                    f"Start a new generation with a new pipeline call, or call diffusers_block.reset_block_cache()."
-                )
-            self.on_generation_start(self.num_steps)
-            self.branch = self._context_name if self._context_name is not None else 0
-            self._calls_in_step = 1
-        self._shapes[key] = shape
+        if self._context_name is not None:
+            self.branch = self._context_name
+        else:
+            self.branch = self._calls_in_step
+            self._calls_in_step += 1
+
+    def on_shape_change(self, previous: tuple[int, ...], shape: tuple[int, ...]) -> None:
+        """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop."""
+        if self.stepped and self.step > 0:
+            raise ShapeChangedError(
+                f"The transformer input changed shape from {previous} to {shape} at step {self.step} of a "
+                f"generation (batch size, resolution and frame count must stay fixed within one generation). "
+                f"Start a new generation with a new pipeline call, or call diffusers_block.reset_block_cache()."
+            )
+        self.on_generation_start(self.num_steps)
+
+    @property
+    def branches_seen(self) -> list[Hashable]:
+        if self._context_names:
+            return list(self._context_names)
+        return list(range(max(self._max_calls, self._calls_in_step)))
 
     # -- scheduler hooks ----------------------------------------------------------------------------------------
     def attach_pipeline(self, pipeline) -> None:
@@ -142,6 +151,7 @@ class GenerationTracker:
         tracker = self
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
+        @functools.wraps(set_timesteps)  # pipelines inspect its signature (e.g. for `sigmas`)
         def tracked_set_timesteps(*args, **kwargs):
             result = set_timesteps(*args, **kwargs)
             timesteps = getattr(scheduler, "timesteps", None)
@@ -149,6 +159,7 @@ class GenerationTracker:
             tracker.on_generation_start(len(timesteps) if timesteps is not None else None)
             return result
 
+        @functools.wraps(step)
         def tracked_step(*args, **kwargs):
             result = step(*args, **kwargs)
             tracker.on_step_start(tracker.step + 1)
@@ -190,8 +201,7 @@ class GenerationTrackerHook(ModelHook):
         self.context_listener = _ContextListener(tracker)
 
     def pre_forward(self, module, *args, **kwargs):
-        hidden_states = kwargs.get("hidden_states", args[0] if args else None)
-        self.tracker.on_forward(id(module), hidden_states if isinstance(hidden_states, torch.Tensor) else None)
+        self.tracker.on_forward()
         return args, kwargs
 
     def reset_state(self, module):

@@ -7,20 +7,22 @@ precomputed prompt embeddings, so ``pipe(**call_kwargs(name))[0]`` is the output
 latents (``output_type="latent"``, no VAE); DiT always decodes, so it gets a 1-block AutoencoderKL (scale factor 1)
 and returns a (B, 3, 8, 8) tensor in [0, 1]. Checked against diffusers 0.42.1 (6 steps, CFG on):
 
-====== =================== ====================================== ============================ =================
-name   pipeline            scheduler                              CFG transformer calls/step   cache_context
-====== =================== ====================================== ============================ =================
-dit    DiTPipeline         DDIMScheduler (DiT-XL-2-256 config)    1 (cond+uncond batched)      no
-pixart PixArtSigmaPipeline DPMSolverMultistepScheduler (default)  1 (uncond+cond batched)      no
-sd3    StableDiffusion3    FlowMatchEuler (shift 3)               1 (uncond+cond batched)      no
-flux   FluxPipeline        FlowMatchEuler (dynamic shift)         2 (true CFG: cond, uncond)   "cond", "uncond"
-wan    WanPipeline         UniPC (flow, flow_shift 3)             2 (cond, uncond)             "cond", "uncond"
-wan22  WanPipeline         UniPC (flow, flow_shift 3)             2, with one transformer      "cond", "uncond"
-====== =================== ====================================== ============================ =================
+====== =================== ====================================== ========================== =====================
+name   pipeline            scheduler                              transformer calls/step CFG cache_context
+====== =================== ====================================== ========================== =====================
+dit    DiTPipeline         DDIMScheduler (DiT-XL-2-256 config)    1, batched [cond, uncond]  no (not a CacheMixin)
+pixart PixArtSigmaPipeline DPMSolverMultistepScheduler (default)  1, batched [uncond, cond]  no (not a CacheMixin)
+sd3    StableDiffusion3    FlowMatchEuler (shift 3)               1, batched [uncond, cond]  no (not a CacheMixin)
+flux   FluxPipeline        FlowMatchEuler (dynamic shift)         2: cond, uncond (true CFG) "cond" / "uncond"
+wan    WanPipeline         UniPC (flow, flow_shift 3)             2: cond, uncond            "cond" / "uncond" [1]
+wan22  WanPipeline         UniPC (flow, flow_shift 3)             2, both by one transformer "cond" / "uncond" [1]
+====== =================== ====================================== ========================== =====================
 
+Without CFG every pipeline makes 1 call per step. [1] Wan also passes step_index, sigma and num_inference_steps.
 wan22 has ``transformer`` (seed) and ``transformer_2`` (seed + 1) and Wan 2.2's ``boundary_ratio=0.875``:
 ``transformer`` runs the steps with t >= 875, ``transformer_2`` the rest (6 steps: 2 + 4; 4: 2 + 2; 10: 4 + 6).
 Flux CFG is ``true_cfg_scale`` (its ``guidance_scale`` is the distilled-guidance embedding, left at 3.5).
+DiT and PixArt predict epsilon, so with random weights their x0 estimates (and final latents) grow to std ~300.
 
 Sizes passed to ``call_kwargs`` are latent sizes, as in ``tiny_models.make_inputs`` (default 8x8, 2 latent frames);
 they are turned into pixels (x8, Wan frames 4 * (f - 1) + 1). Flux/SD3/PixArt/Wan need even latent height/width;
@@ -31,8 +33,8 @@ the sample index (sample i is the same whatever batch_size is); ``seed`` only se
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from diffusers import (
@@ -48,7 +50,6 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
 )
-
 from tiny_models import _SPECS, _reinit_, make_inputs
 
 PIPELINES: tuple[str, ...] = ("dit", "pixart", "sd3", "flux", "wan", "wan22")
@@ -91,7 +92,8 @@ _RECIPES: dict[str, _Recipe] = {
     ),
     "pixart": _Recipe(
         PixArtSigmaPipeline, "pixart", DPMSolverMultistepScheduler, overrides=dict(out_channels=8),
-        call={"output_type": "latent", "use_resolution_binning": False},  # bins need sample_size >= 32
+        # resolution bins need sample_size >= 32; negative_prompt defaults to "", which clashes with negative embeds
+        call={"output_type": "latent", "use_resolution_binning": False, "negative_prompt": None},
     ),
     "sd3": _Recipe(StableDiffusion3Pipeline, "sd3", lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)),
     "flux": _Recipe(

@@ -1,1 +1,1 @@
-"""Filled by later issues (see the repository issues)."""
+"""Benchmarks: ``python -m diffusers_block.bench <command> --help`` (commands are listed in ``__main__.py``)."""

@@ -32,10 +32,15 @@ class BlockCacheHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         cache, tracker, policy = self.cache, self.cache.tracker, self.cache.policy
-        step = tracker.step
+        # Planned policies without forecasting never read the step here, so a compiled transformer is not
+        # specialised on it (the plan arrives as `planned_compute`, set between calls).
+        step = tracker.step if cache.reads_step else -1
         hidden = self.unit.input_tensor(args, kwargs)
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else ()
         slot = self.slots.get(tracker.branch)
+        if slot is not None and not slot.matches(shape) and slot.input_shape is not None:
+            tracker.on_shape_change(slot.input_shape, shape)  # raises, or starts a generation (clearing slots)
+            slot = None
         if slot is None:
             slot = self.slots[tracker.branch] = CacheSlot()
         elif slot.matches(shape):
@@ -44,7 +49,8 @@ class BlockCacheHook(ModelHook):
             else:
                 compute = policy.should_compute(self.index, slot, step, tracker.num_steps)
             if not compute:
-                slot.reuses += 1
+                if not policy.planned:  # only runtime policies cap consecutive reuses; keep ints out of graphs
+                    slot.reuses += 1
                 cache.record(self.index, computed=False)
                 return self.unit.rebuild(args, kwargs, reused_tensors(slot, step, cache.config.forecast))
 

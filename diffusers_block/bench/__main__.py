@@ -1,0 +1,33 @@
+"""``python -m diffusers_block.bench <command> [options]``.
+
+Each command is a module of this package with ``add_arguments(parser)`` and ``run(args)``; add one by listing it
+in COMMANDS. ``main(argv)`` is also what tests call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import cache
+
+COMMANDS = {"cache": cache}
+
+
+def main(argv: Sequence[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m diffusers_block.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        summary = module.__doc__.splitlines()[0]
+        module.add_arguments(commands.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        ))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in result files as the command line
+    return COMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Block caching through stock diffusers pipelines: the pipe.enable_block_cache() methods end to end."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from tiny_pipelines import PIPELINES, build_pipeline, call_kwargs
+
+import diffusers_block as db
+
+PERMISSIVE = db.StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=1)
+SEPARATE_CFG = {"flux", "wan", "wan22"}  # cond and uncond are two transformer calls per step
+
+
+def generate(pipe, name, **kwargs):
+    with torch.no_grad():
+        return pipe(**call_kwargs(name, **kwargs))[0]
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_pipeline_enable_summary_disable(name):
+    pipe = build_pipeline(name)
+    reference = generate(pipe, name)
+
+    pipe.enable_block_cache(db.StaticScheduleConfig(interval=1))
+    assert torch.equal(generate(pipe, name), reference)
+
+    pipe.enable_block_cache(PERMISSIVE)
+    cached = generate(pipe, name)
+    assert not torch.equal(cached, reference)
+    assert float((cached - reference).norm() / reference.norm()) < 0.3
+    summary = pipe.block_cache_summary()
+    assert summary.num_steps == 6
+    assert summary.branches == (["cond", "uncond"] if name in SEPARATE_CFG else [0])
+    if name == "wan22":  # each transformer runs part of the steps; the other part is "not run" (-1)
+        assert {n.split("/")[0] for n in summary.unit_names} == {"transformer", "transformer_2"}
+        assert (summary.computed == -1).any()
+    # warm-up 0; steps 1 and 3 by the interval; cool-down 5. Wan 2.2's transformer_2 starts at step 2 with an empty
+    # cache, so it computes there although the schedule says reuse.
+    assert summary.fraction_computed == pytest.approx(5 / 6 if name == "wan22" else 4 / 6)
+
+    assert torch.equal(generate(pipe, name), cached)  # a new call starts from an empty cache
+
+    pipe.disable_block_cache()
+    assert torch.equal(generate(pipe, name), reference)
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_default_policy_and_changed_shapes_between_calls(name):
+    pipe = build_pipeline(name)
+    pipe.enable_block_cache()
+    generate(pipe, name, steps=8)
+    changed = generate(pipe, name, steps=8, batch_size=2, height=12, width=12)
+    fresh = build_pipeline(name)
+    fresh.enable_block_cache()
+    assert torch.equal(changed, generate(fresh, name, steps=8, batch_size=2, height=12, width=12))
+
+
+def test_scheduler_swapped_after_enabling():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build_pipeline("sd3")
+    pipe.enable_block_cache(PERMISSIVE)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    swapped = generate(pipe, "sd3")
+    assert pipe.block_cache_summary().num_steps == 6
+    fresh = build_pipeline("sd3")
+    fresh.scheduler = FlowMatchEulerDiscreteScheduler.from_config(fresh.scheduler.config, shift=1.0)
+    fresh.enable_block_cache(PERMISSIVE)
+    assert torch.equal(swapped, generate(fresh, "sd3"))
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_compiled_transformer_with_static_schedule(name):
+    pipe = build_pipeline(name)
+    pipe.enable_block_cache(PERMISSIVE)
+    eager = generate(pipe, name)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.transformer.compile(fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    assert torch.equal(generate(pipe, name), eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 8  # one per (branch, compute/reuse) pattern: within dynamo's default recompile limit
+    assert torch.equal(generate(pipe, name), eager)
+    assert counters["stats"]["unique_graphs"] == graphs  # a second generation compiles nothing new
+    assert pipe.block_cache_summary().fraction_computed == pytest.approx(4 / 6)
+
+
+def test_lora_loaded_transformer():
+    peft = pytest.importorskip("peft")
+    pipe = build_pipeline("pixart")
+    pipe.transformer.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    reference = generate(pipe, "pixart")
+    pipe.enable_block_cache(db.StaticScheduleConfig(interval=1))
+    assert torch.equal(generate(pipe, "pixart"), reference)
+    pipe.enable_block_cache(PERMISSIVE)
+    cached = generate(pipe, "pixart")
+    assert pipe.block_cache_summary().fraction_saved > 0
+    pipe.disable_block_cache()
+    assert torch.equal(generate(pipe, "pixart"), reference)
+    assert not torch.equal(cached, reference)
+
+
+def test_unet_pipeline_is_refused():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    with pytest.raises(db.UnsupportedModelError, match="DDPMPipeline has no transformer component.*not UNets"):
+        pipe.enable_block_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["pixart", "wan"])
+def test_model_cpu_offload(name):
+    pipe = build_pipeline(name)
+    reference = generate(pipe, name)
+    pipe.enable_model_cpu_offload()
+    pipe.enable_block_cache(PERMISSIVE)
+    offloaded = generate(pipe, name)
+    assert pipe.block_cache_summary().fraction_saved > 0
+    pipe.disable_block_cache()
+    torch.testing.assert_close(generate(pipe, name).cpu(), reference, rtol=1e-4, atol=1e-4)
+    assert offloaded.isfinite().all()
