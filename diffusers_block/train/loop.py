@@ -1,0 +1,116 @@
+"""One training loop for every model this repo trains: accelerate, EMA, checkpoint/resume, a loss log.
+
+The same script runs on a CPU, one GPU, or several GPUs under ``accelerate launch``: accelerate owns devices,
+mixed precision and gradient synchronisation. Batches come from a function of (step, process index), seeded from
+both, so a resumed run sees exactly the batches it would have seen, and each process sees different ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    steps: int
+    batch_size: int = 128
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    seed: int = 0
+    mixed_precision: str | None = None  # None: bf16 on GPU, no on CPU
+
+
+def _latest_checkpoint(directory: Path) -> tuple[Path | None, int]:
+    checkpoints = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return (checkpoints[-1], int(checkpoints[-1].name.split("-")[1])) if checkpoints else (None, 0)
+
+
+def train(
+    model: torch.nn.Module,
+    sample_batch: Callable[[int, int, torch.device], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    config: TrainConfig,
+) -> torch.nn.Module:
+    """Train ``model`` for ``config.steps`` steps; returns the unwrapped model holding the EMA weights.
+
+    ``sample_batch(step, process_index, device)`` returns the batch of that step; ``loss_fn(model, batch)`` its
+    scalar loss. Resumes from the latest checkpoint under ``output_dir/checkpoints`` if there is one.
+    """
+    mixed = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    accelerator = Accelerator(mixed_precision=mixed)
+    set_seed(config.seed)
+    output = Path(config.output_dir)
+    checkpoints = output / "checkpoints"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+
+    latest, start = _latest_checkpoint(checkpoints)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        accelerator.print(f"resumed from {latest}")
+    log_path = output / "train_log.jsonl"
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
+
+    model.train()
+    started, running = time.time(), []
+    progress = tqdm(
+        range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_main_process
+    )
+    for step in progress:
+        batch = sample_batch(step, accelerator.process_index, accelerator.device)
+        with accelerator.autocast():
+            loss = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(accelerator.unwrap_model(model).parameters())
+        running.append(loss.item())
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            record = {
+                "step": step + 1,
+                "loss": sum(running) / len(running),
+                "lr": schedule.get_last_lr()[0],
+                "elapsed_s": round(time.time() - started, 1),
+            }
+            running.clear()
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            accelerator.save_state(str(checkpoints / f"step-{step + 1}"))
+
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(model)
+    ema.copy_to(trained.parameters())
+    trained.eval()
+    return trained
