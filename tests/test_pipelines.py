@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from tiny_pipelines import PIPELINES, build_pipeline, call_kwargs
+from torch._dynamo.utils import counters
 
 import diffusers_block as db
 

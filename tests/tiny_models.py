@@ -42,9 +42,9 @@ H == W; cogvideox (B, F, C, H, W); wan/hunyuanvideo/mochi/allegro (B, C, F, H, W
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 from diffusers import (

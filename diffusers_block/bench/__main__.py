@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from . import cache
+from . import cache, quality
 
-COMMANDS = {"cache": cache}
+COMMANDS = {"cache": cache, "quality": quality}
 
 
 def main(argv: Sequence[str] | None = None):

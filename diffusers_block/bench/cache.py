@@ -21,20 +21,28 @@ import gc
 import math
 import statistics
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .. import BWCacheConfig, CacheConfig, StaticScheduleConfig, block_cache_summary, disable_block_cache
-from .. import enable_block_cache
+from .. import (
+    BWCacheConfig,
+    CacheConfig,
+    StaticScheduleConfig,
+    block_cache_summary,
+    disable_block_cache,
+    enable_block_cache,
+)
 from ..models import resolve_adapter
 from . import report
 from .architectures import ARCHITECTURES, Architecture, build, conditioning, noise, num_parameters, num_tokens
 
 POLICIES = ("static-all", "bwcache-0", "static-40", "bwcache")
 CFG_SCALE = 5.0  # WanPipeline's default guidance_scale
+OUTSIDE = "blocks-off"  # the extra run that times everything but the blocks
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -47,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.1], help="BWCache thresholds")
     parser.add_argument("--cfg", action="store_true", help="classifier-free guidance: cond + uncond call per step")
     parser.add_argument("--repeats", type=int, default=3, help="timed schedules per run (the median is reported)")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run's schedules")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed dense schedules first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--seed", type=int, default=0)
@@ -78,14 +86,18 @@ def policy_configs(policies, thresholds, steps: int) -> dict[str, CacheConfig]:
     return configs
 
 
-def sample(model, arch: Architecture, scheduler, latents, prompts: dict, steps: int, stop: int | None = None):
-    """The denoising loop of WanPipeline / FluxPipeline on a bare transformer (``stop`` ends it early).
+def describe(config: CacheConfig | None) -> dict | None:
+    return config and {"type": type(config).__name__, **{f.name: getattr(config, f.name) for f in fields(config)}}
+
+
+def sample(model, arch: Architecture, scheduler, latents, prompts: dict, steps: int) -> torch.Tensor:
+    """The denoising loop of WanPipeline / FluxPipeline on a bare transformer; returns the final latents.
 
     The cache context tells the block cache the step and branch, as the pipelines do. Latents stay fp32 between
     steps so the final ones compare runs without bf16 rounding of the scheduler update."""
     dtype = model.dtype
     scheduler.set_timesteps(steps, device=latents.device)
-    for i, t in enumerate(scheduler.timesteps[:stop]):
+    for i, t in enumerate(scheduler.timesteps):
         timestep = (t * arch.timestep_scale).expand(len(latents))
         preds = []
         for branch, prompt in prompts.items():
@@ -94,6 +106,15 @@ def sample(model, arch: Architecture, scheduler, latents, prompts: dict, steps: 
         pred = preds[0] if len(preds) == 1 else preds[1] + CFG_SCALE * (preds[0] - preds[1])
         latents = scheduler.step(pred.float(), t, latents, return_dict=False)[0]
     return latents
+
+
+@contextmanager
+def block_cache(model: torch.nn.Module, config: CacheConfig):
+    enable_block_cache(model, config)
+    try:
+        yield True
+    finally:
+        disable_block_cache(model)
 
 
 @contextmanager
@@ -109,38 +130,41 @@ def without_blocks(model: torch.nn.Module):
             setattr(model, attr, blocks)
 
 
-def synchronize(device: torch.device) -> None:
+def timed(generate, device: torch.device) -> tuple[float, torch.Tensor, float | None]:
+    """One schedule: (milliseconds, final latents, peak GiB allocated on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    latents = generate()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    ms = (time.perf_counter() - start) * 1e3
+    return ms, latents, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def measure(model, config: CacheConfig | None, generate, args, device: torch.device) -> dict:
-    """Warm-up steps, then ``args.repeats`` timed schedules with ``config`` enabled (None: no hooks)."""
-    if config is not None:
-        enable_block_cache(model, config)
-    try:
-        if args.warmup_steps > 0:
-            generate(stop=args.warmup_steps)  # first kernels, allocator growth, the cache's first slots
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(args.repeats):
-            synchronize(device)
-            start = time.perf_counter()
-            latents = generate()
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1e3)
-        fraction = block_cache_summary(model).fraction_computed if config is not None else 1.0
-    finally:
-        disable_block_cache(model)
-    return {
-        "config": None if config is None else {"type": type(config).__name__, **{f.name: getattr(config, f.name) for f in fields(config)}},
-        "times_ms": times,
-        "ms_per_schedule": statistics.median(times),
-        "fraction_computed": fraction,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "latents": latents,
-    }
+def measure(model, generate, contexts: dict[str, Callable], args, device: torch.device) -> dict[str, dict]:
+    """Times ``args.repeats`` schedules of each run (a context: cache on, blocks off...) round-robin, not run
+    after run: a GPU heats up and clocks down over the first minute, which would favour whichever run came first."""
+    runs = {name: {"times_ms": [], "peaks": []} for name in contexts}
+    for _ in range(args.warmup):
+        generate()  # kernel selection, allocator growth, GPU clocks
+    for repeat in range(args.repeats):
+        for name, context in contexts.items():
+            run = runs[name]
+            with context() as cached:
+                ms, run["latents"], peak = timed(generate, device)
+                run["fraction_computed"] = block_cache_summary(model).fraction_computed if cached else 1.0
+            run["times_ms"].append(ms)
+            run["peaks"].append(peak)
+            gc.collect()  # a disabled BWCache's last slots sit in a reference cycle: free them before the next run
+        times = ", ".join(f"{name} {run['times_ms'][-1]:.0f}" for name, run in runs.items())
+        print(f"  round {repeat + 1}/{args.repeats} (ms): {times}")
+    for run in runs.values():
+        run["ms_per_schedule"] = statistics.median(run["times_ms"])
+        peaks = run.pop("peaks")
+        run["peak_memory_gib"] = max(peaks) if device.type == "cuda" else None
+    return runs
 
 
 def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -149,28 +173,27 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
     model = build(arch, device, dtype, args.seed)
     branches = ("cond", "uncond") if args.cfg else ("cond",)
     print(
-        f"\n{name}: {arch.cls.__name__}, {num_parameters(model) / 1e9:.3f}B parameters, {num_tokens(arch)} latent + "
+        f"\n{name}: {arch.cls.__name__}, {num_parameters(model):,} parameters, {num_tokens(arch)} latent + "
         f"{arch.text_tokens} text tokens, {steps} steps x {len(branches)} call(s), {str(dtype)[6:]} on "
         f"{report.device_name(device)}"
     )
     latents = noise(arch, device, args.seed)
     prompts = {branch: conditioning(arch, device, dtype, args.seed + 1 + i) for i, branch in enumerate(branches)}
     scheduler = FlowMatchEulerDiscreteScheduler(shift=arch.shift)
-    generate = lambda stop=None: sample(model, arch, scheduler, latents, prompts, steps, stop)  # noqa: E731
-
+    generate = lambda: sample(model, arch, scheduler, latents, prompts, steps)  # noqa: E731
+    configs = policy_configs(args.policies, args.thresholds, steps)
+    contexts = {"dense": nullcontext, OUTSIDE: lambda: without_blocks(model)}
+    contexts.update({policy: (lambda c=config: block_cache(model, c)) for policy, config in configs.items()})
     with torch.inference_mode():
-        runs = {"dense": measure(model, None, generate, args, device)}
-        with without_blocks(model):
-            outside = measure(model, None, generate, args, device)
-        for policy, config in policy_configs(args.policies, args.thresholds, steps).items():
-            runs[policy] = measure(model, config, generate, args, device)
-            print(f"  {policy}: {runs[policy]['ms_per_schedule']:.1f} ms/schedule")
+        runs = measure(model, generate, contexts, args, device)
 
+    outside = runs.pop(OUTSIDE)
     dense = runs["dense"]
     reference = dense["latents"]
     share = 1 - outside["ms_per_schedule"] / dense["ms_per_schedule"]
     for policy, row in runs.items():
         latents = row.pop("latents")
+        row["config"] = describe(configs.get(policy))
         row["ms_per_step"] = row["ms_per_schedule"] / steps
         row["speedup"] = dense["ms_per_schedule"] / row["ms_per_schedule"]
         row["ideal_speedup"] = 1 / (1 - share * (1 - row["fraction_computed"]))
@@ -193,8 +216,8 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
         ("peak_memory_gib", "peak GiB", "{:.1f}".format),
     ])
     print(
-        f"outside blocks: {outside['ms_per_schedule'] / steps:.2f} ms/step, so blocks take {share:.1%} of dense time "
-        f"(ideal = 1 / (1 - {share:.3f} * (1 - computed)))"
+        f"outside blocks: {outside['ms_per_schedule'] / steps:.2f} ms/step, so blocks take {share:.1%} of dense "
+        f"time (ideal = 1 / (1 - {share:.3f} * (1 - computed)))"
     )
     return {
         "class": arch.cls.__name__,
@@ -215,7 +238,7 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    path = report.result_path(args.out, args.name or "cache-" + "+".join(args.model), device)
+    path = report.result_path(args.out, args.name or "cache-" + "_".join(args.model), device)
     payload = {
         "benchmark": "cache",
         "command": report.command_line(args.argv),

@@ -11,10 +11,10 @@ import platform
 import re
 import shlex
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 

@@ -54,6 +54,8 @@ class BlockCache:
             self._modules.append(module)
         attach_tracker(model, tracker)
         tracker.add_listener(self._on_event)
+        # diffusers caches the list of hooked submodules (for cache contexts); we just changed it.
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
     def _on_event(self, event: str) -> None:
         if event == "generation":
@@ -114,3 +116,6 @@ class BlockCache:
         for hook in self.hooks:
             hook.slots.clear()
         self.hooks.clear()
+        self.policy.reset()  # drops pending indicator reads, which hold cache slots
+        self._records.clear()
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()

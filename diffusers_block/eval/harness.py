@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..cache import block_cache_summary
+from ..models import resolve_adapter
 from .metrics import psnr, relative_l2, ssim
 
 
@@ -38,23 +38,53 @@ class Comparison:
     seconds: float
     reference_seconds: float
     speedup: float
-    fraction_computed: float | None
+    fraction_computed: float  # block work done, relative to the reference (Linear calls inside blocks)
+    error: str | None = None  # the acceleration failed on this pipeline: why
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _timed(generate: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
+class BlockWorkCounter:
+    """Counts the Linear layers run inside the transformer blocks: the work done, whatever a cache reports.
+
+    It counts the same way for every cache, ours and the peers', which is what makes fractions comparable.
+    """
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.calls = 0
+        self._handles = [
+            module.register_forward_pre_hook(self._bump)
+            for ref in resolve_adapter(transformer).blocks
+            for module in ref.module.modules()
+            if isinstance(module, torch.nn.Linear)
+        ]
+
+    def _bump(self, *_) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _measure(pipe, generate: Callable[[object], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float, int]:
+    """An untimed warm-up run that counts the block work, then ``repeats`` timed runs: output, median s, work."""
+    counter = BlockWorkCounter(pipe.transformer)
+    try:
+        generate(pipe)
+    finally:
+        counter.remove()
     times, output = [], None
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        output = generate()
+        output = generate(pipe)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return output, statistics.median(times)
+    return output.float().cpu(), statistics.median(times), counter.calls
 
 
 def compare(
@@ -69,20 +99,18 @@ def compare(
 
     The reference runs first, with no acceleration; then each acceleration is enabled, run and disabled again.
     """
-    generate(pipe)  # warm-up: kernels, allocator, lazy init
-    reference, reference_seconds = _timed(lambda: generate(pipe), repeats)
-    reference = reference.float().cpu()
+    reference, reference_seconds, reference_work = _measure(pipe, generate, repeats)
     reference_accuracy = _accuracy(classifier, reference, labels)
     results = []
     for acceleration in accelerations:
-        acceleration.enable(pipe)
         try:
-            generate(pipe)
-            output, seconds = _timed(lambda: generate(pipe), repeats)
-            fraction = _fraction_computed(pipe)
+            acceleration.enable(pipe)
+            output, seconds, work = _measure(pipe, generate, repeats)
+        except Exception as error:  # a peer that cannot run this model is a result too, not a crash
+            results.append(_failed(acceleration.name, error, reference_accuracy, reference_seconds))
+            continue
         finally:
             acceleration.disable(pipe)
-        output = output.float().cpu()
         results.append(
             Comparison(
                 name=acceleration.name,
@@ -94,10 +122,27 @@ def compare(
                 seconds=seconds,
                 reference_seconds=reference_seconds,
                 speedup=reference_seconds / seconds,
-                fraction_computed=fraction,
+                fraction_computed=work / reference_work,
             )
         )
     return results
+
+
+def _failed(name: str, error: Exception, reference_accuracy, reference_seconds: float) -> Comparison:
+    nan = float("nan")
+    return Comparison(
+        name,
+        nan,
+        nan,
+        nan,
+        None,
+        reference_accuracy,
+        nan,
+        reference_seconds,
+        nan,
+        nan,
+        error=f"{type(error).__name__}: {error}",
+    )
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
@@ -108,10 +153,3 @@ def _accuracy(classifier, images01: torch.Tensor, labels: torch.Tensor | None) -
     if classifier is None or labels is None:
         return None
     return classifier.accuracy(images01 * 2 - 1, labels.cpu())
-
-
-def _fraction_computed(pipe) -> float | None:
-    try:
-        return block_cache_summary(pipe).fraction_computed
-    except RuntimeError:  # not a diffusers-block cache (e.g. one of diffusers' own)
-        return None

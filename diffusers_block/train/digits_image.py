@@ -65,19 +65,26 @@ def build_transformer(width: int = 128, layers: int = 10, head_dim: int = 32) ->
 def _random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by up to MAX_SHIFT pixels, filling with background (-1)."""
     padded = F.pad(images, (MAX_SHIFT,) * 4, value=-1.0)
-    dy, dx = torch.randint(0, 2 * MAX_SHIFT + 1, (2, len(images)), generator=generator).tolist()
-    return torch.stack([p[:, y : y + IMAGE_SIZE, x : x + IMAGE_SIZE] for p, y, x in zip(padded, dy, dx)])
+    offsets = torch.randint(0, 2 * MAX_SHIFT + 1, (2, len(images), 1), generator=generator, device=images.device)
+    grid = torch.arange(IMAGE_SIZE, device=images.device)
+    rows, cols = (offsets + grid).unbind(0)  # (B, size) each
+    batch = torch.arange(len(images), device=images.device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-def _generator(step: int, rank: int, seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+def _generator(step: int, rank: int, seed: int, device: torch.device) -> torch.Generator:
+    """Batches are drawn on the training device, from a generator seeded by (seed, step, rank)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1_009 + rank)
 
 
 def train_vae(config: TrainConfig, images: torch.Tensor, kl_weight: float = 1e-4) -> AutoencoderKL:
+    on_device = {}
+
     def sample_batch(step, rank, device):
-        g = _generator(step, rank, config.seed)
-        index = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        return {"images": _random_shift(images[index], g).to(device)}
+        data = on_device.setdefault(device, images.to(device))
+        g = _generator(step, rank, config.seed, device)
+        index = torch.randint(0, len(data), (config.batch_size,), generator=g, device=device)
+        return {"images": _random_shift(data[index], g)}
 
     def loss_fn(vae, batch):
         posterior = vae.encode(batch["images"]).latent_dist
@@ -106,15 +113,17 @@ def train_flow_transformer(config: TrainConfig, vae: AutoencoderKL, images: torc
     encoder = LabelEncoder(num_classes=10, num_tokens=4, dim=width, pooled_dim=width)
     model = torch.nn.ModuleDict({"transformer": transformer, "label_encoder": encoder})
 
+    on_device = {}
+
     def sample_batch(step, rank, device):
-        g = _generator(step, rank, config.seed)
-        index = torch.randint(0, len(means), (config.batch_size,), generator=g)
-        x0 = (means[index] + stds[index] * torch.randn(means[index].shape, generator=g) - shift) * scale
-        y = torch.where(torch.rand(len(index), generator=g) < LABEL_DROPOUT, encoder.null_label, labels[index])
-        t = torch.sigmoid(torch.randn(len(index), generator=g))  # logit-normal(0, 1), as SD3
-        noise = torch.randn(x0.shape, generator=g)
-        batch = {"x0": x0, "labels": y, "t": t, "noise": noise}
-        return {k: v.to(device) for k, v in batch.items()}
+        mu, sigma, y = on_device.setdefault(device, (means.to(device), stds.to(device), labels.to(device)))
+        g = _generator(step, rank, config.seed, device)
+        index = torch.randint(0, len(mu), (config.batch_size,), generator=g, device=device)
+        x0 = (mu[index] + sigma[index] * torch.randn(mu[index].shape, generator=g, device=device) - shift) * scale
+        drop = torch.rand(len(index), generator=g, device=device) < LABEL_DROPOUT
+        t = torch.sigmoid(torch.randn(len(index), generator=g, device=device))  # logit-normal(0, 1), as SD3
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        return {"x0": x0, "labels": torch.where(drop, encoder.null_label, y[index]), "t": t, "noise": noise}
 
     def loss_fn(model, batch):
         t = batch["t"].view(-1, 1, 1, 1)
@@ -133,7 +142,15 @@ def train_flow_transformer(config: TrainConfig, vae: AutoencoderKL, images: torc
     return trained["transformer"], trained["label_encoder"]
 
 
-def train_digits_image(output_dir: str, vae_steps: int, steps: int, batch_size: int = 256, seed: int = 0) -> Path:
+def train_digits_image(
+    output_dir: str,
+    vae_steps: int,
+    steps: int,
+    batch_size: int = 256,
+    flow_batch_size: int = 1024,
+    seed: int = 0,
+    max_minutes: float | None = None,
+) -> Path:
     """Both stages; saves the pipeline (bf16 weights) to ``output_dir`` and returns the path."""
     out = Path(output_dir)
     images, labels = load_digit_images("train", IMAGE_SIZE)
@@ -153,7 +170,9 @@ def train_digits_image(output_dir: str, vae_steps: int, steps: int, batch_size: 
         steps=steps,
         lr=5e-4,
         warmup_steps=500,
+        batch_size=flow_batch_size,
         checkpoint_every=max(steps // 4, 1),
+        max_minutes=max_minutes,
     )
     transformer, encoder = train_flow_transformer(flow, vae, images, labels)
     pipe = StableDiffusion3Pipeline(

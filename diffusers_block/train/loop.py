@@ -36,6 +36,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     mixed_precision: str | None = None  # None: bf16 on GPU, no on CPU
+    max_minutes: float | None = None  # stop early (keeping the EMA weights) when the wall-clock budget is spent
 
 
 def _latest_checkpoint(directory: Path) -> tuple[Path | None, int]:
@@ -62,7 +63,7 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
-    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay)
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
 
@@ -76,7 +77,7 @@ def train(
         (output / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
 
     model.train()
-    started, running = time.time(), []
+    started, running, count = time.time(), torch.zeros((), device=accelerator.device), 0
     progress = tqdm(
         range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_main_process
     )
@@ -84,8 +85,6 @@ def train(
         batch = sample_batch(step, accelerator.process_index, accelerator.device)
         with accelerator.autocast():
             loss = loss_fn(model, batch)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -93,21 +92,32 @@ def train(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(accelerator.unwrap_model(model).parameters())
-        running.append(loss.item())
+        running += loss.detach().float()  # read back only when logging: no host sync per step
+        count += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            mean = running.item() / count
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"loss became {mean} before step {step + 1}; lower the learning rate")
             record = {
                 "step": step + 1,
-                "loss": sum(running) / len(running),
+                "loss": mean,
                 "lr": schedule.get_last_lr()[0],
                 "elapsed_s": round(time.time() - started, 1),
             }
-            running.clear()
+            running.zero_()
+            count = 0
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             accelerator.save_state(str(checkpoints / f"step-{step + 1}"))
+        if config.max_minutes is not None and time.time() - started > 60 * config.max_minutes:
+            accelerator.print(f"time budget of {config.max_minutes} min spent: stopping after step {step + 1}")
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps({"step": step + 1, "stopped_early": True}) + "\n")
+            break
 
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(model)

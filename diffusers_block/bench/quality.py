@@ -1,0 +1,132 @@
+"""Cache policies against the uncached output on a trained model: fidelity, task accuracy, work and time.
+
+On the shipped digits image model (a class-conditioned SD3-architecture flow model, see models/digits-image), the
+same labels and seeds go through the uncached pipeline and through each cache: ours (BWCache thresholds, static
+schedules) and, side by side, diffusers' FirstBlockCache, TaylorSeerCache and MagCache (calibrated first, as
+MagCache requires). For each: PSNR / SSIM / relative L2 against the uncached images, the digit classifier's
+accuracy, the fraction of block work computed (Linear calls inside blocks, counted the same way for every cache)
+and the wall-clock speed-up. Prints a table, draws speed-up vs PSNR, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from .. import BWCacheConfig, StaticScheduleConfig, cache_context
+from ..eval.classifier import DigitClassifier
+from ..eval.digits import balanced_labels, generate_digits
+from ..eval.harness import compare
+from ..zoo import DIGITS_IMAGE, load_digits_image_pipeline
+from . import peers, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=str(DIGITS_IMAGE), help="digits image pipeline directory")
+    parser.add_argument("--classifier", default=str(DIGITS_IMAGE.parent / "digit-classifier"))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--per-class", type=int, default=10, help="images per digit")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--intervals", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument("--no-peers", action="store_true", help="skip diffusers' own caches")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
+    parser.add_argument("--name", default="quality-digits-image")
+    parser.add_argument("--plot", action="store_true", help="also draw speed-up vs PSNR next to the JSON")
+
+
+def accelerations(args, pipe, generate) -> list:
+    warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
+    runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
+    runs += [
+        peers.ours(f"static-{k}", StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown))
+        for k in args.intervals
+    ]
+    runs += [
+        peers.ours(
+            f"static-{k}-taylor1",
+            StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown, forecast="taylor1"),
+        )
+        for k in args.intervals
+    ]
+    if not args.no_peers:
+        runs += [peers.first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.3)]
+        runs += [peers.taylorseer_cache(k, warmup) for k in args.intervals]
+        ratios = peers.calibrate_mag_ratios(pipe, generate, args.steps)
+        runs += [peers.mag_cache(t, ratios, args.steps) for t in (0.02, 0.06, 0.12, 0.24)]
+    return runs
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    pipe, encoder = load_digits_image_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+    labels = balanced_labels(args.per_class)
+
+    def generate(pipe):
+        # SD3 pipelines set no cache context; diffusers' caches need one (ours does not, and ignores it here).
+        with cache_context(pipe.transformer, "cond"):
+            return generate_digits(pipe, encoder, labels, args.steps, args.guidance)
+
+    results = compare(pipe, generate, accelerations(args, pipe, generate), labels, classifier, args.repeats)
+    rows = [r.to_dict() for r in results]
+    report.print_table(
+        rows,
+        [
+            ("name", "run", str),
+            ("fraction_computed", "work", lambda v: f"{v:.1%}"),
+            ("speedup", "speed-up", lambda v: f"{v:.2f}x"),
+            ("psnr_db", "PSNR dB", lambda v: f"{v:.2f}"),
+            ("ssim", "SSIM", lambda v: f"{v:.4f}"),
+            ("relative_l2", "rel L2", lambda v: f"{v:.4f}"),
+            ("accuracy", "accuracy", lambda v: f"{v:.1%}"),
+        ],
+    )
+    for row in rows:
+        if row["error"]:
+            print(f"{row['name']} failed: {row['error'][:200]}")
+    print(f"uncached: accuracy {results[0].reference_accuracy:.1%}, {results[0].reference_seconds:.2f} s per run")
+    payload = {
+        "benchmark": "quality",
+        "environment": report.environment(device),
+        "command": report.command_line(args.argv),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "reference": {"accuracy": results[0].reference_accuracy, "seconds": results[0].reference_seconds},
+        "results": rows,
+    }
+    path = report.write_json(report.result_path(args.out, args.name, device), payload)
+    if args.plot:
+        _plot(rows, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return payload
+
+
+def _plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    families = {}
+    for row in rows:
+        if row["error"]:
+            continue
+        families.setdefault(re.sub(r"-[0-9.]+(?=-|$)", "", row["name"]), []).append(row)
+    for family, members in families.items():
+        members = sorted(members, key=lambda r: r["fraction_computed"])
+        ax.plot(
+            [1 / r["fraction_computed"] for r in members], [min(r["psnr_db"], 60) for r in members], "o-", label=family
+        )
+    ax.set_xlabel("block work saved: 1 / fraction computed")
+    ax.set_ylabel("PSNR vs uncached (dB, capped at 60)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
