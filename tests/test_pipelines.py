@@ -11,9 +11,12 @@ PERMISSIVE = db.StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=
 SEPARATE_CFG = {"flux", "wan", "wan22"}  # cond and uncond are two transformer calls per step
 
 
-def generate(pipe, name, **kwargs):
+def generate(pipe, name, device=None, **kwargs):
+    call = call_kwargs(name, **kwargs)
+    if device is not None:  # prompt embeddings where the offloaded pipeline computes
+        call = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
     with torch.no_grad():
-        return pipe(**call_kwargs(name, **kwargs))[0]
+        return pipe(**call)[0]
 
 
 @pytest.mark.parametrize("name", PIPELINES)
@@ -88,6 +91,8 @@ def test_compiled_transformer_with_static_schedule(name):
 def test_lora_loaded_transformer():
     peft = pytest.importorskip("peft")
     pipe = build_pipeline("pixart")
+    if not hasattr(pipe.transformer, "add_adapter"):
+        pytest.skip("diffusers' PEFT integration is off (peft missing or too old)")
     pipe.transformer.add_adapter(
         peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     )
@@ -118,9 +123,12 @@ def test_model_cpu_offload(name):
     pipe = build_pipeline(name)
     reference = generate(pipe, name)
     pipe.enable_model_cpu_offload()
+    uncached_offloaded = generate(pipe, name, device="cuda")
     pipe.enable_block_cache(PERMISSIVE)
-    offloaded = generate(pipe, name)
+    offloaded = generate(pipe, name, device="cuda")
     assert pipe.block_cache_summary().fraction_saved > 0
     pipe.disable_block_cache()
-    torch.testing.assert_close(generate(pipe, name).cpu(), reference, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generate(pipe, name, device="cuda"), uncached_offloaded)
+    assert float((uncached_offloaded.cpu() - reference).norm() / reference.norm()) < 1e-2  # GPU vs CPU arithmetic
+    assert float((offloaded - uncached_offloaded).norm() / uncached_offloaded.norm()) < 0.3
     assert offloaded.isfinite().all()
