@@ -90,20 +90,20 @@ def test_compiled_transformer_with_static_schedule(name):
 
 def test_lora_loaded_transformer():
     peft = pytest.importorskip("peft")
-    pipe = build_pipeline("pixart")
+    pipe = build_pipeline("wan")
     if not hasattr(pipe.transformer, "add_adapter"):
         pytest.skip("diffusers' PEFT integration is off (peft missing or too old)")
     pipe.transformer.add_adapter(
         peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     )
-    reference = generate(pipe, "pixart")
+    reference = generate(pipe, "wan")
     pipe.enable_block_cache(db.StaticScheduleConfig(interval=1))
-    assert torch.equal(generate(pipe, "pixart"), reference)
+    assert torch.equal(generate(pipe, "wan"), reference)
     pipe.enable_block_cache(PERMISSIVE)
-    cached = generate(pipe, "pixart")
+    cached = generate(pipe, "wan")
     assert pipe.block_cache_summary().fraction_saved > 0
     pipe.disable_block_cache()
-    assert torch.equal(generate(pipe, "pixart"), reference)
+    assert torch.equal(generate(pipe, "wan"), reference)
     assert not torch.equal(cached, reference)
 
 
