@@ -126,6 +126,13 @@ _GENERIC_SUB_BLOCK_NAMES = {
 }
 
 
+# Child names of FFN sub-blocks across the table (for BAC's Bubbling Union, which follows FFN update steps).
+FFN_CHILDREN = frozenset(
+    attr for spec in FAMILIES.values() for lst in spec.block_lists for role, attr in lst.sub_blocks.items()
+    if role in (FFN, FFN_CONTEXT)
+)
+
+
 class UnsupportedModelError(ValueError):
     """Raised for a model whose transformer blocks diffusers-block cannot find or call."""
 

@@ -2,8 +2,9 @@
 
 On the shipped digits image model (a class-conditioned SD3-architecture flow model, see models/digits-image), the
 same labels and seeds go through the uncached pipeline and through each cache: ours (BWCache thresholds, static
-schedules) and, side by side, diffusers' FirstBlockCache, TaylorSeerCache and MagCache (calibrated first, as
-MagCache requires). For each: PSNR / SSIM / relative L2 against the uncached images, the digit classifier's
+schedules, BAC schedules calibrated per block or shared by all blocks) and, side by side, diffusers'
+FirstBlockCache, TaylorSeerCache and MagCache. BAC and MagCache are calibrated on the same run, with other labels
+and seeds than the evaluated ones. For each: PSNR / SSIM / relative L2 against the uncached images, the digit classifier's
 accuracy, the fraction of block work computed (Linear calls inside blocks, counted the same way for every cache)
 and the wall-clock speed-up. Prints a table, draws speed-up vs PSNR, writes JSON.
 """
@@ -15,7 +16,7 @@ import re
 
 import torch
 
-from .. import BWCacheConfig, StaticScheduleConfig, cache_context
+from .. import BWCacheConfig, StaticScheduleConfig, cache_context, calibrate_schedule
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_labels, generate_digits
 from ..eval.harness import compare
@@ -31,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=10, help="images per digit")
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--intervals", nargs="+", type=int, default=[2, 3, 4])
+    parser.add_argument(
+        "--bac-fractions",
+        nargs="*",
+        type=float,
+        default=[0.44, 0.36],
+        help="BAC schedules updating this fraction of the steps (calibrated on other labels and seeds)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' own caches")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", action="store_true", help="also draw speed-up vs PSNR next to the JSON")
 
 
-def accelerations(args, pipe, generate) -> list:
+def accelerations(args, pipe, encoder, generate) -> list:
     warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
     runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
     runs += [
@@ -53,10 +61,22 @@ def accelerations(args, pipe, generate) -> list:
         )
         for k in args.intervals
     ]
+
+    # BAC schedules, calibrated on other labels and seeds than the ones evaluated (no test leakage).
+    def calibration_run(pipe):
+        with cache_context(pipe.transformer, "cond"):
+            return generate_digits(pipe, encoder, balanced_labels(1), args.steps, args.guidance, seed=100)
+
+    for fraction in args.bac_fractions:
+        updates = max(1, round(fraction * args.steps))
+        runs.append(peers.ours(f"bac-{updates}", calibrate_schedule(pipe, calibration_run, updates)))
+        runs.append(
+            peers.ours(f"bac-shared-{updates}", calibrate_schedule(pipe, calibration_run, updates, shared=True))
+        )
     if not args.no_peers:
         runs += [peers.first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.3)]
         runs += [peers.taylorseer_cache(k, warmup) for k in args.intervals]
-        ratios = peers.calibrate_mag_ratios(pipe, generate, args.steps)
+        ratios = peers.calibrate_mag_ratios(pipe, calibration_run, args.steps)  # same calibration set as BAC
         runs += [peers.mag_cache(t, ratios, args.steps) for t in (0.02, 0.06, 0.12, 0.24)]
     return runs
 
@@ -73,7 +93,7 @@ def run(args) -> dict:
         with cache_context(pipe.transformer, "cond"):
             return generate_digits(pipe, encoder, labels, args.steps, args.guidance)
 
-    results = compare(pipe, generate, accelerations(args, pipe, generate), labels, classifier, args.repeats)
+    results = compare(pipe, generate, accelerations(args, pipe, encoder, generate), labels, classifier, args.repeats)
     rows = [r.to_dict() for r in results]
     report.print_table(
         rows,

@@ -43,7 +43,7 @@ class BlockCache:
         self.tracker = tracker
         self.unit_names = [name for name, _, _ in units]
         self.policy = config.build(self.unit_names)
-        self.reads_step = not self.policy.planned or config.forecast != "none"
+        self.reads_step = self.policy.needs_step or config.forecast != "none"
         self.hooks: list[BlockCacheHook] = []
         self._modules: list[torch.nn.Module] = []
         self._records: list[tuple] = []  # (step, branch, unit, computed, indicator)

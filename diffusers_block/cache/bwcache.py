@@ -57,7 +57,7 @@ class BWCachePolicy(CachePolicy):
     def reset(self) -> None:
         self._pending.clear()
 
-    def observe(self, unit: int, slot: CacheSlot, step: int) -> None:
+    def observe(self, unit: int, slot: CacheSlot, step: int, primary: torch.Tensor) -> None:
         if isinstance(slot.indicator, torch.Tensor):
             self._pending.append(slot)
 

@@ -61,7 +61,7 @@ class BlockCacheHook(ModelHook):
             indicator = relative_l1(self.unit.primary(tensors), self.unit.primary(slot.current))
         slot.store(tensors, step, shape, keep_previous=cache.config.forecast != "none")
         slot.indicator = indicator
-        policy.observe(self.index, slot, step)
+        policy.observe(self.index, slot, step, self.unit.primary(tensors))
         cache.record(self.index, computed=True, indicator=indicator)
         return output
 

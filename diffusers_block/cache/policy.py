@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 if TYPE_CHECKING:
     from .slot import CacheSlot
 
@@ -67,6 +69,7 @@ class CachePolicy:
 
     planned: bool = False  # decisions made per step by plan(), not per call by should_compute()
     wants_indicator: bool = False  # the hook measures each computed unit's relative change for observe()
+    needs_step: bool = True  # False keeps the step out of the hook, so compiled graphs are not specialised on it
 
     def __init__(self, config: CacheConfig, unit_names: Sequence[str]) -> None:
         self.config = config
@@ -80,8 +83,8 @@ class CachePolicy:
         """Runtime policies: whether ``unit`` computes now; ``slot`` holds its cached state for this branch."""
         raise NotImplementedError
 
-    def observe(self, unit: int, slot: CacheSlot, step: int) -> None:
-        """Called after ``unit`` computed at ``step`` and its slot was updated."""
+    def observe(self, unit: int, slot: CacheSlot, step: int, primary: torch.Tensor) -> None:
+        """Called after ``unit`` computed at ``step``; ``primary`` is what it cached for the hidden stream."""
 
     def reset(self) -> None:
         """A new generation starts."""

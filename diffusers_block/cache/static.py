@@ -96,6 +96,7 @@ class StaticScheduleConfig(CacheConfig):
 class StaticSchedulePolicy(CachePolicy):
     planned = True
     wants_indicator = False
+    needs_step = False
 
     def plan(self, unit: int, step: int, num_steps: int | None) -> bool:
         return self.config.computes(self.unit_names[unit], step, num_steps)

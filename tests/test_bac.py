@@ -1,0 +1,76 @@
+"""BAC's Adaptive Caching Scheduler and Bubbling Union, checked against brute force and hand-made cases."""
+
+import itertools
+
+import pytest
+import torch
+from sampling import sample
+from tiny_models import build_transformer
+
+import diffusers_block as db
+from diffusers_block.cache.bac import bubbling_union, calibrate, optimal_update_steps, segment_scores
+
+
+def _score(similarity, steps):
+    bounds = list(steps) + [similarity.shape[0]]
+    return sum(float(similarity[a, a:b].sum()) for a, b in zip(bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k, m", [(6, 1), (6, 3), (7, 4), (8, 8)])
+def test_dp_matches_brute_force(seed, k, m):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(k, 5, generator=g).cumsum(0)  # a drifting trajectory, like denoising features
+    similarity = torch.nn.functional.cosine_similarity(features[:, None], features[None], dim=-1)
+    steps = optimal_update_steps(similarity, m)
+    assert steps[0] == 0 and len(steps) == m == len(set(steps))
+    best = max(_score(similarity, (0, *rest)) for rest in itertools.combinations(range(1, k), m - 1))
+    assert _score(similarity, steps) == pytest.approx(best)
+
+
+def test_dp_recomputes_where_features_jump():
+    similarity = torch.ones(8, 8)
+    similarity[:5, 5:] = similarity[5:, :5] = 0.1  # features change abruptly at step 5
+    assert optimal_update_steps(similarity, 2) == [0, 5]
+
+
+def test_segment_scores_are_prefix_sums():
+    similarity = torch.arange(9.0).view(3, 3)
+    phi = segment_scores(similarity)
+    assert phi[0, 2] == 0 + 1 + 2 and phi[1, 1] == 4 and phi[1, 2] == 4 + 5 and phi[2, 1] == float("-inf")
+
+
+def test_bad_update_count():
+    with pytest.raises(ValueError, match=r"updates must be in \[1, 4\]"):
+        optimal_update_steps(torch.eye(4), 5)
+
+
+def test_bubbling_union_hand_made():
+    steps = {
+        "blocks.0.attn1": [0, 4],
+        "blocks.0.ffn": [0, 2],
+        "blocks.1.attn1": [0, 5],
+        "blocks.1.ffn": [0, 3],
+    }
+    variability = {"blocks.0.attn1": 0.1, "blocks.0.ffn": 0.2, "blocks.1.attn1": 0.9, "blocks.1.ffn": 0.3}
+    merged = bubbling_union(steps, variability, top=1)
+    assert merged["blocks.1.attn1"] == [0, 3, 5]  # + FFN steps of layer 1 only (no FFN after it)
+    assert merged["blocks.0.attn1"] == [0, 4]  # not in the top 1: unchanged
+    assert bubbling_union(steps, variability, top=2)["blocks.1.ffn"] == [0, 3]
+    assert bubbling_union(steps, {"blocks.0.attn1": 1.0}, top=1)["blocks.0.attn1"] == [0, 2, 3, 4]
+
+
+def test_calibrated_schedule_runs_and_updating_every_step_is_exact():
+    model = build_transformer("wan")
+    reference = sample(model, "wan", steps=10)
+    config = calibrate(model, lambda m: sample(m, "wan", steps=10), updates=4)
+    assert set(config.update_steps) == {"blocks.0", "blocks.1", "blocks.2"}
+    assert all(len(s) == 4 and s[0] == 0 for s in config.update_steps.values())
+    db.enable_block_cache(model, config)
+    cached = sample(model, "wan", steps=10)
+    assert db.block_cache_summary(model).fraction_computed == pytest.approx(0.4)
+    assert not torch.equal(cached, reference)
+    every_step = calibrate(model, lambda m: sample(m, "wan", steps=10), updates=1.0, granularity="sub_block")
+    db.enable_block_cache(model, every_step)
+    assert torch.equal(sample(model, "wan", steps=10), reference)
+    db.disable_block_cache(model)
