@@ -53,7 +53,8 @@ class GenerationTracker:
 
     # -- listeners (cache hooks) ------------------------------------------------------------------------------
     def add_listener(self, listener: Callable[[str], None]) -> None:
-        """``listener(event)`` is called with "generation" when a generation starts and "step" at every step."""
+        """``listener(event)`` is called with "generation" when a generation starts, "step" at every step and
+        "forward" at the start of every transformer call."""
         self._listeners.append(listener)
 
     def _notify(self, event: str) -> None:
@@ -121,6 +122,7 @@ class GenerationTracker:
         else:
             self.branch = self._calls_in_step
             self._calls_in_step += 1
+        self._notify("forward")
 
     def on_shape_change(self, previous: tuple[int, ...], shape: tuple[int, ...]) -> None:
         """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop."""

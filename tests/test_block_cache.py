@@ -232,3 +232,53 @@ def test_unsupported_models_get_a_clear_error():
         db.enable_block_cache("wan")
     with pytest.raises(TypeError, match="BWCacheConfig, StaticScheduleConfig"):
         db.enable_block_cache(build_transformer("wan"), {"threshold": 0.1})
+
+
+def test_unlisted_family_works_through_the_generic_adapter():
+    """CogView4 is not in the adapter table; its blocks are found through diffusers' TransformerBlockRegistry."""
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    model = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=16,
+        time_embed_dim=16,
+        condition_dim=8,
+        pos_embed_max_size=8,
+        sample_size=8,
+        rope_axes_dim=(4, 4),
+    ).eval()
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(1, 6, 16),
+        "original_size": torch.tensor([[64.0, 64.0]]),
+        "target_size": torch.tensor([[64.0, 64.0]]),
+        "crop_coords": torch.tensor([[0.0, 0.0]]),
+        "return_dict": False,
+    }
+
+    def run():
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for step in range(6):
+                with db.cache_context(model, "cond", step_index=step, num_inference_steps=6):
+                    out = model(hidden_states=latents, timestep=torch.tensor([900 - 150 * step]), **kwargs)[0]
+                latents = latents - out / 6
+        return latents
+
+    reference = run()
+    db.enable_block_cache(model, db.StaticScheduleConfig(interval=2))
+    cached = run()
+    summary = db.block_cache_summary(model)
+    assert summary.unit_names == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
+    assert summary.fraction_computed == pytest.approx(0.5)
+    assert not torch.equal(cached, reference) and relative_l2(cached, reference) < 0.5
+    db.enable_block_cache(model, db.StaticScheduleConfig(interval=1, granularity="sub_block"))
+    assert torch.equal(run(), reference)
+    db.disable_block_cache(model)

@@ -63,6 +63,9 @@ class BlockCache:
                 hook.slots.clear()
             self.policy.reset()
             self._records.clear()
+        elif event == "forward":
+            for hook in self.hooks:
+                hook.calls_this_forward = 0
         elif event == "step" and self.policy.planned:
             step, num_steps = self.tracker.step, self.tracker.num_steps
             for hook in self.hooks:

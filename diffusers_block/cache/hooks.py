@@ -27,8 +27,9 @@ class BlockCacheHook(ModelHook):
         self.cache = cache
         self.index = index
         self.unit = unit
-        self.slots: dict[Hashable, CacheSlot] = {}
+        self.slots: dict[Hashable, CacheSlot] = {}  # keyed by (CFG branch, call of this unit in the forward)
         self.planned_compute = True  # set between calls by planned policies
+        self.calls_this_forward = 0  # a module may run several times per forward (CogView4's ff: image, then text)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         cache, tracker, policy = self.cache, self.cache.tracker, self.cache.policy
@@ -37,12 +38,14 @@ class BlockCacheHook(ModelHook):
         step = tracker.step if cache.reads_step else -1
         hidden = self.unit.input_tensor(args, kwargs)
         shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else ()
-        slot = self.slots.get(tracker.branch)
+        key = (tracker.branch, self.calls_this_forward)
+        self.calls_this_forward += 1
+        slot = self.slots.get(key)
         if slot is not None and not slot.matches(shape) and slot.input_shape is not None:
             tracker.on_shape_change(slot.input_shape, shape)  # raises, or starts a generation (clearing slots)
             slot = None
         if slot is None:
-            slot = self.slots[tracker.branch] = CacheSlot()
+            slot = self.slots[key] = CacheSlot()
         elif slot.matches(shape):
             if policy.planned:
                 compute = self.planned_compute
