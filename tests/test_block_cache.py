@@ -282,3 +282,15 @@ def test_unlisted_family_works_through_the_generic_adapter():
     db.enable_block_cache(model, db.StaticScheduleConfig(interval=1, granularity="sub_block"))
     assert torch.equal(run(), reference)
     db.disable_block_cache(model)
+
+
+def test_bwcache_model_scope_skips_all_units_together():
+    model = build_transformer("flux")
+    db.enable_block_cache(model, db.BWCacheConfig(threshold=5.0, scope="model", max_consecutive_reuse=1))
+    sample(model, "flux", steps=12)
+    computed = db.block_cache_summary(model).computed[0]  # (steps, units)
+    assert (computed == computed[:, :1]).all()  # every unit follows the first one
+    assert 0 < (computed[:, 0] == 0).sum() < 12
+    db.disable_block_cache(model)
+    with pytest.raises(ValueError, match="scope must be one of 'block', 'model'"):
+        db.BWCacheConfig(scope="layer")

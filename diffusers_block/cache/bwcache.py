@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from .policy import CacheConfig, CachePolicy, check_float, check_int
+from .policy import CacheConfig, CachePolicy, check_choice, check_float, check_int
 from .slot import CacheSlot
+
+SCOPES = ("block", "model")
 
 
 @dataclass(frozen=True)
@@ -27,12 +30,16 @@ class BWCacheConfig(CacheConfig):
         (0 disables reuse: outputs are identical to no cache).
     max_consecutive_reuse: most steps in a row a unit may be reused before it is recomputed.
     warmup_steps / cooldown_steps: first / last steps of a generation that always compute every unit.
+    scope: "block" decides every unit from its own indicator; "model" decides once per transformer call, from the
+        first unit's indicator, and every unit follows (all blocks skip together, which keeps their inputs and
+        cached residuals consistent with each other).
     """
 
     threshold: float = 0.1
     max_consecutive_reuse: int = 3
     warmup_steps: int = 2
     cooldown_steps: int = 1
+    scope: Literal["block", "model"] = "block"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -41,6 +48,7 @@ class BWCacheConfig(CacheConfig):
         check_int(owner, "max_consecutive_reuse", self.max_consecutive_reuse, 0, 1000)
         check_int(owner, "warmup_steps", self.warmup_steps, 0)
         check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
+        check_choice(owner, "scope", self.scope, SCOPES)
 
     def build(self, unit_names: Sequence[str]) -> BWCachePolicy:
         return BWCachePolicy(self, unit_names)
@@ -53,11 +61,14 @@ class BWCachePolicy(CachePolicy):
     def __init__(self, config: BWCacheConfig, unit_names: Sequence[str]) -> None:
         super().__init__(config, unit_names)
         self._pending: list[CacheSlot] = []
+        self._model_decision = True  # scope="model": what the first unit decided in the current call
 
     def reset(self) -> None:
         self._pending.clear()
 
     def observe(self, unit: int, slot: CacheSlot, step: int, primary: torch.Tensor) -> None:
+        if unit == 0:
+            self._model_decision = True  # the first unit computed (decided or forced): so does everyone
         if isinstance(slot.indicator, torch.Tensor):
             self._pending.append(slot)
 
@@ -71,6 +82,14 @@ class BWCachePolicy(CachePolicy):
                 slot.indicator = value
 
     def should_compute(self, unit: int, slot: CacheSlot, step: int, num_steps: int | None) -> bool:
+        if self.config.scope == "model" and unit != 0:
+            return self._model_decision
+        decision = self._decide(slot, step, num_steps)
+        if unit == 0:
+            self._model_decision = decision
+        return decision
+
+    def _decide(self, slot: CacheSlot, step: int, num_steps: int | None) -> bool:
         config: BWCacheConfig = self.config
         if step < config.warmup_steps or slot.reuses >= config.max_consecutive_reuse:
             return True
