@@ -1,7 +1,7 @@
 """Cache policies against the uncached output on a trained model: fidelity, task accuracy, work and time.
 
 On the shipped digits image model (a class-conditioned SD3-architecture flow model, see models/digits-image), the
-same labels and seeds go through the uncached pipeline and through each cache: ours (BWCache thresholds, static
+same labels and seeds go through the uncached pipeline and through each cache: ours (BWCache thresholds, per block or per model call, static
 schedules, BAC schedules calibrated per block or shared by all blocks) and, side by side, diffusers'
 FirstBlockCache, TaylorSeerCache and MagCache. BAC and MagCache are calibrated on the same run, with other labels
 and seeds than the evaluated ones. For each: PSNR / SSIM / relative L2 against the uncached images, the digit classifier's
@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def accelerations(args, pipe, encoder, generate) -> list:
     warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
     runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
+    runs += [peers.ours(f"bwcache-model-{t:g}", BWCacheConfig(threshold=t, scope="model")) for t in args.thresholds]
     runs += [
         peers.ours(f"static-{k}", StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown))
         for k in args.intervals
