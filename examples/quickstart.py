@@ -2,9 +2,8 @@
 
 With the hub (real weights):
     python examples/quickstart.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat surfing" --device cuda
-Offline (a small Wan-architecture pipeline with random weights: it shows the mechanics and the speed-up, not
-pretty pictures; random weights make every block change a lot from step to step, so the runtime indicator of
-BWCache rightly finds nothing to reuse and the offline default is a static schedule):
+Offline (a small Wan-architecture pipeline with random weights, initialised to change smoothly across steps as
+trained weights do: it shows the mechanics and the speed-up, not pretty pictures):
     python examples/quickstart.py
 """
 
@@ -15,6 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 import diffusers_block
+from diffusers_block.random_weights import random_init_
 
 
 def offline_pipeline() -> tuple[WanPipeline, dict]:
@@ -24,8 +24,7 @@ def offline_pipeline() -> tuple[WanPipeline, dict]:
         patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
         text_dim=64, freq_dim=64, ffn_dim=512, num_layers=6, rope_max_seq_len=256,
     )
-    for name, param in transformer.named_parameters():  # diffusers zero-inits gates; random weights need signal
-        torch.nn.init.normal_(param, std=(1.0 / param.shape[-1]) ** 0.5 if param.ndim > 1 else 0.02)
+    random_init_(transformer, seed=0)  # random weights that change smoothly across steps, as trained ones do
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     embeds = torch.randn(1, 16, 64)
@@ -38,7 +37,7 @@ def main() -> None:
     parser.add_argument("--model", help="hub id or local path of a Wan pipeline (default: offline random weights)")
     parser.add_argument("--prompt", default="a red fox running through snow")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--policy", choices=["bwcache", "static"], help="default: bwcache with --model, else static")
+    parser.add_argument("--policy", choices=["bwcache", "static"], default="bwcache")
     parser.add_argument("--threshold", type=float, default=0.1, help="BWCache relative-change threshold")
     parser.add_argument("--interval", type=int, default=2, help="static schedule: compute every N steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -64,7 +63,7 @@ def main() -> None:
 
     generate()  # warm-up
     reference, dense_s = generate()
-    if (args.policy or ("bwcache" if args.model else "static")) == "bwcache":
+    if args.policy == "bwcache":
         config = diffusers_block.BWCacheConfig(threshold=args.threshold)
     else:
         config = diffusers_block.StaticScheduleConfig(interval=args.interval, warmup_steps=3, cooldown_steps=2)

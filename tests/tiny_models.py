@@ -61,6 +61,8 @@ from diffusers import (
 )
 from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
 
+from diffusers_block.random_weights import random_init_
+
 FAMILIES: tuple[str, ...] = (
     "dit", "pixart", "sd3", "flux", "cogvideox", "wan", "hunyuanvideo", "ltx", "mochi", "allegro",
 )
@@ -174,24 +176,11 @@ _SPECS: dict[str, _Spec] = {
 
 
 @torch.no_grad()
-def _reinit_(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter: matrices/tables ~ N(0, 1/fan_in), norm gains ~ 1 + N(0, 0.1), biases ~ N(0, 0.02)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=gen)
-        if param.ndim >= 2:
-            param.copy_(noise / param[0].numel() ** 0.5)
-        elif name.endswith("weight"):
-            param.copy_(1 + 0.1 * noise)
-        else:
-            param.copy_(0.02 * noise)
-
-
 def build_transformer(family: str, seed: int = 0) -> torch.nn.Module:
     spec = _SPECS[family]
     torch.manual_seed(seed)
     model = spec.cls(**spec.config)
-    _reinit_(model, seed)
+    random_init_(model, seed, smooth_timesteps=False)
     return model.eval()  # built in fp32 (the default dtype)
 
 

@@ -50,7 +50,9 @@ from diffusers import (
     UniPCMultistepScheduler,
     WanPipeline,
 )
-from tiny_models import _SPECS, _reinit_, make_inputs
+from tiny_models import _SPECS, make_inputs
+
+from diffusers_block.random_weights import random_init_
 
 PIPELINES: tuple[str, ...] = ("dit", "pixart", "sd3", "flux", "wan", "wan22")
 
@@ -113,7 +115,7 @@ def _transformer(recipe: _Recipe, seed: int) -> torch.nn.Module:
     spec = _SPECS[recipe.family]
     torch.manual_seed(seed)
     model = spec.cls(**{**spec.config, **recipe.overrides})
-    _reinit_(model, seed)
+    random_init_(model, seed, smooth_timesteps=False)
     return model.eval()
 
 

@@ -12,12 +12,12 @@ the size of its input, as in a trained model, so a reused block's error shows in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
-from diffusers.models.embeddings import TimestepEmbedding
+
+from ..random_weights import random_init_
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,13 @@ class Architecture:
 
 
 _WAN_2_1 = dict(
-    patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6,
+    patch_size=(1, 2, 2),
+    in_channels=16,
+    out_channels=16,
+    freq_dim=256,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
 )
 _FLUX = dict(guidance_embeds=True)
 
@@ -52,26 +57,67 @@ ARCHITECTURES: dict[str, Architecture] = {
     "wan2.1-1.3b": Architecture(
         WanTransformer3DModel,
         dict(_WAN_2_1, num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096),
-        latent_shape=(16, 21, 60, 104), text_tokens=512, steps=50,
+        latent_shape=(16, 21, 60, 104),
+        text_tokens=512,
+        steps=50,
     ),
     # 1024x1024 px -> VAE latents (16, 128, 128) -> packed 2x2 patches (4096, 64).
     "flux-dev": Architecture(
         FluxTransformer2DModel,
-        dict(_FLUX, num_layers=19, num_single_layers=38, num_attention_heads=24, attention_head_dim=128,
-             in_channels=64, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
-        latent_shape=(4096, 64), text_tokens=512, steps=28, timestep_scale=1e-3, guidance=3.5, image_ids=(64, 64),
+        dict(
+            _FLUX,
+            num_layers=19,
+            num_single_layers=38,
+            num_attention_heads=24,
+            attention_head_dim=128,
+            in_channels=64,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        latent_shape=(4096, 64),
+        text_tokens=512,
+        steps=28,
+        timestep_scale=1e-3,
+        guidance=3.5,
+        image_ids=(64, 64),
     ),
     "tiny-wan": Architecture(
         WanTransformer3DModel,
-        dict(_WAN_2_1, num_layers=3, num_attention_heads=2, attention_head_dim=32, ffn_dim=128, text_dim=64,
-             freq_dim=32, in_channels=4, out_channels=4),
-        latent_shape=(4, 3, 8, 8), text_tokens=8, steps=10,
+        dict(
+            _WAN_2_1,
+            num_layers=3,
+            num_attention_heads=2,
+            attention_head_dim=32,
+            ffn_dim=128,
+            text_dim=64,
+            freq_dim=32,
+            in_channels=4,
+            out_channels=4,
+        ),
+        latent_shape=(4, 3, 8, 8),
+        text_tokens=8,
+        steps=10,
     ),
     "tiny-flux": Architecture(
         FluxTransformer2DModel,
-        dict(_FLUX, num_layers=2, num_single_layers=1, num_attention_heads=2, attention_head_dim=32, in_channels=16,
-             joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)),
-        latent_shape=(64, 16), text_tokens=8, steps=10, timestep_scale=1e-3, guidance=3.5, image_ids=(8, 8),
+        dict(
+            _FLUX,
+            num_layers=2,
+            num_single_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=32,
+            in_channels=16,
+            joint_attention_dim=64,
+            pooled_projection_dim=32,
+            axes_dims_rope=(8, 12, 12),
+        ),
+        latent_shape=(64, 16),
+        text_tokens=8,
+        steps=10,
+        timestep_scale=1e-3,
+        guidance=3.5,
+        image_ids=(8, 8),
     ),
 }
 
@@ -91,41 +137,11 @@ def build(arch: Architecture, device: torch.device, dtype: torch.dtype, seed: in
     for name, param in model.named_parameters():
         if keep.intersection(name.split(".")):
             param.data = param.data.float()
-    reinit_(model, seed)
+    random_init_(model, seed)
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def reinit_(model: torch.nn.Module, seed: int) -> None:
-    """Matrices and tables ~ N(0, 1/fan_in), norm gains ~ 1 + N(0, 0.1), biases ~ N(0, 0.02); drawn on the
-    parameters' device, so the same seed gives the same model on the same kind of device."""
-    device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.ndim >= 2:
-            param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-        elif name.endswith("weight"):
-            param.normal_(1.0, 0.1, generator=generator)
-        else:
-            param.normal_(0.0, 0.02, generator=generator)
-    for module in model.modules():
-        if isinstance(module, TimestepEmbedding):
-            _smooth_in_time_(module.linear_1.weight)
-
-
-def _smooth_in_time_(weight: torch.Tensor) -> None:
-    """Keep only the sinusoidal timestep features that turn less than half a cycle over t in [0, 1000].
-
-    A trained timestep MLP responds smoothly to t. A random one does not: features of frequency up to 1 rad per
-    timestep unit decorrelate from one step to the next, so every block's modulation, and residual, changes by
-    ~50% at every step and no cache finds anything to reuse. ``weight`` is the first layer on the (sin, cos)
-    features of frequencies 10000^(-i/half); kept columns are rescaled to keep the output variance."""
-    half = weight.shape[1] // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=weight.device) / half)
-    keep = (freqs * 1000 <= math.pi).float().repeat(2)
-    weight.mul_((keep / keep.mean().sqrt()).to(weight.dtype))
-
-
 def num_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
