@@ -157,7 +157,7 @@ def measure(model, generate, contexts: dict[str, Callable], args, device: torch.
                 run["fraction_computed"] = block_cache_summary(model).fraction_computed if cached else 1.0
             run["times_ms"].append(ms)
             run["peaks"].append(peak)
-            gc.collect()  # a disabled BWCache's last slots sit in a reference cycle: free them before the next run
+            gc.collect()  # free what the last run left (cache tensors, autograd-free temporaries) before the next
         times = ", ".join(f"{name} {run['times_ms'][-1]:.0f}" for name, run in runs.items())
         print(f"  round {repeat + 1}/{args.repeats} (ms): {times}")
     for run in runs.values():
