@@ -1,6 +1,7 @@
 """The caches users would pick instead of ours, switched on and off the same way as ours, for side-by-side runs.
 
-diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache) are applied with their ``apply_*`` functions, so
+cache-dit's DBCache runs through ``cache_dit.enable_cache`` when the package is installed (``pip install
+diffusers-block[peers]``). diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache) are applied with their ``apply_*`` functions, so
 they also work on transformers without ``CacheMixin`` (SD3, DiT, PixArt), and removed by their hook names. Their
 hooks need a cache context, which SD3, DiT, PixArt and Allegro pipelines never set; the quality benchmark wraps each
 pipeline call in ``diffusers_block.cache_context(transformer, "cond")`` so that they can run at all there.
@@ -90,3 +91,18 @@ def mag_cache(threshold: float, ratios: list[float], steps: int) -> Acceleration
 
     config = MagCacheConfig(threshold=threshold, mag_ratios=ratios, num_inference_steps=steps)
     return diffusers_cache(f"diffusers-magcache-{threshold:g}", apply_mag_cache, config)
+
+
+def cache_dit_dbcache(threshold: float, warmup: int) -> Acceleration:
+    """cache-dit's DBCache (F1B0: the first block always computes and decides for the rest). cache-dit patches the
+    pipeline's class while enabled, so run it on one pipeline at a time."""
+    import cache_dit
+
+    config = cache_dit.DBCacheConfig(
+        Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=warmup
+    )
+    return Acceleration(
+        f"cache-dit-dbcache-{threshold:g}",
+        lambda pipe: cache_dit.enable_cache(pipe, cache_config=config),
+        cache_dit.disable_cache,
+    )

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[0.44, 0.36],
         help="BAC schedules updating this fraction of the steps (calibrated on other labels and seeds)",
     )
+    parser.add_argument("--only", help="run only the caches whose name matches this regular expression")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' own caches")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +80,12 @@ def accelerations(args, pipe, encoder, generate) -> list:
         runs += [peers.taylorseer_cache(k, warmup) for k in args.intervals]
         ratios = peers.calibrate_mag_ratios(pipe, calibration_run, args.steps)  # same calibration set as BAC
         runs += [peers.mag_cache(t, ratios, args.steps) for t in (0.02, 0.06, 0.12, 0.24)]
+        try:
+            runs += [peers.cache_dit_dbcache(t, warmup) for t in (0.04, 0.08, 0.12, 0.2)]
+        except ImportError:
+            print("cache-dit is not installed (pip install cache-dit): its DBCache is left out")
+    if args.only:
+        runs = [run for run in runs if re.search(args.only, run.name)]
     return runs
 
 
