@@ -85,17 +85,16 @@ class BlockCache:
         shape = (len(branches), steps, len(self.unit_names))
         computed = np.full(shape, NOT_RUN, dtype=np.int8)
         indicator = np.full(shape, np.nan)
-        measured = [(r, v) for r, v in ((r, r[4]) for r in records) if isinstance(v, torch.Tensor)]
-        values = torch.stack([v.float().cpu() for _, v in measured]).tolist() if measured else []
-        lookup = {id(r): value for (r, _), value in zip(measured, values)}
-        for record in records:
-            step, branch, unit, was_computed, value = record
+        measured = []  # (index, 0-dim indicator tensor): read back together, in one transfer
+        for step, branch, unit, was_computed, value in records:
             index = (branches.index(branch), step, unit)
             computed[index] = COMPUTED if was_computed else REUSED
-            if isinstance(value, float):
+            if value is not None:
+                measured.append((index, value))
+        if measured:
+            values = torch.stack([value.float() for _, value in measured]).cpu().tolist()
+            for (index, _), value in zip(measured, values):
                 indicator[index] = value
-            elif id(record) in lookup:
-                indicator[index] = lookup[id(record)]
         return BlockCacheSummary(list(self.unit_names), branches, computed, indicator)
 
     def _planned_records(self) -> list[tuple]:
