@@ -47,16 +47,3 @@ def sample(
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def count_block_linears(model) -> list[int]:
-    """Counts calls of every nn.Linear inside the model: the real work done, whatever the hooks report."""
-    calls = [0]
-
-    def bump(*_):
-        calls[0] += 1
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(bump)
-    return calls
