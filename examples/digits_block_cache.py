@@ -19,7 +19,7 @@ import diffusers_block
 from diffusers_block.eval.classifier import DigitClassifier
 from diffusers_block.eval.digits import class_accuracy, generate_digits
 from diffusers_block.eval.metrics import psnr, ssim
-from diffusers_block.zoo import DIGITS_IMAGE, load_digits_image_pipeline
+from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_image_pipeline
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
     pipe, encoder = load_digits_image_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(DIGITS_IMAGE.parent / "digit-classifier").to(args.device).eval()
+    classifier = DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).to(args.device).eval()
     labels = torch.tensor([int(d) for d in args.digits]).repeat(args.rows)
 
     def generate():
@@ -59,8 +59,10 @@ def main() -> None:
     print(f"uncached {dense_s:.2f} s | cached {cached_s:.2f} s | speed-up {dense_s / cached_s:.2f}x")
     print(summary)
     print(f"PSNR {psnr(cached, reference, 1.0, 'mean'):.2f} dB | SSIM {ssim(cached, reference, 1.0, 'mean'):.4f}")
-    print(f"classifier accuracy: uncached {class_accuracy(classifier, reference, labels):.0%}, "
-          f"cached {class_accuracy(classifier, cached, labels):.0%}")
+    print(
+        f"classifier accuracy: uncached {class_accuracy(classifier, reference, labels):.0%}, "
+        f"cached {class_accuracy(classifier, cached, labels):.0%}"
+    )
     columns = len(args.digits)
     grid = torch.cat([reference, cached]).view(2 * args.rows, columns, 32, 32).permute(0, 2, 1, 3)
     pixels = (grid.reshape(2 * args.rows * 32, columns * 32).numpy() * 255).astype(np.uint8)

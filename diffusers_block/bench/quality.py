@@ -20,13 +20,13 @@ from .. import BWCacheConfig, StaticScheduleConfig, cache_context, calibrate_sch
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_labels, generate_digits
 from ..eval.harness import compare
-from ..zoo import DIGITS_IMAGE, load_digits_image_pipeline
+from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, load_digits_image_pipeline
 from . import peers, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DIGITS_IMAGE), help="digits image pipeline directory")
-    parser.add_argument("--classifier", default=str(DIGITS_IMAGE.parent / "digit-classifier"))
+    parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--per-class", type=int, default=10, help="images per digit")

@@ -56,6 +56,11 @@ def split_indices(split: str) -> np.ndarray:
     return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
+def motion_directions() -> torch.Tensor:
+    """The (dy, dx) unit step of each class of :data:`MOTIONS`, long (len(MOTIONS), 2), y growing downwards."""
+    return torch.from_numpy(_DIRECTIONS.copy())
+
+
 def _resize(images01: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 1, h, w) in [0, 1] -> (N, 1, size, size) in [0, 1], bilinear (antialias when downsampling)."""
     if images01.shape[-1] == size and images01.shape[-2] == size:

@@ -72,7 +72,7 @@ def _random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
-def _generator(step: int, rank: int, seed: int, device: torch.device) -> torch.Generator:
+def generator_for_step(step: int, rank: int, seed: int, device: torch.device) -> torch.Generator:
     """Batches are drawn on the training device, from a generator seeded by (seed, step, rank)."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1_009 + rank)
 
@@ -82,7 +82,7 @@ def train_vae(config: TrainConfig, images: torch.Tensor, kl_weight: float = 1e-4
 
     def sample_batch(step, rank, device):
         data = on_device.setdefault(device, images.to(device))
-        g = _generator(step, rank, config.seed, device)
+        g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(data), (config.batch_size,), generator=g, device=device)
         return {"images": _random_shift(data[index], g)}
 
@@ -117,7 +117,7 @@ def train_flow_transformer(config: TrainConfig, vae: AutoencoderKL, images: torc
 
     def sample_batch(step, rank, device):
         mu, sigma, y = on_device.setdefault(device, (means.to(device), stds.to(device), labels.to(device)))
-        g = _generator(step, rank, config.seed, device)
+        g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(mu), (config.batch_size,), generator=g, device=device)
         x0 = (mu[index] + sigma[index] * torch.randn(mu[index].shape, generator=g, device=device) - shift) * scale
         drop = torch.rand(len(index), generator=g, device=device) < LABEL_DROPOUT

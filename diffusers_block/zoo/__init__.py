@@ -6,10 +6,12 @@ from pathlib import Path
 
 import torch
 
-from .label_encoder import LabelEncoder
+from .label_encoder import ClipLabelEncoder, LabelEncoder
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DIGITS_IMAGE = MODELS_DIR / "digits-image"
+DIGITS_VIDEO = MODELS_DIR / "digits-video"
+DIGIT_CLASSIFIER = MODELS_DIR / "digit-classifier"
 
 
 def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "cpu", dtype: torch.dtype | None = None):
@@ -19,12 +21,7 @@ def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "c
     """
     from diffusers import StableDiffusion3Pipeline
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No trained digits image pipeline at {path}; train one with "
-            f"`python -m diffusers_block.train digits-image --out {path}`"
-        )
+    path = _trained(path, "digits-image")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     absent = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
     pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **absent).to(device)
@@ -32,4 +29,39 @@ def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "c
     return pipe, encoder
 
 
-__all__ = ["DIGITS_IMAGE", "LabelEncoder", "load_digits_image_pipeline"]
+def load_digits_video_pipeline(path: str | Path = DIGITS_VIDEO, device: str = "cpu", dtype: torch.dtype | None = None):
+    """The moving-digits WanPipeline (17 frames, 32x32) and its :class:`ClipLabelEncoder`.
+
+    Generate with ``pipe(**encoder.prompt_kwargs(digits=[3], motions=[0]), num_frames=17, height=32, width=32,
+    num_inference_steps=50, guidance_scale=3.0, output_type="pt")``; motions index ``data.digits.MOTIONS``.
+    The autoencoder stays in float32 whatever ``dtype`` the transformer runs in (it is tiny, and WanPipeline
+    decodes in the autoencoder's own dtype).
+    """
+    from diffusers import WanPipeline
+
+    path = _trained(path, "digits-video")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None).to(device)
+    pipe.vae.to(torch.float32)
+    encoder = ClipLabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
+    return pipe, encoder
+
+
+def _trained(path: str | Path, command: str) -> Path:
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No trained pipeline at {path}; train one with `python -m diffusers_block.train {command} --out {path}`"
+        )
+    return path
+
+
+__all__ = [
+    "DIGITS_IMAGE",
+    "DIGITS_VIDEO",
+    "DIGIT_CLASSIFIER",
+    "ClipLabelEncoder",
+    "LabelEncoder",
+    "load_digits_image_pipeline",
+    "load_digits_video_pipeline",
+]
