@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
+from .attention import (
+    SparseAttentionConfig,
+    SparseAttentionSummary,
+    disable_sparse_attention,
+    enable_sparse_attention,
+    sparse_attention_summary,
+)
 from .cache import CacheConfig, block_cache_summary, disable_block_cache, enable_block_cache
 from .cache.summary import BlockCacheSummary
 
@@ -27,10 +34,28 @@ def _block_cache_summary(self) -> BlockCacheSummary:
     return block_cache_summary(self)
 
 
+def _enable_sparse_attention(self, config: SparseAttentionConfig | None = None):
+    """Block-sparse self-attention in this pipeline's transformer(s) (see diffusers_block.enable_sparse_attention)."""
+    return enable_sparse_attention(self, config)
+
+
+def _disable_sparse_attention(self) -> None:
+    """Remove sparse attention from this pipeline; outputs are exactly the dense ones again."""
+    disable_sparse_attention(self)
+
+
+def _sparse_attention_summary(self) -> SparseAttentionSummary:
+    """Density per layer/head/step of the last generation, and its block masks."""
+    return sparse_attention_summary(self)
+
+
 _METHODS = {
     "enable_block_cache": _enable_block_cache,
     "disable_block_cache": _disable_block_cache,
     "block_cache_summary": _block_cache_summary,
+    "enable_sparse_attention": _enable_sparse_attention,
+    "disable_sparse_attention": _disable_sparse_attention,
+    "sparse_attention_summary": _sparse_attention_summary,
 }
 
 

@@ -63,6 +63,21 @@ def make_qkv(batch, heads, s_q, s_k, head_dim, dtype, seed=0):
     return q, k, v
 
 
+def smooth_kv(batch, heads, seq, head_dim, block_size, seed=0):
+    """Keys and values that vary smoothly within a block (a mean per block plus small noise), as in video tokens
+    after tile reordering: the setting where approximating skipped blocks around their mean key pays off."""
+    gen = torch.Generator().manual_seed(seed)
+    nb = math.ceil(seq / block_size)
+    centers = torch.randn(batch, heads, nb, head_dim, generator=gen)
+    k = centers.repeat_interleave(block_size, 2)[:, :, :seq] + 0.3 * torch.randn(
+        batch, heads, seq, head_dim, generator=gen
+    )
+    v = torch.randn(batch, heads, nb, head_dim, generator=gen).repeat_interleave(block_size, 2)[:, :, :seq]
+    v = v + 0.3 * torch.randn(batch, heads, seq, head_dim, generator=gen)
+    q = torch.randn(batch, heads, seq, head_dim, generator=gen)
+    return q, k, v
+
+
 def reference64(q, k, v, index, count, **kwargs):
     """The reference in fp64 (ground truth)."""
     return block_sparse_attention_reference(q.double(), k.double(), v.double(), index, count, return_lse=True, **kwargs)
@@ -136,6 +151,25 @@ def _worker() -> dict:
     except ValueError as e:
         errors["head_dim_256"] = str(e)
     results["errors"] = errors
+
+    # Approximation of skipped blocks: kernel == reference (same approximation), and all blocks kept == dense.
+    for order in ("zeroth", "first"):
+        for dtype, s, bs, d in (("float32", 150, 32, 32), ("float16", 100, 16, 64)):
+            q, k, v = (t.to(getattr(torch, dtype)) for t in smooth_kv(1, 2, s, d, bs))
+            nb = math.ceil(s / bs)
+            index, count = random_block_lists(1, 2, nb, nb, seed=3)
+            out, lse = block_sparse_attention(
+                q, k, v, index, count, block_size=bs, return_lse=True, approximation=order
+            )
+            ref_out, ref_lse = reference64(q, k, v, index, count, block_size=bs, approximation=order)
+            res = compare(out, lse, ref_out, ref_lse)
+            res.update(dtype=dtype, used_triton=bsa_module._use_triton(q))
+            results[f"approx_{order}_{dtype}"] = res
+        q, k, v = smooth_kv(1, 2, 100, 32, 16)
+        index, count = dense_block_index(1, 2, 7, 7)
+        out = block_sparse_attention(q, k, v, index, count, block_size=16, approximation=order)
+        sdpa = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        results[f"approx_{order}_all_kept"] = {"out_err": (out.double() - sdpa).abs().max().item()}
     return results
 
 
@@ -170,6 +204,22 @@ def test_kernel_dense_equals_sdpa(interpreted):
     assert res["used_triton"]
     assert res["out_err"] <= 1e-5, res
     assert res["lse_err"] <= 1e-5, res
+
+
+@pytest.mark.parametrize("order", ["zeroth", "first"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_kernel_approximation_matches_reference(interpreted, order, dtype):
+    res = interpreted[f"approx_{order}_{dtype}"]
+    assert res["used_triton"]
+    # Rows with count 0 are approximated too, so no row is empty: every lse is finite. The block statistics enter
+    # the tensor cores in the input dtype, so the approximated part of the lse carries fp16 rounding of the mean keys.
+    lse_tol = LSE_TOL if dtype == "float32" else 1e-3
+    assert res["out_err"] <= OUT_TOL[dtype] and res["lse_err"] <= lse_tol and res["num_empty_rows"] == 0, res
+
+
+@pytest.mark.parametrize("order", ["zeroth", "first"])
+def test_kernel_approximation_all_kept_is_dense(interpreted, order):
+    assert interpreted[f"approx_{order}_all_kept"]["out_err"] <= 1e-5
 
 
 def test_kernel_rejects_unsupported_configs(interpreted):
@@ -207,6 +257,26 @@ def test_cpu_fallback_matches_reference():
     res = compare(out, lse, *reference64(q, k, v, index, count, block_size=32))
     assert res["out_err"] <= OUT_TOL["float16"] and res["lse_err"] <= LSE_TOL and res["inf_match"], res
     assert (out[0, 0, :32] == 0).all() and torch.isinf(lse[0, 0, :32]).all()  # count[0, 0, 0] == 0
+
+
+def test_approximation_beats_drop_only():
+    """At the same block lists, approximating the skipped blocks is closer to dense attention than dropping them,
+    and the first-order term does not make it worse (reference, fp64)."""
+    q, k, v = (t.double() for t in smooth_kv(2, 2, 256, 32, 32, seed=4))
+    index, count = random_block_lists(2, 2, 8, 8, max_kv=2, seed=5)  # at most 2 of 8 key blocks per query block
+    dense = F.scaled_dot_product_attention(q, k, v)
+    errors = {}
+    for order in (None, "zeroth", "first"):
+        out = block_sparse_attention_reference(q, k, v, index, count, block_size=32, approximation=order)
+        errors[order] = ((out - dense).norm() / dense.norm()).item()
+    assert errors["zeroth"] < 0.5 * errors[None], errors
+    assert errors["first"] <= errors["zeroth"] * 1.05, errors
+
+
+def test_approximation_rejects_unknown_order():
+    q, k, v, index, count = _valid_inputs()
+    with pytest.raises(ValueError, match="approximation must be one of"):
+        block_sparse_attention(q, k, v, index, count, block_size=32, approximation="second")
 
 
 def _valid_inputs():
@@ -257,6 +327,16 @@ def test_check_indices():
 # ------------------------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["zeroth", "first"])
+def test_gpu_approximation_matches_reference(order):
+    q, k, v = (t.cuda().bfloat16() for t in smooth_kv(1, 4, 1000, 128, 64))
+    index, count = (t.cuda() for t in random_block_lists(1, 4, 16, 16, max_kv=4))
+    out, lse = block_sparse_attention(q, k, v, index, count, block_size=64, return_lse=True, approximation=order)
+    res = compare(out, lse, *reference64(q, k, v, index, count, block_size=64, approximation=order))
+    assert res["out_err"] <= OUT_TOL["bfloat16"] and res["lse_err"] <= 2e-2, res  # tf32 statistics dots
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_dim, block_size, seq", [(64, 64, 1000), (128, 128, 777), (64, 32, 300)])

@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from .reference import block_mask_from_index, block_sparse_attention_reference
+from .reference import block_mask_from_index, block_sparse_attention_reference, block_statistics
 
 try:  # Triton is Linux-only; the CPU fallback works without it.
     import triton
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["block_sparse_attention", "MAX_HEAD_DIM", "MIN_BLOCK_SIZE"]
+__all__ = ["APPROXIMATIONS", "block_sparse_attention", "kept_block_mask", "MAX_HEAD_DIM", "MIN_BLOCK_SIZE"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configuration
@@ -50,20 +50,86 @@ MIN_BLOCK_SIZE = 16
 #: Tiles under TRITON_INTERPRET (one small config keeps CPU tests fast); clamped to ``block_size``.
 INTERPRET_BLOCK_M = 32
 INTERPRET_BLOCK_N = 32
-#: GPU autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); tiles larger than ``block_size`` are pruned.
+#: GPU autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper: 128-row programs with 8 warps
+#: (two warpgroups) are the fused-attention tutorial's best on H100; the smaller ones serve small block sizes.
+#: Tiles larger than ``block_size`` are pruned.
 GPU_CONFIGS = [
+    (128, 128, 8, 3),
+    (128, 128, 8, 2),
     (128, 64, 8, 3),
+    (128, 64, 8, 4),
+    (128, 64, 4, 3),
     (128, 32, 4, 3),
     (64, 64, 4, 3),
     (64, 32, 4, 2),
     (32, 32, 4, 2),
     (16, 16, 4, 2),
 ]
-#: Autotune key: retuned per head dim, block size, sequence lengths and dtype.
-AUTOTUNE_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "BLOCK_SIZE", "INPUT_PRECISION"]
+#: DIFFUSERS_BLOCK_AUTOTUNE=0 skips autotuning: one config per block size (:func:`default_config`), fewer compiles.
+AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
+#: Autotune key: retuned per head dim, block size, sequence lengths, dtype and approximation order.
+AUTOTUNE_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "BLOCK_SIZE", "INPUT_PRECISION", "APPROX"]
+#: Approximation of skipped key blocks -> the kernel's APPROX switch.
+APPROXIMATIONS = {None: 0, "zeroth": 1, "first": 2}
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend_tile(
+        q,
+        k_base,
+        v_base,
+        offs_n,
+        offs_d,
+        d_mask,
+        stride_kn,
+        stride_vn,
+        SEQ_K,
+        qk_scale,
+        m_i,
+        l_i,
+        acc,
+        EVEN_D: tl.constexpr,
+        MASKED: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
+        """One BLOCK_N-wide tile of keys: online-softmax update of (m_i, l_i, acc) in base 2 (tutorial arithmetic)."""
+        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            n_mask = (offs_n >= 0) & (offs_n < SEQ_K)
+            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+        if DOT_FP32:  # interpreter only: its bf16 tl.dot is wrong, so run bf16 dots in fp32
+            k = k.to(tl.float32)
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
+        if MASKED:
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # Rows that have seen no valid key yet keep m = -inf; shift by 0 instead to avoid (-inf) - (-inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            if EVEN_D:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        if DOT_FP32:
+            v = v.to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        return m_new, l_i, acc
 
     @triton.jit
     def _block_sparse_attn_fwd(
@@ -74,6 +140,11 @@ if triton is not None:
         Lse,
         BlockIndex,
         BlockCount,
+        KMean,
+        VSum,
+        KLog2Count,
+        KeptMask,
+        FirstOrder,
         sm_scale,
         stride_qb,
         stride_qh,
@@ -92,14 +163,20 @@ if triton is not None:
         SEQ_K,
         NUM_Q_BLOCKS,
         MAX_KV_BLOCKS,
+        NUM_KV_BLOCKS,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        EVEN_Q: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        APPROX: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
+        TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         start_m = tl.program_id(0)
         off_bh = tl.program_id(1)
         off_b = (off_bh // H).to(tl.int64)
@@ -119,7 +196,10 @@ if triton is not None:
         index_row = BlockIndex + list_row * MAX_KV_BLOCKS
 
         q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if EVEN_Q and EVEN_D:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         if DOT_FP32:  # interpreter only: its bf16 tl.dot is wrong, so run bf16 dots in fp32
             q = q.to(tl.float32)
         k_base = K + off_b * stride_kb + off_h * stride_kh
@@ -130,47 +210,139 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
 
-        for i in range(0, count):
-            kv_block = tl.load(index_row + i)
-            for j in range(0, BLOCK_SIZE // BLOCK_N):
-                offs_n = kv_block * BLOCK_SIZE + j * BLOCK_N + offs_tile
-                n_mask = (offs_n >= 0) & (offs_n < SEQ_K)
-                k = tl.load(
-                    k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                    mask=n_mask[None, :] & d_mask[:, None],
+        # One flat loop over (listed block, tile of BLOCK_N keys), so that the compiler pipelines the loads. Only
+        # tiles of the last key block can run past SEQ_K; all others take the unmasked path.
+        for it in range(0, count * TILES):
+            kv_block = tl.load(index_row + it // TILES)
+            offs_n = kv_block * BLOCK_SIZE + (it % TILES) * BLOCK_N + offs_tile
+            if EVEN_K:
+                m_i, l_i, acc = _attend_tile(
+                    q,
+                    k_base,
+                    v_base,
+                    offs_n,
+                    offs_d,
+                    d_mask,
+                    stride_kn,
+                    stride_vn,
+                    SEQ_K,
+                    qk_scale,
+                    m_i,
+                    l_i,
+                    acc,
+                    EVEN_D,
+                    False,
+                    INPUT_PRECISION,
+                    DOT_FP32,
+                )
+            elif kv_block == NUM_KV_BLOCKS - 1:
+                m_i, l_i, acc = _attend_tile(
+                    q,
+                    k_base,
+                    v_base,
+                    offs_n,
+                    offs_d,
+                    d_mask,
+                    stride_kn,
+                    stride_vn,
+                    SEQ_K,
+                    qk_scale,
+                    m_i,
+                    l_i,
+                    acc,
+                    EVEN_D,
+                    True,
+                    INPUT_PRECISION,
+                    DOT_FP32,
+                )
+            else:
+                m_i, l_i, acc = _attend_tile(
+                    q,
+                    k_base,
+                    v_base,
+                    offs_n,
+                    offs_d,
+                    d_mask,
+                    stride_kn,
+                    stride_vn,
+                    SEQ_K,
+                    qk_scale,
+                    m_i,
+                    l_i,
+                    acc,
+                    EVEN_D,
+                    False,
+                    INPUT_PRECISION,
+                    DOT_FP32,
+                )
+
+        if APPROX > 0:
+            # Skipped key blocks, approximated around their mean key (PISA): block j adds exp(q.kmean_j) * vsum_j to
+            # the numerator and n_j * exp(q.kmean_j) to the denominator (zeroth order); the first-order term
+            # sum_j exp(q.kmean_j) * scale * q (K_j - kmean_j)^T V_j uses the mean statistic of all blocks for every
+            # j (one D x D product per row instead of one per block).
+            stat_row = off_bh.to(tl.int64) * NUM_KV_BLOCKS
+            e_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, NUM_KV_BLOCKS, BLOCK_N):
+                cb = start + offs_tile
+                c_mask = cb < NUM_KV_BLOCKS
+                kept = tl.load(KeptMask + list_row * NUM_KV_BLOCKS + cb, mask=c_mask, other=1)
+                skip = c_mask & (kept == 0)
+                km = tl.load(
+                    KMean + (stat_row + cb[None, :]) * HEAD_DIM + offs_d[:, None],
+                    mask=c_mask[None, :] & d_mask[:, None],
                     other=0.0,
                 )
                 if DOT_FP32:
-                    k = k.to(tl.float32)
-                qk = tl.dot(q, k, input_precision=INPUT_PRECISION) * qk_scale
-                qk = tl.where(n_mask[None, :], qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                # Rows that have seen no valid key yet keep m = -inf; shift by 0 instead to avoid (-inf) - (-inf).
+                    km = km.to(tl.float32)
+                s = tl.dot(q, km, input_precision=INPUT_PRECISION) * qk_scale
+                log2n = tl.load(KLog2Count + cb, mask=c_mask, other=0.0)
+                s_den = tl.where(skip[None, :], s + log2n[None, :], float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s_den, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
+                p = tl.where(skip[None, :], tl.math.exp2(s - m_safe[:, None]), 0.0)  # exp(q.kmean_j), shifted
                 alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(
-                    v_base + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=n_mask[:, None] & d_mask[None, :],
+                vs = tl.load(
+                    VSum + (stat_row + cb[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=c_mask[:, None] & d_mask[None, :],
                     other=0.0,
                 )
                 if DOT_FP32:
-                    v = v.to(tl.float32)
-                acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+                    vs = vs.to(tl.float32)
+                l_i = l_i * alpha + tl.sum(p * tl.math.exp2(log2n)[None, :], 1)
+                e_sum = e_sum * alpha + tl.sum(p, 1)
+                acc = tl.dot(p.to(vs.dtype), vs, acc * alpha[:, None], input_precision=INPUT_PRECISION)
                 m_i = m_new
+            if APPROX > 1:
+                fo = tl.load(
+                    FirstOrder
+                    + off_bh.to(tl.int64) * HEAD_DIM * HEAD_DIM
+                    + offs_d[:, None] * HEAD_DIM
+                    + offs_d[None, :],
+                    mask=d_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    fo = fo.to(tl.float32)
+                qh = tl.dot(q, fo, input_precision=INPUT_PRECISION)
+                acc += (e_sum * sm_scale)[:, None] * qh
 
         has_key = l_i > 0.0
         acc = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-        tl.store(Lse + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_mask)
+        if EVEN_Q and EVEN_D:
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty))
+            tl.store(Lse + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse)
+        else:
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+            tl.store(Lse + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse, mask=m_mask)
 
     def _prune_configs(configs, named_args, **kwargs):
         block_size = kwargs.get("BLOCK_SIZE", named_args.get("BLOCK_SIZE"))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_size and c.kwargs["BLOCK_N"] <= block_size]
+        if kwargs.get("APPROX", named_args.get("APPROX", 0)):  # the coarse pass adds registers: narrow tiles only
+            kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 3] or kept
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     _block_sparse_attn_fwd_autotuned = triton.autotune(
@@ -180,6 +352,12 @@ if triton is not None:
         key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
+
+
+def default_config(block_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) used without autotuning: the largest tiles that fit the block."""
+    block_m, block_n = min(128, block_size), min(64, block_size)
+    return block_m, block_n, 8 if block_m == 128 else 4, 3 if block_n >= 32 else 2
 
 
 def _use_triton(q: torch.Tensor) -> bool:
@@ -227,6 +405,17 @@ def _check_inputs(q, k, v, block_index, block_count, block_size) -> None:
         )
 
 
+def kept_block_mask(block_index: torch.Tensor, block_count: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
+    """uint8 (B, H, NQ, NK): 1 where a key block is listed for the query block. No range check, no host sync (the
+    approximation needs the complement: which blocks were skipped)."""
+    width = block_index.shape[-1]
+    valid = torch.arange(width, device=block_index.device) < block_count.long().clamp(0, width)[..., None]
+    index = torch.where(valid, block_index.long().clamp(0, num_kv_blocks - 1), num_kv_blocks)
+    kept = torch.zeros(*index.shape[:-1], num_kv_blocks + 1, dtype=torch.uint8, device=index.device)
+    kept.scatter_(-1, index, 1)
+    return kept[..., :num_kv_blocks].contiguous()
+
+
 def _check_index_values(block_index: torch.Tensor, block_count: torch.Tensor, num_kv_blocks: int) -> None:
     """Raise ValueError if a used entry is out of range or repeated within its row (syncs on GPU)."""
     block_mask_from_index(block_index, block_count, num_kv_blocks)  # range check
@@ -249,6 +438,8 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     check_indices: bool = False,
+    approximation: str | None = None,
+    statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal block-sparse attention ``softmax(q k^T * scale + block_mask) v``.
 
@@ -260,6 +451,9 @@ def block_sparse_attention(
         scale: softmax scale, default ``1 / sqrt(D)``.
         return_lse: also return the fp32 (B, H, S_q) natural-log log-sum-exp of the scaled, masked logits.
         check_indices: verify indices are in range and unique (device sync on GPU).
+        approximation: None (skipped key blocks are dropped), "zeroth" or "first": skipped blocks are approximated
+            around their mean key (see :func:`~diffusers_block.kernels.reference.block_sparse_attention_reference`).
+        statistics: ``block_statistics(k, v, block_size)`` if already computed (e.g. shared by several calls).
 
     Returns:
         ``out`` (B, H, S_q, D) in q's dtype, or ``(out, lse)``. Query blocks with count 0 give zeros and lse -inf.
@@ -272,12 +466,22 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if check_indices:
         _check_index_values(block_index, block_count, num_kv_blocks)
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"approximation must be one of {list(APPROXIMATIONS)}; got {approximation!r}")
 
     if not _use_triton(q):
         if q.is_cuda:
             raise RuntimeError("block_sparse_attention on CUDA tensors needs triton")
         return block_sparse_attention_reference(
-            q, k, v, block_index, block_count, block_size=block_size, scale=scale, return_lse=return_lse
+            q,
+            k,
+            v,
+            block_index,
+            block_count,
+            block_size=block_size,
+            scale=scale,
+            return_lse=return_lse,
+            approximation=approximation,
         )
 
     if head_dim > MAX_HEAD_DIM:
@@ -293,6 +497,18 @@ def block_sparse_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, s_q), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if approximation is None:
+        key_mean = value_sum = log2_count = kept = first_order = q  # never read (APPROX = 0)
+    else:
+        key_mean, value_sum, counts, first_order = (
+            block_statistics(k, v, block_size, first_order=approximation == "first")
+            if statistics is None
+            else statistics
+        )
+        # In q's dtype: the tensor cores take them like k and v (fp32 copies of q would not fit in registers).
+        key_mean, value_sum, first_order = (t.to(q.dtype).contiguous() for t in (key_mean, value_sum, first_order))
+        log2_count = torch.log2(counts.to(device=q.device, dtype=torch.float32)).contiguous()
+        kept = kept_block_mask(block_index, block_count, num_kv_blocks)
     args = (
         q,
         k,
@@ -301,6 +517,11 @@ def block_sparse_attention(
         lse,
         block_index,
         block_count,
+        key_mean,
+        value_sum,
+        log2_count,
+        kept,
+        first_order,
         scale,
         q.stride(0),
         q.stride(1),
@@ -319,14 +540,18 @@ def block_sparse_attention(
         s_k,
         num_q_blocks,
         max_kv_blocks,
+        num_kv_blocks,
     )
     meta = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": block_d,
         "BLOCK_SIZE": block_size,
+        "EVEN_K": s_k % block_size == 0,
+        "EVEN_Q": s_q % block_size == 0,
         "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9); upcast there. Never on the GPU.
         "DOT_FP32": INTERPRET and q.dtype == torch.bfloat16,
+        "APPROX": APPROXIMATIONS[approximation],
     }
 
     def grid(kw):
@@ -336,7 +561,12 @@ def block_sparse_attention(
         meta["BLOCK_M"] = min(INTERPRET_BLOCK_M, block_size)
         meta["BLOCK_N"] = min(INTERPRET_BLOCK_N, block_size)
         _block_sparse_attn_fwd[grid(meta)](*args, **meta)
-    else:
+    elif AUTOTUNE:
         with torch.cuda.device(q.device):
             _block_sparse_attn_fwd_autotuned[grid](*args, **meta)
+    else:
+        block_m, block_n, warps, stages = default_config(block_size)
+        meta.update(BLOCK_M=block_m, BLOCK_N=block_n)
+        with torch.cuda.device(q.device):
+            _block_sparse_attn_fwd[grid(meta)](*args, **meta, num_warps=warps, num_stages=stages)
     return (out, lse) if return_lse else out

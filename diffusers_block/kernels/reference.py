@@ -10,7 +10,14 @@ import math
 
 import torch
 
-__all__ = ["block_mask_from_index", "block_sparse_attention_reference", "dense_block_index"]
+__all__ = [
+    "block_means",
+    "block_mask_from_index",
+    "block_sparse_attention_reference",
+    "block_statistics",
+    "dense_block_index",
+    "select_blocks_reference",
+]
 
 
 def dense_block_index(
@@ -60,6 +67,7 @@ def block_sparse_attention_reference(
     block_size: int,
     scale: float | None = None,
     return_lse: bool = False,
+    approximation: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse (non-causal) attention via a dense boolean mask.
 
@@ -68,6 +76,13 @@ def block_sparse_attention_reference(
     ``block_index[b, h, qb, :block_count[b, h, qb]]`` (tails of the last blocks are cut at ``S_q`` / ``S_k``).
     Rows that see no key (count 0) get zeros and an lse of ``-inf``. Computed in fp32 (fp64 for fp64 inputs, handy as
     a ground truth); the output has ``q``'s dtype, lse ``(B, H, S_q)`` is in the compute dtype (natural log).
+
+    ``approximation`` (PISA-style) replaces dropping the skipped key blocks by a Taylor expansion of
+    ``exp(q . k_t)`` around the block's mean key ``m_j``: ``exp(q.k_t) ~= exp(q.m_j) (1 + q.(k_t - m_j))`` (scaled
+    logits). "zeroth" adds, per skipped block, ``exp(q.m_j) * sum_t v_t`` to the numerator and ``n_j exp(q.m_j)`` to
+    the denominator; "first" also adds ``scale * q (sum_{skipped j} exp(q.m_j)) Hbar`` with ``Hbar`` the mean over
+    all blocks of ``(K_j - m_j)^T V_j`` (see :func:`block_statistics`); the exact first-order term would use each
+    block's own ``H_j``, one D x D product per block. The denominator has no first-order term (it sums to zero).
     """
     s_q, s_k, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
@@ -76,11 +91,134 @@ def block_sparse_attention_reference(
     dense = block_mask.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
     dense = dense[..., :s_q, :s_k]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    logits = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    qc = q.to(compute)
+    logits = torch.matmul(qc, k.to(compute).transpose(-1, -2)) * scale
     logits = logits.masked_fill(~dense, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    has_key = torch.isfinite(lse)
-    probs = torch.exp(logits - torch.where(has_key, lse, torch.zeros_like(lse))[..., None])
-    out = torch.matmul(probs, v.to(compute))
+    if approximation is None:
+        lse = torch.logsumexp(logits, dim=-1)
+        has_key = torch.isfinite(lse)
+        probs = torch.exp(logits - torch.where(has_key, lse, torch.zeros_like(lse))[..., None])
+        out = torch.matmul(probs, v.to(compute))
+        out = torch.where(has_key[..., None], out, torch.zeros_like(out)).to(q.dtype)
+        return (out, lse) if return_lse else out
+    if approximation not in ("zeroth", "first"):
+        raise ValueError(f"approximation must be None, 'zeroth' or 'first'; got {approximation!r}")
+
+    key_mean, value_sum, counts, first_order = block_statistics(k, v, block_size)
+    skipped = (~block_mask).repeat_interleave(block_size, dim=-2)[..., :s_q, :]  # (B, H, S_q, NK)
+    coarse = torch.matmul(qc, key_mean.transpose(-1, -2)) * scale
+    coarse = coarse.masked_fill(~skipped, float("-inf"))
+    log_counts = torch.log(counts.to(compute))
+    shift = torch.maximum(logits.amax(-1), (coarse + log_counts).amax(-1))
+    has_key = torch.isfinite(shift)
+    shift = torch.where(has_key, shift, torch.zeros_like(shift))[..., None]
+    exact = torch.exp(logits - shift)
+    approx = torch.exp(coarse - shift)  # exp(q.m_j), 0 for kept blocks
+    numerator = torch.matmul(exact, v.to(compute)) + torch.matmul(approx, value_sum)
+    if approximation == "first":
+        numerator = numerator + scale * approx.sum(-1, keepdim=True) * torch.matmul(qc, first_order)
+    denominator = exact.sum(-1) + (approx * counts.to(compute)).sum(-1)
+    out = numerator / torch.where(has_key, denominator, torch.ones_like(denominator))[..., None]
     out = torch.where(has_key[..., None], out, torch.zeros_like(out)).to(q.dtype)
+    lse = torch.where(has_key, shift[..., 0] + torch.log(denominator), torch.full_like(denominator, float("-inf")))
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block statistics and block selection
+# ---------------------------------------------------------------------------------------------------------------
+def block_means(
+    x: torch.Tensor, block_size: int, *, return_counts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each block of ``block_size`` rows of ``x`` (B, H, S, D), in fp32 (fp64 for fp64): (B, H, NB, D).
+
+    The last block may be shorter (its mean is over its own rows); ``return_counts`` also returns the int64 (NB,)
+    number of rows per block. Reads ``x`` once, without an fp32 copy of it.
+    """
+    seq = x.shape[-2]
+    num_blocks = math.ceil(seq / block_size)
+    full = seq // block_size
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = []
+    if full:
+        parts.append(x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2, dtype=compute))
+    if full < num_blocks:
+        parts.append(x[..., full * block_size :, :].sum(-2, keepdim=True, dtype=compute))
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    counts = torch.full((num_blocks,), block_size, dtype=torch.int64, device=x.device)
+    counts[-1] = seq - (num_blocks - 1) * block_size
+    means = sums / counts.to(compute)[:, None]
+    return (means, counts) if return_counts else means
+
+
+def block_statistics(
+    k: torch.Tensor, v: torch.Tensor, block_size: int, *, first_order: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the approximation of skipped key blocks needs, per (batch, head), in fp32 (fp64 for fp64 inputs).
+
+    Returns ``(key_mean, value_sum, counts, first_order)``: key means and value sums per block (B, H, NK, D), the
+    int64 rows per block (NK,), and the mean first-order statistic ``(1 / NK) sum_j (K_j - mean_j)^T V_j`` (B, H, D,
+    D), computed as ``(K^T V - sum_j mean_j value_sum_j^T) / NK`` (two products, no per-block D x D tensor), or
+    zeros with ``first_order=False`` (what the zeroth-order approximation needs: it skips the products).
+    """
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    key_mean, counts = block_means(k, block_size, return_counts=True)
+    value_sum = block_means(v, block_size) * counts.to(compute)[:, None]
+    if not first_order:
+        return key_mean, value_sum, counts, key_mean.new_zeros(*k.shape[:-2], k.shape[-1], v.shape[-1])
+    kv = torch.matmul(k.to(compute).transpose(-1, -2), v.to(compute))
+    first_order = (kv - torch.matmul(key_mean.transpose(-1, -2), value_sum)) / len(counts)
+    return key_mean, value_sum, counts, first_order
+
+
+def select_blocks_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    threshold: torch.Tensor,
+    *,
+    block_size: int,
+    scale: float,
+    min_blocks: int,
+    max_blocks: int,
+    width: int,
+    local: int,
+    force: tuple[int, int],
+    dense: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection rule of :mod:`.block_selection`, by sorting (see there for the arguments, already resolved to
+    block ranges and clamped counts by :func:`~diffusers_block.kernels.block_selection.select_blocks`).
+
+    Block masses are the row softmax of ``scale * mean(q_i) . mean(k_j) + log(n_j)``; each row keeps the shortest
+    prefix of the ranking (forced blocks first, then by mass) whose mass reaches the head's threshold (everything for
+    ``dense`` rows), clamped to [min_blocks, max_blocks] and to at least the forced blocks; written in ascending
+    block order into ``width`` slots (unused slots hold 0).
+    """
+    q_mean = block_means(q, block_size)
+    k_mean, counts = block_means(k, block_size, return_counts=True)
+    compute = q_mean.dtype
+    batch, heads, num_q, _ = q_mean.shape
+    num_k = k_mean.shape[2]
+    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts.to(compute))
+    mass = torch.softmax(scores, dim=-1)
+    qb = torch.arange(num_q, device=q.device)[:, None]
+    kb = torch.arange(num_k, device=q.device)[None, :]
+    forced = ((kb >= force[0]) & (kb < force[1])) | ((kb - qb).abs() <= local)
+    forced = forced.expand_as(mass)
+    priority = torch.where(forced, torch.full_like(mass, 2.0), mass)
+    order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+    cumulative = torch.cumsum(torch.gather(mass, -1, order), dim=-1)
+    tau = threshold.to(compute).view(1, heads, 1, 1).expand(batch, heads, num_q, 1)
+    dense_rows = ((qb >= dense[0]) & (qb < dense[1])).view(1, 1, num_q, 1)
+    tau = torch.where(dense_rows | (tau >= 1.0), torch.full_like(tau, 2.0), tau)  # 1.0 keeps everything
+    k_len = torch.arange(1, num_k + 1, device=q.device)
+    ok = ((cumulative >= tau) | (k_len >= max_blocks)) & (k_len >= min_blocks)
+    needed = torch.argmax(ok.to(torch.int8), dim=-1) + 1  # the first prefix length that satisfies the rule
+    needed = torch.maximum(needed, forced.sum(-1))
+    keep = torch.zeros_like(mass, dtype=torch.bool)
+    keep.scatter_(-1, order, torch.arange(num_k, device=q.device).expand_as(order) < needed[..., None])
+    count = keep.sum(-1).clamp(max=width)
+    # Ascending block ids of the kept blocks first: sort the kept flags (stable) and take their positions.
+    positions = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :width]
+    slot = torch.arange(width, device=q.device)
+    index = torch.where(slot < count[..., None], positions, torch.zeros_like(positions))
+    return index.to(torch.int32).contiguous(), count.to(torch.int32)

@@ -1,0 +1,288 @@
+"""Public entry points of sparse attention, for a pipeline or a bare transformer.
+
+``enable_sparse_attention`` hooks the self-attention module of every block the adapter table knows (the
+``self_attn`` and ``self_attn_2`` sub-block roles) and a generation tracker on the transformer (step and CFG
+branch, as block caching uses, but its own instance, so that the two features come and go independently and in
+either order). ``disable_sparse_attention`` removes all of it; outputs are then bit-identical to never enabling.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from diffusers.hooks import HookRegistry
+
+from ..cache.apply import _transformers
+from ..models import SELF_ATTN, SELF_ATTN_2, resolve_adapter
+from ..state import GenerationTracker, GenerationTrackerHook
+from .config import SparseAttentionConfig
+from .hooks import SPARSE_ATTENTION_HOOK, SparseAttentionHook
+from .layout import token_grid
+from .summary import MODES, NOT_RUN, SparseAttentionSummary, merge
+
+_ATTR = "_diffusers_block_sparse_attention"
+TRACKER_HOOK = "diffusers_block.sparse_attention.tracker"
+
+#: Families whose self-attention also attends over text tokens (joint attention), and where those sit in the
+#: sequence the processor builds: True = text first (Flux, CogVideoX concatenate [text, image]), False = text last.
+JOINT_TEXT_FIRST = {"flux": True, "cogvideox": True, "sd3": False, "hunyuanvideo": False, "mochi": False}
+#: Block lists whose attention receives text and image already concatenated (no encoder_hidden_states argument).
+SINGLE_STREAM_LISTS = {("flux", "single_transformer_blocks")}
+
+
+def _reaches(fn, target) -> bool:
+    """Whether ``fn`` is ``target`` or wraps it (functools.wraps chains)."""
+    seen = 0
+    while fn is not None and seen < 64:
+        if fn is target:
+            return True
+        fn, seen = getattr(fn, "__wrapped__", None), seen + 1
+    return False
+
+
+class _Tracker(GenerationTracker):
+    """A GenerationTracker whose scheduler wrappers survive other trackers (block caching) coming and going.
+
+    Each tracker wraps the scheduler's ``set_timesteps``/``step`` on the instance. Unwrapping restores what was
+    there before (another tracker's wrapper, possibly) instead of deleting the attribute; if another wrapper was
+    put on top of ours it keeps calling ours, and if another tracker's removal took ours away, the next forward
+    notices and wraps again.
+    """
+
+    _NAMES = ("set_timesteps", "step")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous: dict = {}
+        self._wrappers: dict = {}
+
+    def attach_scheduler(self, scheduler) -> None:
+        self.detach_scheduler()
+        if scheduler is None:
+            return
+        previous = {name: scheduler.__dict__.get(name) for name in self._NAMES}
+        super().attach_scheduler(scheduler)
+        if self._scheduler is scheduler:
+            self._previous = previous
+            self._wrappers = {name: scheduler.__dict__[name] for name in self._NAMES}
+
+    def detach_scheduler(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None:
+            for name, wrapper in self._wrappers.items():
+                if scheduler.__dict__.get(name) is wrapper:
+                    if self._previous.get(name) is None:
+                        scheduler.__dict__.pop(name, None)
+                    else:
+                        scheduler.__dict__[name] = self._previous[name]
+        self._scheduler = None
+        self._scheduler_originals = {}
+        self._previous, self._wrappers = {}, {}
+
+    def on_forward(self) -> None:
+        scheduler = self._scheduler
+        if scheduler is not None and self._wrappers:
+            current = getattr(scheduler, "step", None)
+            if not _reaches(current, self._wrappers["step"]):  # another tracker's removal took our wrapper away
+                self.attach_scheduler(scheduler)
+                self.on_generation_start(None)
+        super().on_forward()
+
+
+class _TransformerHook(GenerationTrackerHook):
+    """On the transformer: step/branch tracking, plus the token grid of this call for reordering."""
+
+    def __init__(self, tracker: GenerationTracker, controller: SparseAttention) -> None:
+        super().__init__(tracker)
+        self.controller = controller
+
+    def pre_forward(self, module, *args, **kwargs):
+        args, kwargs = super().pre_forward(module, *args, **kwargs)
+        self.controller.on_forward(args, kwargs)
+        return args, kwargs
+
+
+class SparseAttention:
+    """Everything sparse attention attached to one transformer, and the way to take it off again."""
+
+    def __init__(self, model: torch.nn.Module, config: SparseAttentionConfig, tracker: GenerationTracker) -> None:
+        if not isinstance(config, SparseAttentionConfig):
+            raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
+        adapter = resolve_adapter(model)
+        self.model = model
+        self.config = config
+        self.tracker = tracker
+        self.family = adapter.family
+        self.grid: tuple[int, int, int] | None = None
+        self.text_tokens = 0  # text length of the current forward, from its joint-attention calls
+        self.layer_names: list[str] = []
+        self.hooks: list[SparseAttentionHook] = []
+        self._modules: list[torch.nn.Module] = []
+        self.last_selection: dict = {}
+        self._records: list[tuple] = []  # (step, branch, layer, mode, density (H,) tensor or None)
+        self._key_length_cache: dict = {}
+        text_first = JOINT_TEXT_FIRST.get(self.family)
+        for ref in adapter.blocks:
+            for name, role, module in ref.sub_blocks():
+                if role not in (SELF_ATTN, SELF_ATTN_2):
+                    continue
+                if text_first is None or role == SELF_ATTN_2:
+                    stream = "image"
+                elif (self.family, ref.spec.attr) in SINGLE_STREAM_LISTS:
+                    stream = "single"
+                else:
+                    stream = "joint"
+                hook = SparseAttentionHook(self, len(self.hooks), name, module, stream, bool(text_first))
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SPARSE_ATTENTION_HOOK)
+                self.hooks.append(hook)
+                self._modules.append(module)
+                self.layer_names.append(name)
+        if not self.hooks:
+            self.remove()
+            raise ValueError(f"{type(model).__name__} has no self-attention sub-block in the adapter table")
+        HookRegistry.check_if_exists_or_initialize(model).register_hook(_TransformerHook(tracker, self), TRACKER_HOOK)
+        tracker.add_listener(self._on_event)
+        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+    # -- events -----------------------------------------------------------------------------------------------
+    def _on_event(self, event: str) -> None:
+        if event == "generation":
+            for hook in self.hooks:
+                hook.selections.clear()
+            self.last_selection.clear()
+            self._records.clear()
+
+    def on_forward(self, args: tuple, kwargs: dict) -> None:
+        self.grid = token_grid(self.family, self.model.config, args, kwargs) if self.config.reorder else None
+        self.text_tokens = 0
+        self._key_length_cache.clear()
+
+    def record(self, layer: int, step: int, branch, mode: str, density: torch.Tensor | None) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self._records.append((step, branch, layer, mode, density))
+
+    def key_lengths(self, mask: torch.Tensor, batch: int, image: int):
+        """Valid key count per sample of a key-padding mask (B or 1, 1, 1, S), or False if its valid keys are not a
+        prefix covering the image tokens. One host sync per mask tensor and forward."""
+        key = (mask.data_ptr(), tuple(mask.shape), mask._version)
+        if key in self._key_length_cache:
+            return self._key_length_cache[key]
+        flat = mask[:, 0, 0, :]
+        if flat.dtype == torch.bool:
+            valid, pure = flat, True
+        else:
+            valid = flat == 0
+            pure = bool(((flat == 0) | (flat <= -1e4)).all())
+        lengths = valid.sum(-1)
+        prefix = torch.arange(flat.shape[-1], device=flat.device) < lengths[:, None]
+        ok = pure and bool((valid == prefix).all()) and int(lengths.min()) >= image
+        result = False
+        if ok:
+            lengths = [int(n) for n in lengths.tolist()]
+            result = lengths * batch if len(lengths) == 1 else lengths
+        self._key_length_cache[key] = result
+        return result
+
+    # -- summary ----------------------------------------------------------------------------------------------
+    def summary(self) -> SparseAttentionSummary:
+        records = self._records
+        branches = list(dict.fromkeys(branch for _, branch, *_ in records))
+        steps = 1 + max((step for step, *_ in records), default=-1)
+        measured = [d for *_, d in records if d is not None]
+        values = torch.stack([d.float().cpu() for d in measured]).numpy() if measured else np.zeros((0, 1))
+        heads = values.shape[-1] if len(values) else 1
+        mode = np.full((len(branches), steps, len(self.hooks)), NOT_RUN, dtype=np.int8)
+        density = np.full((len(branches), steps, len(self.hooks), heads), np.nan)
+        sums = {}
+        it = iter(values)
+        for step, branch, layer, kind, d in records:
+            index = (branches.index(branch), step, layer)
+            mode[index] = max(mode[index], MODES[kind]) if kind != "dense" else MODES[kind]
+            if d is None:
+                density[index] = 1.0
+            else:
+                total, n = sums.get(index, (0.0, 0))
+                sums[index] = (total + next(it), n + 1)  # several SDPA calls of one layer (Mochi: per sample)
+        for index, (total, n) in sums.items():
+            density[index] = total / n
+        masks = {}
+        for layer, selection in self.last_selection.items():
+            masks[self.layer_names[layer]] = functools.partial(_mask_of, selection)
+        return SparseAttentionSummary(list(self.layer_names), branches, mode, density, masks)
+
+    def remove(self) -> None:
+        for module in self._modules:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(SPARSE_ATTENTION_HOOK) is not None:
+                registry.remove_hook(SPARSE_ATTENTION_HOOK, recurse=False)
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
+            registry.remove_hook(TRACKER_HOOK, recurse=False)
+        for hook in self.hooks:
+            hook.selections.clear()
+        self.last_selection.clear()
+        self._records.clear()
+        HookRegistry.check_if_exists_or_initialize(self.model).invalidate_child_registries_cache()
+
+
+def _mask_of(selection, head: int) -> np.ndarray:
+    from ..kernels import block_mask_from_index
+
+    mask = block_mask_from_index(
+        selection.index[:1, head : head + 1], selection.count[:1, head : head + 1], selection.num_kv_blocks
+    )
+    return mask[0, 0].cpu().numpy()
+
+
+class _Attached:
+    def __init__(self, tracker: _Tracker, parts: dict[str, SparseAttention]) -> None:
+        self.tracker = tracker
+        self.parts = parts
+
+
+def enable_sparse_attention(target, config: SparseAttentionConfig | None = None):
+    """Make the self-attention of a diffusers pipeline's transformer(s), or of a bare transformer, block-sparse.
+
+    Enabling again replaces the previous configuration. Composes with ``enable_block_cache`` (either order).
+    Returns ``target``.
+    """
+    config = SparseAttentionConfig() if config is None else config
+    if not isinstance(config, SparseAttentionConfig):
+        raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
+    models = _transformers(target)
+    disable_sparse_attention(target)
+    tracker = _Tracker()
+    parts: dict[str, SparseAttention] = {}
+    try:
+        for name, model in models.items():
+            parts[name] = SparseAttention(model, config, tracker)
+    except Exception:
+        for part in parts.values():
+            part.remove()
+        raise
+    if not isinstance(target, torch.nn.Module):
+        tracker.attach_pipeline(target)
+    setattr(target, _ATTR, _Attached(tracker, parts))
+    return target
+
+
+def disable_sparse_attention(target) -> None:
+    """Remove every hook and block list: attention is exactly dense again. No-op if not enabled."""
+    attached: _Attached | None = getattr(target, _ATTR, None)
+    if attached is None:
+        return
+    for part in attached.parts.values():
+        part.remove()
+    attached.tracker.detach_scheduler()
+    delattr(target, _ATTR)
+
+
+def sparse_attention_summary(target) -> SparseAttentionSummary:
+    """Density per layer, head and step of the last generation, and the last block mask of each layer."""
+    attached = getattr(target, _ATTR, None)
+    if attached is None:
+        raise RuntimeError("Sparse attention is not enabled on this object: call enable_sparse_attention() first.")
+    return merge({name: part.summary() for name, part in attached.parts.items()})

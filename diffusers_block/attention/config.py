@@ -1,0 +1,101 @@
+"""What sparse attention does, as one frozen value (diffusers' hooks style: config dataclass + apply function)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+APPROXIMATIONS = (None, "zeroth", "first")
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Adaptive block-sparse self-attention.
+
+    Selection: per (batch, head, query block of ``block_size`` tokens) the fewest key blocks whose estimated
+    attention mass (row softmax of mean-pooled block logits) reaches ``threshold``, at least ``min_blocks`` and at
+    most ``max_blocks`` of them; text tokens of joint attention, and each query block's own block plus
+    ``local_blocks`` neighbours on each side, are always kept; text queries keep every block.
+
+    Attributes:
+        threshold: cumulative mass to keep per row, in (0, 1]; 1.0 keeps every block (dense, through the kernel).
+        head_thresholds: one threshold per head instead (a tuple of length num_heads), e.g. sparser for heads that
+            are known to be local.
+        dense_steps: the first steps run exact dense attention (the layout of the image forms early).
+        refresh_interval: masks are selected at the first sparse step and then every ``refresh_interval`` steps,
+            and reused in between (sparse patterns change little from step to step); 1 selects at every step.
+        block_size: tokens per query/key block; a power of two (the GPU kernel needs >= 16).
+        min_blocks / max_blocks: bounds on the kept key blocks per query block (``max_blocks=None``: no cap).
+        local_blocks: neighbours (in block order, after reordering) always kept on each side of the own block.
+        approximation: None drops the skipped blocks; "zeroth" / "first" approximate them around their mean key
+            (PISA-style, see kernels.reference.block_sparse_attention_reference).
+        reorder: attend in 3D-tile order for video (2D for images) so that blocks are compact in space and time.
+        tile: (frames, rows, cols) of a tile; ``block_size`` tokens per tile works best.
+        min_tokens: sequences shorter than this stay dense (selection would cost more than it saves).
+    """
+
+    threshold: float = 0.9
+    head_thresholds: tuple[float, ...] | None = None
+    dense_steps: int = 5
+    refresh_interval: int = 5
+    block_size: int = 128
+    min_blocks: int = 1
+    max_blocks: int | None = None
+    local_blocks: int = 0
+    approximation: str | None = None
+    reorder: bool = True
+    tile: tuple[int, int, int] = (2, 8, 8)
+    min_tokens: int = 4096
+
+    def __post_init__(self):
+        def fail(field: str, value, allowed: str):
+            raise ValueError(f"SparseAttentionConfig.{field} must be {allowed}; got {value!r}")
+
+        if not 0.0 < float(self.threshold) <= 1.0:
+            fail("threshold", self.threshold, "in (0, 1]")
+        if self.head_thresholds is not None:
+            values = tuple(float(t) for t in self.head_thresholds)
+            if not values or not all(0.0 < t <= 1.0 for t in values):
+                fail("head_thresholds", self.head_thresholds, "a non-empty tuple of values in (0, 1]")
+            object.__setattr__(self, "head_thresholds", values)
+        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            fail("dense_steps", self.dense_steps, "an int >= 0")
+        if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
+            fail("refresh_interval", self.refresh_interval, "an int >= 1")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
+            fail("block_size", bs, "a power of two (>= 16 on GPU)")
+        if not isinstance(self.min_blocks, int) or self.min_blocks < 0:
+            fail("min_blocks", self.min_blocks, "an int >= 0")
+        if self.max_blocks is not None and (not isinstance(self.max_blocks, int) or self.max_blocks < 1):
+            fail("max_blocks", self.max_blocks, "None or an int >= 1")
+        if self.max_blocks is not None and self.max_blocks < self.min_blocks:
+            fail("max_blocks", self.max_blocks, f">= min_blocks ({self.min_blocks})")
+        if not isinstance(self.local_blocks, int) or self.local_blocks < -1:
+            fail("local_blocks", self.local_blocks, "an int >= -1 (-1: not even the own block)")
+        if self.approximation not in APPROXIMATIONS:
+            fail("approximation", self.approximation, f"one of {APPROXIMATIONS}")
+        tile = tuple(self.tile)
+        if len(tile) != 3 or not all(isinstance(t, int) and t >= 1 for t in tile):
+            fail("tile", self.tile, "three ints >= 1 (frames, rows, cols)")
+        object.__setattr__(self, "tile", tile)
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            fail("min_tokens", self.min_tokens, "an int >= 0")
+
+    def thresholds(self, heads: int) -> tuple[float, ...]:
+        """The threshold of each of ``heads`` heads."""
+        if self.head_thresholds is None:
+            return (float(self.threshold),) * heads
+        if len(self.head_thresholds) != heads:
+            raise ValueError(
+                f"SparseAttentionConfig.head_thresholds has {len(self.head_thresholds)} values but the attention "
+                f"layer has {heads} heads; give one threshold per head"
+            )
+        return self.head_thresholds
+
+    def step_mode(self, step: int, last_selection: int | None) -> str:
+        """ "dense", "select" (compute new masks) or "reuse" (the masks selected at step ``last_selection``)."""
+        if step < self.dense_steps:
+            return "dense"
+        if last_selection is None or last_selection > step or step - last_selection >= self.refresh_interval:
+            return "select"
+        return "reuse"

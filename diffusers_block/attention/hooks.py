@@ -1,0 +1,223 @@
+"""The hook on each self-attention module: catch its SDPA call and make it block-sparse.
+
+diffusers' attention processors reach attention in two ways: some call ``F.scaled_dot_product_attention``
+themselves (DiT, PixArt, SD3, CogVideoX, Mochi), the others go through ``dispatch_attention_fn`` (Wan, Flux,
+HunyuanVideo, LTX), whose "native" backend calls the same SDPA. So one mechanism covers both, without touching a
+processor: while a hooked self-attention module runs, a :class:`~torch.overrides.TorchFunctionMode` (thread-local,
+active only inside that module's forward) receives its SDPA calls; dispatcher backends other than native are
+switched to native for the duration. Cross-attention modules are never hooked, so they are never affected.
+
+Calls the sparse path cannot express exactly (dropout, causal, GQA, cross-shaped q/k, masks other than key
+padding) run the original SDPA unchanged and are recorded as dense.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
+
+from ..models import argument_index, get_argument
+from .functional import sparse_self_attention
+
+if TYPE_CHECKING:
+    from .apply import SparseAttention
+
+SPARSE_ATTENTION_HOOK = "diffusers_block.sparse_attention"
+#: F.scaled_dot_product_attention's arguments in order (a C builtin: no inspectable signature).
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MISSING = object()
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
+    bound = dict(_SDPA_DEFAULTS)
+    bound.update(zip(_SDPA_PARAMS, args))
+    bound.update(kwargs)
+    return bound
+
+
+class _SdpaInterceptor(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` calls to ``hook.attend``; every other function runs as usual."""
+
+    def __init__(self, hook: SparseAttentionHook) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            out = self.hook.attend(_bind_sdpa(args, kwargs))
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _native_backend(module: torch.nn.Module):
+    """Make diffusers' dispatcher use its native (SDPA) backend inside ``module`` for the duration."""
+    processor = getattr(module, "processor", None)
+    with ExitStack() as stack:
+        if processor is not None and getattr(processor, "_attention_backend", None) not in (None, "native"):
+            previous = processor.__dict__.get("_attention_backend", _MISSING)
+            processor._attention_backend = None
+
+            def restore():
+                if previous is _MISSING:
+                    processor.__dict__.pop("_attention_backend", None)
+                else:
+                    processor._attention_backend = previous
+
+            stack.callback(restore)
+        try:
+            from diffusers.models import attention_dispatch as dispatch
+        except ImportError:  # pragma: no cover - diffusers without a dispatcher
+            dispatch = None
+        if dispatch is not None and str(
+            getattr(dispatch._AttentionBackendRegistry, "_active_backend", "native")
+        ) not in (
+            "native",
+            "AttentionBackendName.NATIVE",
+        ):
+            stack.enter_context(dispatch.attention_backend("native"))
+        yield
+
+
+class SparseAttentionHook(ModelHook):
+    """On one self-attention module: per call, dense or sparse by the step; keeps this layer's block lists."""
+
+    _is_stateful = True
+
+    def __init__(
+        self, controller: SparseAttention, layer: int, name: str, module: torch.nn.Module, stream: str, text_first: bool
+    ) -> None:
+        super().__init__()
+        self.controller = controller
+        self.layer = layer
+        self.name = name
+        self.stream = stream  # "image" (no text), "joint" (text passed separately) or "single" (text inside)
+        self.text_first = text_first
+        self._hidden_index = argument_index(module, "hidden_states")
+        self._encoder_index = argument_index(module, "encoder_hidden_states")
+        self.selections: dict = {}  # (branch, call in forward, sample) -> Selection
+        self._thresholds: torch.Tensor | None = None
+        self._call: dict | None = None
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        controller = self.controller
+        tracker = controller.tracker
+        hidden = get_argument(args, kwargs, "hidden_states", self._hidden_index)
+        encoder = get_argument(args, kwargs, "encoder_hidden_states", self._encoder_index)
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        image = hidden.shape[1]
+        if self.stream == "joint" and isinstance(encoder, torch.Tensor):
+            controller.text_tokens = encoder.shape[1]
+        elif self.stream == "single":
+            image = hidden.shape[1] - controller.text_tokens
+        step, branch = tracker.step, tracker.branch
+        last = self._last_selection_step(branch)
+        mode = controller.config.step_mode(step, last)
+        if mode == "dense" or hidden.shape[1] < controller.config.min_tokens:
+            controller.record(self.layer, step, branch, "dense", None)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        self._call = {"step": step, "branch": branch, "image": image, "mode": mode, "calls": 0}
+        try:
+            with _native_backend(module), _SdpaInterceptor(self):
+                return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self._call = None
+
+    def _last_selection_step(self, branch) -> int | None:
+        steps = [sel.step for (b, *_), sel in self.selections.items() if b == branch]
+        return max(steps) if steps else None
+
+    # -- one SDPA call ------------------------------------------------------------------------------------------
+    def attend(self, call: dict) -> torch.Tensor | None:
+        """Sparse output for one intercepted SDPA call, or None to run the original SDPA."""
+        frame = self._call
+        q, k, v = call["query"], call["key"], call["value"]
+        if frame is None or not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+            return None
+        call_index = frame["calls"]
+        frame["calls"] += 1
+        controller = self.controller
+        if (
+            call["dropout_p"]
+            or call["is_causal"]
+            or call["enable_gqa"]
+            or q.dim() != 4
+            or q.shape != k.shape
+            or k.shape != v.shape
+        ):
+            controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
+            return None
+        batch, heads, seq, _ = q.shape
+        text = max(seq - frame["image"], 0) if self.stream != "image" else 0
+        if seq - text < 1:
+            return None
+        lengths = self._key_lengths(call["attn_mask"], batch, seq, text)
+        if lengths is False:
+            controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
+            return None
+        config = controller.config
+        thresholds = self._thresholds_for(heads, q.device)
+        grid = controller.grid if config.reorder else None
+        # One call for the whole batch when all samples share a key length; per sample otherwise (text padding).
+        groups = [(slice(None), None if lengths is None else lengths[0], "all")]
+        if lengths is not None and len(set(lengths)) > 1:
+            groups = [(slice(b, b + 1), lengths[b], b) for b in range(batch)]
+        outs, densities, reused = [], [], True
+        for rows, key_length, sample in groups:
+            key = (frame["branch"], call_index, sample)
+            previous = self.selections.get(key) if frame["mode"] == "reuse" else None
+            out, selection = sparse_self_attention(
+                q[rows],
+                k[rows],
+                v[rows],
+                config=config,
+                thresholds=thresholds,
+                scale=call["scale"],
+                text=text,
+                text_first=self.text_first,
+                grid=grid,
+                key_length=key_length,
+                selection=previous,
+                step=frame["step"],
+            )
+            reused = reused and selection is previous
+            self.selections[key] = selection
+            outs.append(out)
+            densities.append(selection.density())
+        mode = "reuse" if reused else "select"
+        controller.record(self.layer, frame["step"], frame["branch"], mode, torch.stack(densities).mean(0))
+        controller.last_selection[self.layer] = self.selections[(frame["branch"], call_index, groups[0][2])]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _thresholds_for(self, heads: int, device: torch.device) -> torch.Tensor:
+        cached = self._thresholds
+        if cached is None or cached.numel() != heads or cached.device != device:
+            values = self.controller.config.thresholds(heads)
+            cached = self._thresholds = torch.tensor(values, dtype=torch.float32, device=device)
+        return cached
+
+    def _key_lengths(self, mask, batch: int, seq: int, text: int):
+        """None (no mask), per-sample valid key counts (a key-padding mask whose valid keys are a prefix, text
+        last), or False (any other mask: run dense)."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            return False
+        if mask.shape[-1] != seq or mask.shape[0] not in (1, batch) or self.text_first:
+            return False
+        return self.controller.key_lengths(mask, batch, seq - text)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        """End of a pipeline call: drop the block lists."""
+        self.selections.clear()
+        return module

@@ -1,0 +1,641 @@
+"""Block-sparse attention: kernel correctness and speed against cuDNN SDPA and FlexAttention, and end to end.
+
+Three parts, each written to the JSON as soon as it is done (a later failure keeps the earlier results):
+
+  validate  every kernel on the device against its PyTorch reference (fp64 on the same rounded inputs): the
+            block-sparse forward (bf16/fp16, head dim 64/128, tails, random lists), its approximation of skipped
+            blocks, the selection kernel (block masks), and the dense mode against cuDNN SDPA at full size;
+  kernel    per sequence length and head dim (heads x head dim = 1536, Wan2.1-1.3B's width), batch 1, bf16:
+            cuDNN SDPA dense; ours with every block listed ("dense mode"); FlexAttention (compiled) dense and with
+            the same block mask as ours; ours at each density with the selection kernel included (the threshold
+            is 1.0 and ``max_blocks`` = density x blocks, so every row keeps exactly that many blocks, chosen by
+            the full selection), and the selection and the attention alone;
+  e2e       the Wan2.1-1.3B architecture with random weights (bench/architectures.py) at 480x832x81 frames:
+            full flow-matching schedules, dense (cuDNN SDPA) vs sparse attention vs sparse attention + block
+            caching, ms per step, the density reached, and the final latents' relative L2 to dense.
+
+On a CPU (tests) everything runs at toy sizes through the PyTorch references: it checks the plumbing, and its
+timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import time
+import traceback
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from .. import (
+    SparseAttentionConfig,
+    StaticScheduleConfig,
+    disable_block_cache,
+    disable_sparse_attention,
+    enable_block_cache,
+    enable_sparse_attention,
+    sparse_attention_summary,
+)
+from ..kernels import (
+    block_mask_from_index,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    dense_block_index,
+    select_blocks,
+    select_blocks_reference,
+)
+from . import report
+from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
+from .cache import sample
+
+WIDTH = 1536  # heads x head dim of Wan2.1-1.3B
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--parts", nargs="+", choices=["validate", "kernel", "e2e"], default=["validate", "kernel", "e2e"]
+    )
+    parser.add_argument("--seq", nargs="+", type=int, default=[32768, 75776], help="kernel: sequence lengths")
+    parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128], help="kernel: head dims")
+    parser.add_argument("--density", nargs="+", type=float, default=[0.1, 0.05], help="kernel: kept fractions")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--model", default="wan2.1-1.3b", choices=list(ARCHITECTURES), help="e2e architecture")
+    parser.add_argument("--steps", type=int, default=12, help="e2e: sampling steps per schedule")
+    parser.add_argument("--e2e-density", type=float, default=0.125, help="e2e: max kept fraction of key blocks")
+    parser.add_argument("--threshold", type=float, default=0.9, help="e2e: cumulative mass threshold")
+    parser.add_argument("--dense-steps", type=int, default=2, help="e2e: dense steps at the start")
+    parser.add_argument("--refresh", type=int, default=5, help="e2e: mask refresh interval (steps)")
+    parser.add_argument("--cache-interval", type=int, default=2, help="e2e: block cache static interval")
+    parser.add_argument("--repeats", type=int, default=2, help="e2e: timed schedules per run (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
+    parser.add_argument("--name", default="attention", help="result file stem")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn, device: torch.device, warmup: int = 3, min_time_ms: float = 300.0, max_iters: int = 200) -> float:
+    """Median time of ``fn`` in ms: CUDA events per call on a GPU, host clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    total = 0.0
+    while len(times) < max_iters and (total < min_time_ms or len(times) < 5):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        times.append(ms)
+        total += ms
+    return statistics.median(times)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def smooth_qkv(batch, heads, seq, dim, block_size, device, dtype, seed=0):
+    """Random q, k, v with a smooth per-block component (so block masses differ and approximation is meaningful)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    nb = math.ceil(seq / block_size)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    centers = draw(batch, heads, nb, dim).repeat_interleave(block_size, 2)[:, :, :seq]
+    q = draw(batch, heads, seq, dim) + centers
+    k = 0.5 * draw(batch, heads, seq, dim) + centers
+    v = 0.5 * draw(batch, heads, seq, dim) + draw(batch, heads, nb, dim).repeat_interleave(block_size, 2)[:, :, :seq]
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def random_lists(batch, heads, nq, nk, keep, device, seed=0):
+    """Unique random key blocks per row, ``keep`` of them (counts random in [0, keep] for validation)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    perm = torch.argsort(torch.rand(batch, heads, nq, nk, generator=gen, device=device), dim=-1)
+    index = perm[..., :keep].to(torch.int32).contiguous()
+    count = torch.randint(0, keep + 1, (batch, heads, nq), generator=gen, device=device, dtype=torch.int32)
+    return index, count
+
+
+def _capture(fn, results: dict, key: str):
+    try:
+        results[key] = fn()
+    except Exception as error:  # keep the other parts' results
+        results[key] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+        print(f"  {key} FAILED: {type(error).__name__}: {error}")
+
+
+def _autotuned_configs() -> dict:
+    """The configs Triton's autotuner picked, per key (what 'tuned for Hopper' came to on this device)."""
+    found = {}
+    try:
+        import importlib
+
+        sel = importlib.import_module("diffusers_block.kernels.block_selection")
+        bsa = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
+        for name, tuner in (
+            ("attention", getattr(bsa, "_block_sparse_attn_fwd_autotuned", None)),
+            ("selection", getattr(sel, "_block_selection_fwd_autotuned", None)),
+        ):
+            cache = getattr(tuner, "cache", {}) if tuner is not None else {}
+            found[name] = {str(key): str(config) for key, config in cache.items()}
+    except Exception as error:  # pragma: no cover - informational only
+        found["error"] = str(error)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# validate
+# ------------------------------------------------------------------------------------------------------------------
+@contextmanager
+def _fixed_configs():
+    """Validation runs many shapes once each: skip autotuning (one config per shape, far fewer compiles)."""
+    import importlib
+
+    modules = [
+        importlib.import_module(f"diffusers_block.kernels.{name}")
+        for name in ("block_sparse_attention", "block_selection")
+    ]
+    saved = [m.AUTOTUNE for m in modules]
+    for m in modules:
+        m.AUTOTUNE = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.AUTOTUNE = value
+
+
+def validate(args, device: torch.device) -> dict:
+    with _fixed_configs():
+        return _validate(args, device)
+
+
+def _validate(args, device: torch.device) -> dict:
+    cpu = device.type != "cuda"
+    out: dict = {"attention": [], "approximation": [], "selection": [], "dense_vs_sdpa": []}
+    cases = [(64, 64, 1000), (128, 128, 777), (64, 128, 4096), (128, 64, 300)] if not cpu else [(32, 16, 100)]
+    for dtype in ("bf16", "fp16"):
+        for head_dim, bs, seq in cases if dtype == "bf16" else cases[:2]:
+            q, k, v = (t.to(DTYPES[dtype]) for t in smooth_qkv(1, 3, seq, head_dim, bs, device, torch.float32))
+            nb = math.ceil(seq / bs)
+            index, count = random_lists(1, 3, nb, nb, nb, device)
+            o, lse = block_sparse_attention(q, k, v, index, count, block_size=bs, return_lse=True)
+            r, rlse = block_sparse_attention_reference(
+                q.double(), k.double(), v.double(), index, count, block_size=bs, return_lse=True
+            )
+            finite = torch.isfinite(rlse)
+            out["attention"].append(
+                {
+                    "dtype": dtype,
+                    "head_dim": head_dim,
+                    "block_size": bs,
+                    "seq": seq,
+                    "max_abs_err": (o.double() - r).abs().max().item(),
+                    "rel_err": rel_err(o, r),
+                    "lse_max_abs_err": (lse.double() - rlse)[finite].abs().max().item(),
+                    "empty_rows_zero": bool((o[~finite] == 0).all()),
+                }
+            )
+            for order in ("zeroth", "first") if bs == 64 or cpu else ():
+                keep = max(1, nb // 4)
+                index4, count4 = random_lists(1, 3, nb, nb, keep, device, seed=1)
+                o = block_sparse_attention(q, k, v, index4, count4, block_size=bs, approximation=order)
+                r = block_sparse_attention_reference(
+                    q.double(), k.double(), v.double(), index4, count4, block_size=bs, approximation=order
+                )
+                drop = block_sparse_attention_reference(
+                    q.double(), k.double(), v.double(), index4, count4, block_size=bs
+                )
+                dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+                out["approximation"].append(
+                    {
+                        "order": order,
+                        "dtype": dtype,
+                        "head_dim": head_dim,
+                        "seq": seq,
+                        "kernel_vs_reference_max_abs_err": (o.double() - r).abs().max().item(),
+                        "rel_err_vs_dense": rel_err(o, dense),
+                        "drop_only_rel_err_vs_dense": rel_err(drop, dense),
+                    }
+                )
+        for head_dim, bs, seq in cases if dtype == "bf16" else ():
+            q, k, _ = smooth_qkv(1, 3, seq, head_dim, bs, device, DTYPES[dtype], seed=2)
+            nb = math.ceil(seq / bs)
+            index, count = select_blocks(q, k, block_size=bs, threshold=0.8, local_blocks=0)
+            r_index, r_count = select_blocks_reference(
+                q.float(),
+                k.float(),
+                torch.full((3,), 0.8, device=device),
+                block_size=bs,
+                scale=1 / math.sqrt(head_dim),
+                min_blocks=1,
+                max_blocks=nb,
+                width=index.shape[-1],
+                local=0,
+                force=(0, 0),
+                dense=(0, 0),
+            )
+            mask = block_mask_from_index(index, count, nb)
+            ref = block_mask_from_index(r_index, r_count, nb)
+            out["selection"].append(
+                {
+                    "dtype": dtype,
+                    "head_dim": head_dim,
+                    "block_size": bs,
+                    "seq": seq,
+                    "mask_mismatch_fraction": (mask != ref).float().mean().item(),
+                    "density": mask.float().mean().item(),
+                    "ascending": bool(
+                        all(
+                            torch.all(row[1:n] > row[: n - 1])
+                            for row, n in zip(index.view(-1, index.shape[-1])[:64], count.view(-1)[:64].tolist())
+                        )
+                    ),
+                }
+            )
+    if not cpu:
+        for head_dim in (64, 128):
+            heads = WIDTH // head_dim
+            q, k, v = smooth_qkv(1, heads, 32768, head_dim, 128, device, torch.bfloat16)
+            index, count = dense_block_index(1, heads, 256, 256, device=device)
+            ours = block_sparse_attention(q, k, v, index, count, block_size=128)
+            with _cudnn():
+                cudnn = F.scaled_dot_product_attention(q, k, v)
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            out["dense_vs_sdpa"].append(
+                {
+                    "head_dim": head_dim,
+                    "seq": 32768,
+                    "ours_rel_err_vs_fp32": rel_err(ours, exact),
+                    "cudnn_rel_err_vs_fp32": rel_err(cudnn, exact),
+                }
+            )
+            del q, k, v, ours, cudnn, exact
+    tol = {"bf16": 2e-2, "fp16": 2e-3}
+    out["passed"] = bool(
+        all(
+            r["max_abs_err"] <= tol[r["dtype"]] * 2 and r["lse_max_abs_err"] <= 1e-3 and r["empty_rows_zero"]
+            for r in out["attention"]
+        )
+        and all(r["kernel_vs_reference_max_abs_err"] <= 5e-2 for r in out["approximation"])
+        and all(r["mask_mismatch_fraction"] <= 1e-3 and r["ascending"] for r in out["selection"])
+        and all(r["ours_rel_err_vs_fp32"] <= 2 * r["cudnn_rel_err_vs_fp32"] + 1e-3 for r in out["dense_vs_sdpa"])
+    )
+    print(f"validate: {'passed' if out['passed'] else 'FAILED'}")
+    for group in ("attention", "approximation", "selection", "dense_vs_sdpa"):
+        for row in out[group]:
+            print(
+                f"  {group}: "
+                + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            )
+    return out
+
+
+@contextmanager
+def _cudnn():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernel
+# ------------------------------------------------------------------------------------------------------------------
+def kernel(args, device: torch.device) -> dict:
+    cpu = device.type != "cuda"
+    dtype = DTYPES[args.dtype]
+    bs = args.block_size if not cpu else 16
+    rows = []
+    flex = None
+    if not cpu and not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+            flex = (torch.compile(flex_attention, dynamic=False), BlockMask)
+        except Exception as error:  # pragma: no cover - older torch
+            print(f"  FlexAttention unavailable: {error}")
+    seqs = args.seq if not cpu else [200]
+    for seq in seqs:
+        for head_dim in args.head_dim:
+            rows.append(_kernel_case(args, device, seq, head_dim, bs, dtype, flex))
+            _print_kernel(rows[-1])
+            gc.collect()
+            if not cpu:
+                torch.cuda.empty_cache()
+    return {"rows": rows, "autotuned": _autotuned_configs()}
+
+
+def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) -> dict:
+    """All timings of one (sequence length, head dim)."""
+    cpu = device.type != "cuda"
+    heads = WIDTH // head_dim if not cpu else 2
+    q, k, v = smooth_qkv(1, heads, seq, head_dim, bs, device, dtype, seed=3)
+    nb = math.ceil(seq / bs)
+    flops = 4.0 * seq * seq * head_dim * heads
+    result = {"seq": seq, "head_dim": head_dim, "heads": heads, "block_size": bs, "dense_tflop": flops / 1e12}
+    print(f"\nkernel: {seq} tokens, {heads} heads x {head_dim}, blocks of {bs}")
+    if not cpu:
+        with _cudnn():
+            result["cudnn_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device)
+    full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
+    result["ours_dense_ms"] = bench_ms(
+        lambda: block_sparse_attention(q, k, v, full_index, full_count, block_size=bs), device
+    )
+    if flex is not None:
+        flex_fn, block_mask_cls = flex
+        full_mask = _flex_mask(block_mask_cls, full_count, full_index, bs)
+        result["flex_dense_ms"] = bench_ms(lambda: flex_fn(q, k, v, block_mask=full_mask), device)
+    result["densities"] = {}
+    for density in args.density:
+        keep = max(1, round(density * nb))
+
+        def select(keep=keep):
+            return select_blocks(q, k, block_size=bs, threshold=1.0, max_blocks=keep, local_blocks=0)
+
+        index, count = select()
+        row = {"blocks_per_row": keep, "actual_density": count.float().mean().item() / nb}
+        row["select_ms"] = bench_ms(select, device)
+        row["attention_ms"] = bench_ms(
+            lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs), device
+        )
+        row["total_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs), device)
+        row["total_zeroth_ms"] = bench_ms(
+            lambda: block_sparse_attention(q, k, v, *select(), block_size=bs, approximation="zeroth"), device
+        )
+        if flex is not None:
+            padded = torch.zeros(1, heads, nb, nb, dtype=torch.int32, device=device)
+            padded[..., : index.shape[-1]] = index
+            mask = _flex_mask(block_mask_cls, count, padded, bs)
+            row["flex_ms"] = bench_ms(lambda mask=mask: flex_fn(q, k, v, block_mask=mask), device)
+            # Same mask, same outputs: FlexAttention doubles as a check of our sparse kernel.
+            row["ours_vs_flex_rel_err"] = rel_err(
+                block_sparse_attention(q, k, v, index, count, block_size=bs), flex_fn(q, k, v, block_mask=mask)
+            )
+        if "cudnn_ms" in result:
+            row["speedup_vs_cudnn"] = result["cudnn_ms"] / row["total_ms"]
+            row["speedup_vs_cudnn_without_selection"] = result["cudnn_ms"] / row["attention_ms"]
+            if "flex_ms" in row:
+                row["flex_speedup_vs_cudnn"] = result["cudnn_ms"] / row["flex_ms"]
+        result["densities"][str(density)] = row
+    for key in ("cudnn_ms", "ours_dense_ms", "flex_dense_ms"):
+        if key in result:
+            result[key.replace("_ms", "_tflops")] = flops / result[key] / 1e9
+    if "cudnn_ms" in result:
+        result["ours_dense_vs_cudnn_throughput"] = result["cudnn_ms"] / result["ours_dense_ms"]
+    return result
+
+
+def _flex_mask(block_mask_cls, count, index, block_size):
+    """A BlockMask whose listed blocks are all full (no mask_mod evaluated inside them): FlexAttention's fastest case."""
+    return block_mask_cls.from_kv_blocks(
+        torch.zeros_like(count), torch.zeros_like(index), count, index, BLOCK_SIZE=block_size
+    )
+
+
+def _print_kernel(result: dict) -> None:
+    dense = [("cuDNN SDPA dense", "cudnn_ms"), ("ours dense mode", "ours_dense_ms"), ("Flex dense", "flex_dense_ms")]
+    table = [
+        {"what": label, "ms": result[key], "tflops": result.get(key.replace("_ms", "_tflops"))}
+        for label, key in dense
+        if key in result
+    ]
+    for density, row in result["densities"].items():
+        table.append(
+            {
+                "what": f"ours {float(density):.0%} (select + attn)",
+                "ms": row["total_ms"],
+                "speedup": row.get("speedup_vs_cudnn"),
+            }
+        )
+        table.append(
+            {
+                "what": "  select / attn only / +zeroth",
+                "ms": row["select_ms"],
+                "note": f"{row['attention_ms']:.2f} / {row['total_zeroth_ms']:.2f} ms",
+            }
+        )
+        if "flex_ms" in row:
+            table.append(
+                {
+                    "what": f"Flex {float(density):.0%} (same mask, no selection)",
+                    "ms": row["flex_ms"],
+                    "speedup": row.get("flex_speedup_vs_cudnn"),
+                }
+            )
+    report.print_table(
+        table,
+        [
+            ("what", "run", str),
+            ("ms", "ms", "{:.3f}".format),
+            ("tflops", "TFLOP/s", "{:.0f}".format),
+            ("speedup", "vs cuDNN", "{:.2f}x".format),
+            ("note", "", str),
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# end to end
+# ------------------------------------------------------------------------------------------------------------------
+def e2e(args, device: torch.device) -> dict:
+    cpu = device.type != "cuda"
+    name = args.model
+    arch = ARCHITECTURES[name]
+    dtype = DTYPES[args.dtype] if not cpu else torch.float32
+    model = build(arch, device, dtype, args.seed)
+    tokens = num_tokens(arch)
+    block_size = args.block_size if not cpu else 8
+    nb = math.ceil(tokens / block_size)
+    config = SparseAttentionConfig(
+        threshold=args.threshold,
+        dense_steps=args.dense_steps,
+        refresh_interval=args.refresh,
+        block_size=block_size,
+        max_blocks=max(1, round(args.e2e_density * nb)),
+        min_tokens=0,
+    )
+    cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
+    latents = noise(arch, device, args.seed)
+    prompts = {"cond": conditioning(arch, device, dtype, args.seed + 1)}
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=arch.shift)
+    steps = args.steps
+
+    def generate():
+        return sample(model, arch, scheduler, latents, prompts, steps)
+
+    @contextmanager
+    def dense():
+        with _cudnn() if not cpu else nullcontext():
+            yield
+
+    @contextmanager
+    def sparse():
+        enable_sparse_attention(model, config)
+        try:
+            with _cudnn() if not cpu else nullcontext():  # dense steps and cross-attention: cuDNN as in dense
+                yield
+        finally:
+            summaries["sparse"] = sparse_attention_summary(model)
+            disable_sparse_attention(model)
+
+    @contextmanager
+    def sparse_cached():
+        enable_sparse_attention(model, config)
+        enable_block_cache(model, cache)
+        try:
+            with _cudnn() if not cpu else nullcontext():
+                yield
+        finally:
+            summaries["sparse+cache"] = sparse_attention_summary(model)
+            disable_block_cache(model)
+            disable_sparse_attention(model)
+
+    @contextmanager
+    def cached():
+        enable_block_cache(model, cache)
+        try:
+            with _cudnn() if not cpu else nullcontext():
+                yield
+        finally:
+            disable_block_cache(model)
+
+    summaries: dict = {}
+    runs = {"dense": dense, "sparse": sparse, "sparse+cache": sparse_cached, "cache": cached}
+    print(f"\ne2e: {name}, {tokens} tokens, {steps} steps, {config}")
+    times = {key: [] for key in runs}
+    final = {}
+    with torch.inference_mode():
+        forward_ms = _forward_times(model, arch, latents, prompts, config, device, cpu)
+        for context in runs.values():  # warm-up: kernel selection, autotuning, allocator
+            with context():
+                sample(model, arch, scheduler, latents, prompts, min(steps, args.dense_steps + 2))
+        for repeat in range(args.repeats):
+            for key, context in runs.items():
+                with context():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    final[key] = generate()
+                    _sync(device)
+                    times[key].append((time.perf_counter() - t0) * 1e3)
+            print("  round", repeat + 1, {k: round(v[-1]) for k, v in times.items()})
+    reference = final["dense"]
+    result = {
+        "model": name,
+        "tokens": tokens,
+        "steps": steps,
+        "block_size": block_size,
+        "forward_ms": forward_ms,
+        "config": {f: getattr(config, f) for f in config.__dataclass_fields__},
+        "cache_config": {
+            "interval": cache.interval,
+            "warmup_steps": cache.warmup_steps,
+            "cooldown_steps": cache.cooldown_steps,
+        },
+        "runs": {},
+    }
+    dense_ms = statistics.median(times["dense"])
+    rows = []
+    for key in runs:
+        ms = statistics.median(times[key])
+        row = {
+            "ms_per_schedule": ms,
+            "ms_per_step": ms / steps,
+            "speedup": dense_ms / ms,
+            "rel_l2": rel_err(final[key].float(), reference.float()),
+            "times_ms": times[key],
+        }
+        if key in summaries:
+            row["sparse_density"] = summaries[key].sparse_density
+            row["overall_density"] = summaries[key].overall_density
+        result["runs"][key] = row
+        rows.append({"run": key, **row})
+    report.print_table(
+        rows,
+        [
+            ("run", "run", str),
+            ("ms_per_step", "ms/step", "{:.1f}".format),
+            ("speedup", "speedup", "{:.2f}x".format),
+            ("sparse_density", "density (sparse steps)", "{:.1%}".format),
+            ("rel_l2", "rel L2", "{:.3f}".format),
+        ],
+    )
+    print(
+        "  one forward (ms): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in forward_ms.items())
+        + f"; dense / sparse (reused masks) = {forward_ms['dense'] / forward_ms['sparse_reuse']:.2f}x"
+    )
+    return result
+
+
+def _forward_times(model, arch, latents, prompts, config, device, cpu) -> dict:
+    """One transformer call per mode: dense (cuDNN), sparse selecting new masks, sparse reusing masks."""
+    prompt = prompts["cond"]
+    timestep = torch.full((1,), 500.0 * arch.timestep_scale, device=device)
+    hidden = latents.to(model.dtype)
+    counter = iter(range(10**9))
+
+    def call(step):
+        with model.cache_context("cond", step_index=step, num_inference_steps=10**9):
+            model(hidden_states=hidden, timestep=timestep, **prompt, return_dict=False)
+
+    times = {}
+    with _cudnn() if not cpu else nullcontext():
+        times["dense"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
+        enable_sparse_attention(
+            model, SparseAttentionConfig(**{**config.__dict__, "dense_steps": 0, "refresh_interval": 1})
+        )
+        times["sparse_select"] = bench_ms(lambda: call(next(counter)), device, warmup=2, min_time_ms=0, max_iters=5)
+        enable_sparse_attention(
+            model, SparseAttentionConfig(**{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9})
+        )
+        times["sparse_reuse"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
+        disable_sparse_attention(model)
+    return times
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    path = report.result_path(args.out, args.name, device)
+    payload = {
+        "benchmark": "attention",
+        "command": report.command_line(getattr(args, "argv", [])),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "environment": report.environment(device),
+    }
+    parts = {"validate": validate, "kernel": kernel, "e2e": e2e}
+    for part in args.parts:
+        _capture(lambda part=part: parts[part](args, device), payload, part)
+        report.write_json(path, payload)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"\nwrote {path}")
+    return payload

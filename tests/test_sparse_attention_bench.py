@@ -1,0 +1,51 @@
+"""`python -m diffusers_block.bench attention` end to end on CPU (toy sizes, PyTorch references): the plumbing and
+the JSON it writes. Its timings on CPU mean nothing; the H100 numbers come from the same command on the GPU."""
+
+import json
+
+import torch
+
+from diffusers_block.bench.__main__ import main
+
+
+def test_attention_benchmark_cpu(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(
+            [
+                "attention",
+                "--device",
+                "cpu",
+                "--model",
+                "tiny-wan",
+                "--steps",
+                "3",
+                "--repeats",
+                "1",
+                "--dense-steps",
+                "1",
+                "--refresh",
+                "2",
+                "--density",
+                "0.1",
+                "--head-dim",
+                "64",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    [path] = tmp_path.glob("attention-cpu-*.json")
+    result = json.loads(path.read_text())
+    assert result["command"].startswith("python -m diffusers_block.bench attention")
+    assert result["validate"]["passed"] is True
+    [row] = result["kernel"]["rows"]
+    assert row["ours_dense_ms"] > 0 and row["densities"]["0.1"]["total_ms"] > 0
+    e2e = result["e2e"]
+    assert set(e2e["runs"]) == {"dense", "sparse", "sparse+cache", "cache"}
+    assert e2e["runs"]["dense"]["rel_l2"] == 0.0
+    assert 0.0 < e2e["runs"]["sparse"]["sparse_density"] < 1.0
+    assert e2e["runs"]["sparse"]["rel_l2"] > 0.0  # sparse attention changed the result, a little
+    assert set(e2e["forward_ms"]) == {"dense", "sparse_select", "sparse_reuse"}
