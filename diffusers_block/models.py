@@ -112,6 +112,11 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ("AllegroTransformer3DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
         ),
+        FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
+            "policy",
+            ("PolicyTransformer",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
     )
 }
 
@@ -128,7 +133,10 @@ _GENERIC_SUB_BLOCK_NAMES = {
 
 # Child names of FFN sub-blocks across the table (for BAC's Bubbling Union, which follows FFN update steps).
 FFN_CHILDREN = frozenset(
-    attr for spec in FAMILIES.values() for lst in spec.block_lists for role, attr in lst.sub_blocks.items()
+    attr
+    for spec in FAMILIES.values()
+    for lst in spec.block_lists
+    for role, attr in lst.sub_blocks.items()
     if role in (FFN, FFN_CONTEXT)
 )
 

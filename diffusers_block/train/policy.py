@@ -64,8 +64,9 @@ def train_policy(
     geometry = {k: probe.config[k] for k in ("horizon", "n_obs_steps", "n_action_steps")}
     dataset = DemoDataset(data_path, **geometry)
     normalizer = PolicyNormalizer.fit(dataset.obs, dataset.actions)
-    model = PolicyTransformer(**{**(model_kwargs or {}), "task_names": tuple(dataset.task_names),
-                                 "prediction_type": prediction_type})
+    model = PolicyTransformer(
+        **{**(model_kwargs or {}), "task_names": tuple(dataset.task_names), "prediction_type": prediction_type}
+    )
     scheduler = ddpm_scheduler("epsilon" if prediction_type == "flow" else prediction_type)
     dataset.obs = normalizer.normalize_obs(dataset.obs)
     dataset.actions = normalizer.normalize_action(dataset.actions)
