@@ -8,7 +8,14 @@ from sampling import sample
 from tiny_models import build_transformer
 
 import diffusers_block as db
-from diffusers_block.cache.bac import bubbling_union, calibrate, optimal_update_steps, segment_scores
+from diffusers_block.cache.bac import (
+    bubbling_union,
+    calibrate,
+    cosine_similarity_matrix,
+    negative_error_matrix,
+    optimal_update_steps,
+    segment_scores,
+)
 
 
 def _score(similarity, steps):
@@ -74,3 +81,27 @@ def test_calibrated_schedule_runs_and_updating_every_step_is_exact():
     db.enable_block_cache(model, every_step)
     assert torch.equal(sample(model, "wan", steps=10), reference)
     db.disable_block_cache(model)
+
+
+def test_error_objective_sees_magnitude_that_cosine_ignores():
+    # One direction throughout; the features grow 10x at step 4 and 1.1x at step 2. Cosine sees no change at all, so
+    # its schedule is arbitrary; the error objective spends its second update where the jump is largest.
+    scale = torch.tensor([1.0, 1.0, 1.1, 1.1, 11.0, 11.0])
+    features = scale.view(6, 1, 1) * torch.ones(6, 2, 8)
+    assert torch.allclose(cosine_similarity_matrix(features), torch.ones(6, 6))
+    assert optimal_update_steps(negative_error_matrix(features), 2) == [0, 4]
+    assert negative_error_matrix(features).diagonal().abs().max() < 1e-6  # reusing a step's own features is free
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        calibrate(build_transformer("wan"), lambda t: None, 2, objective="l1")
+
+
+def test_keep_first_always_updates_the_first_steps_and_optimises_the_rest():
+    similarity = torch.ones(10, 10)
+    similarity[:7, 7:] = similarity[7:, :7] = 0.1  # a jump at step 7
+    steps = optimal_update_steps(similarity, 5, keep_first=3)
+    assert steps[:3] == [0, 1, 2] and 7 in steps and len(steps) == 5
+    with pytest.raises(ValueError, match="keep_first"):
+        optimal_update_steps(similarity, 3, keep_first=3)

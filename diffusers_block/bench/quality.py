@@ -1,6 +1,7 @@
 """Cache policies against the uncached output on a trained model: fidelity, task accuracy, work and time.
 
-On the shipped digits image model (a class-conditioned SD3-architecture flow model, see models/digits-image), the
+On a shipped digits model (``--model digits-image``: the class-conditioned SD3-architecture image model;
+``--model digits-video``: the digit- and motion-conditioned Wan video model, 17 frames), the
 same labels and seeds go through the uncached pipeline and through each cache: ours (BWCache thresholds, per block or per model call, static
 schedules, BAC schedules calibrated per block or shared by all blocks) and, side by side, diffusers'
 FirstBlockCache, TaylorSeerCache and MagCache. BAC and MagCache are calibrated on the same run, with other labels
@@ -13,23 +14,31 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import torch
 
 from .. import BWCacheConfig, StaticScheduleConfig, cache_context, calibrate_schedule
+from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
-from ..eval.digits import balanced_labels, generate_digits
+from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits
 from ..eval.harness import compare
-from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, load_digits_image_pipeline
+from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, DIGITS_VIDEO, load_digits_image_pipeline, load_digits_video_pipeline
 from . import peers, report
+
+MODELS = {"digits-image": DIGITS_IMAGE, "digits-video": DIGITS_VIDEO}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=str(DIGITS_IMAGE), help="digits image pipeline directory")
+    parser.add_argument(
+        "--model", default="digits-image", help=f"one of {sorted(MODELS)}, or a directory holding one of them"
+    )
     parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--per-class", type=int, default=10, help="images per digit")
+    parser.add_argument("--guidance", type=float, help="default: 3 for the image model, 5 for the video model")
+    parser.add_argument(
+        "--per-class", type=int, default=10, help="images per digit, or clips per (digit, motion) pair for video"
+    )
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--intervals", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument(
@@ -44,11 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
-    parser.add_argument("--name", default="quality-digits-image")
+    parser.add_argument("--name", help="results file name (default: quality-<model>)")
     parser.add_argument("--plot", action="store_true", help="also draw speed-up vs PSNR next to the JSON")
 
 
-def accelerations(args, pipe, encoder, generate) -> list:
+def accelerations(args, pipe, calibration_run) -> list:
+    """Every cache to compare; BAC and MagCache calibrate with ``calibration_run(pipe)``."""
     warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
     runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
     runs += [peers.ours(f"bwcache-model-{t:g}", BWCacheConfig(threshold=t, scope="model")) for t in args.thresholds]
@@ -64,16 +74,23 @@ def accelerations(args, pipe, encoder, generate) -> list:
         for k in args.intervals
     ]
 
-    # BAC schedules, calibrated on other labels and seeds than the ones evaluated (no test leakage).
-    def calibration_run(pipe):
-        with cache_context(pipe.transformer, "cond"):
-            return generate_digits(pipe, encoder, balanced_labels(1), args.steps, args.guidance, seed=100)
-
     for fraction in args.bac_fractions:
         updates = max(1, round(fraction * args.steps))
         runs.append(peers.ours(f"bac-{updates}", calibrate_schedule(pipe, calibration_run, updates)))
         runs.append(
             peers.ours(f"bac-shared-{updates}", calibrate_schedule(pipe, calibration_run, updates, shared=True))
+        )
+        runs.append(
+            peers.ours(
+                f"bac-error-{updates}",
+                calibrate_schedule(pipe, calibration_run, updates, shared=True, objective="error"),
+            )
+        )
+        runs.append(
+            peers.ours(
+                f"bac-shared-keep-{updates}",
+                calibrate_schedule(pipe, calibration_run, updates, shared=True, keep_first=0.2),
+            )
         )
     if not args.no_peers:
         runs += [peers.first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.3)]
@@ -89,19 +106,47 @@ def accelerations(args, pipe, encoder, generate) -> list:
     return runs
 
 
-def run(args) -> dict:
-    device = torch.device(args.device)
-    pipe, encoder = load_digits_image_pipeline(args.model, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+def _workload(args):
+    """The pipeline, the labels scored, and generate(pipe, seed, calibration) for the chosen model.
+
+    Calibration runs (BAC, MagCache) use other labels and seeds than the evaluated ones (no test leakage).
+    """
+    path = MODELS.get(args.model, args.model)
+    video = (Path(path) / "transformer" / "config.json").is_file() and "Wan" in (
+        Path(path) / "transformer" / "config.json"
+    ).read_text()
+    if video:
+        pipe, encoder = load_digits_video_pipeline(path, device=args.device)
+        guidance = 5.0 if args.guidance is None else args.guidance
+        digits, motions = balanced_clip_labels(args.per_class)
+        calibration = (torch.arange(10), torch.arange(10) % len(MOTIONS))
+
+        def generate(pipe, calibrate=False):  # WanPipeline sets its own cache context
+            d, m = calibration if calibrate else (digits, motions)
+            return generate_clips(pipe, encoder, d, m, args.steps, guidance, seed=100 if calibrate else 0)
+
+        return pipe, digits, generate, "video"
+
+    pipe, encoder = load_digits_image_pipeline(path, device=args.device)
+    guidance = 3.0 if args.guidance is None else args.guidance
     labels = balanced_labels(args.per_class)
 
-    def generate(pipe):
+    def generate(pipe, calibrate=False):
         # SD3 pipelines set no cache context; diffusers' caches need one (ours does not, and ignores it here).
         with cache_context(pipe.transformer, "cond"):
-            return generate_digits(pipe, encoder, labels, args.steps, args.guidance)
+            chosen = balanced_labels(1) if calibrate else labels
+            return generate_digits(pipe, encoder, chosen, args.steps, guidance, seed=100 if calibrate else 0)
 
-    results = compare(pipe, generate, accelerations(args, pipe, encoder, generate), labels, classifier, args.repeats)
+    return pipe, labels, generate, "image"
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    pipe, labels, generate, kind = _workload(args)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+    runs = accelerations(args, pipe, lambda pipe: generate(pipe, calibrate=True))
+    results = compare(pipe, generate, runs, labels, classifier, args.repeats)
     rows = [r.to_dict() for r in results]
     report.print_table(
         rows,
@@ -113,7 +158,8 @@ def run(args) -> dict:
             ("ssim", "SSIM", lambda v: f"{v:.4f}"),
             ("relative_l2", "rel L2", lambda v: f"{v:.4f}"),
             ("accuracy", "accuracy", lambda v: f"{v:.1%}"),
-        ],
+        ]
+        + ([("temporal_consistency", "temporal", lambda v: f"{v:.4f}")] if kind == "video" else []),
     )
     for row in rows:
         if row["error"]:
@@ -127,7 +173,7 @@ def run(args) -> dict:
         "reference": {"accuracy": results[0].reference_accuracy, "seconds": results[0].reference_seconds},
         "results": rows,
     }
-    path = report.write_json(report.result_path(args.out, args.name, device), payload)
+    path = report.write_json(report.result_path(args.out, args.name or f"quality-digits-{kind}", device), payload)
     if args.plot:
         _plot(rows, path.with_suffix(".png"))
     print(f"wrote {path}")

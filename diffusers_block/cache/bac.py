@@ -8,7 +8,10 @@ and a dynamic programme over the segment starts maximises the sum of phi over se
 :class:`StaticScheduleConfig`, so nothing is decided at run time.
 
 ``shared=True`` schedules all units on the same steps (one DP over the mean similarity): units then skip together,
-which on some models beats independent per-unit steps. ``bubbling_union=n`` applies BAC's fix for FFN error
+which on some models beats independent per-unit steps. ``objective="error"`` scores reuse by what it costs rather
+than by direction: S[a, t] = -||R_t - R_a|| / mean_t ||R_t||, with R the unit's cached tensor or, when shared, the
+sum of all units' (the whole stack's residual, what a step that skips every block gets wrong). Cosine similarity
+ignores magnitude, so it spends updates on steps whose features turn but are too small to matter. ``bubbling_union=n`` applies BAC's fix for FFN error
 amplification with ``granularity="sub_block"``: the n most variable units also update whenever an FFN at or after
 their layer does.
 """
@@ -37,8 +40,18 @@ def segment_scores(similarity: torch.Tensor) -> torch.Tensor:
     return phi.masked_fill(torch.ones(k, k, dtype=torch.bool).tril(-1), float("-inf"))
 
 
-def optimal_update_steps(similarity: torch.Tensor, updates: int) -> list[int]:
-    """The ``updates`` steps 0 = c_1 < ... < c_M maximising sum_m phi(c_m, c_{m+1} - 1), with c_{M+1} = K. O(M K^2)."""
+def optimal_update_steps(similarity: torch.Tensor, updates: int, keep_first: int = 0) -> list[int]:
+    """The ``updates`` steps 0 = c_1 < ... < c_M maximising sum_m phi(c_m, c_{m+1} - 1), with c_{M+1} = K. O(M K^2).
+
+    ``keep_first``: steps 0 .. keep_first - 1 are always updated and the DP places the rest among the later steps.
+    Early steps shape the whole sample, so an error there costs more than the similarity matrix says (MagCache's
+    ``retention_ratio`` makes the same bet).
+    """
+    if keep_first:
+        if not 0 <= keep_first < updates:
+            raise ValueError(f"keep_first must be in [0, updates) = [0, {updates}), got {keep_first}")
+        rest = optimal_update_steps(similarity[keep_first:, keep_first:], updates - keep_first)
+        return list(range(keep_first)) + [keep_first + step for step in rest]
     k = similarity.shape[0]
     if not 1 <= updates <= k:
         raise ValueError(f"updates must be in [1, {k}] for {k} steps, got {updates}")
@@ -98,12 +111,14 @@ class _RecordPolicy(CachePolicy):
         self.config.recorder(self.unit_names[unit], step, primary)
 
 
-def record_similarities(
+OBJECTIVES = ("cosine", "error")
+
+
+def record_features(
     target, generate: Callable[[object], object], granularity: str = "block", max_samples: int = 8
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Run ``generate(target)`` uncached and return, per unit, the K x K cosine similarity of its cached tensor across
-    steps (mean over the first ``max_samples`` samples of the batch) and its variability (mean L1 distance between
-    the normalised features of all pairs of steps, BAC's ranking for Bubbling Union)."""
+) -> dict[str, torch.Tensor]:
+    """Run ``generate(target)`` uncached; per unit, its cached tensor at every step, (K, samples, D) float32 on the
+    CPU (the first ``max_samples`` samples of the batch)."""
     features: dict[str, dict[int, torch.Tensor]] = {}
 
     def recorder(name: str, step: int, tensor: torch.Tensor) -> None:
@@ -115,13 +130,38 @@ def record_similarities(
         generate(target)
     finally:
         disable_block_cache(target)
-    similarities, variability = {}, {}
-    for name, by_step in features.items():
-        stacked = torch.stack([by_step[s] for s in sorted(by_step)])  # (K, samples, D)
-        normed = torch.nn.functional.normalize(stacked, dim=-1)
-        similarities[name] = torch.einsum("asd,bsd->ab", normed, normed) / normed.shape[1]
-        variability[name] = float(torch.cdist(normed.transpose(0, 1), normed.transpose(0, 1), p=1).mean())
-    return similarities, variability
+    return {name: torch.stack([by_step[s] for s in sorted(by_step)]) for name, by_step in features.items()}
+
+
+def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """K x K cosine similarity between steps of (K, samples, D) features, mean over samples."""
+    normed = torch.nn.functional.normalize(features, dim=-1)
+    return torch.einsum("asd,bsd->ab", normed, normed) / normed.shape[1]
+
+
+def negative_error_matrix(features: torch.Tensor) -> torch.Tensor:
+    """S[a, t] = -||f_t - f_a|| / mean_t ||f_t||: minus the error of serving step t from step a's cache, relative to
+    the features' typical size (mean over samples)."""
+    per_sample = features.transpose(0, 1)  # (samples, K, D)
+    distance = torch.cdist(per_sample, per_sample).mean(0)  # (K, K)
+    return -distance / per_sample.norm(dim=-1).mean().clamp_min(1e-12)
+
+
+def variability(features: torch.Tensor) -> float:
+    """Mean L1 distance between the normalised features of all pairs of steps: BAC's ranking for Bubbling Union."""
+    normed = torch.nn.functional.normalize(features, dim=-1).transpose(0, 1)
+    return float(torch.cdist(normed, normed, p=1).mean())
+
+
+def record_similarities(
+    target, generate: Callable[[object], object], granularity: str = "block", max_samples: int = 8
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Per unit, the K x K cosine similarity of its cached tensor across steps and its variability."""
+    features = record_features(target, generate, granularity, max_samples)
+    return (
+        {name: cosine_similarity_matrix(f) for name, f in features.items()},
+        {name: variability(f) for name, f in features.items()},
+    )
 
 
 def calibrate(
@@ -133,22 +173,39 @@ def calibrate(
     shared: bool = False,
     bubbling_union_top: int = 0,
     forecast: str = "none",
+    objective: str = "cosine",
+    keep_first: int | float = 0,
     max_samples: int = 8,
 ) -> StaticScheduleConfig:
     """A BAC schedule for ``target`` (pipeline or transformer) from one uncached run of ``generate(target)``.
 
     ``updates`` is the number of update steps per unit, or, if a float in (0, 1], the fraction of steps.
+    ``objective``: "cosine" (BAC's similarity matrix) or "error" (minus the relative error of reuse; see above).
+    ``keep_first``: always update the first steps (a count, or a float in (0, 1) for a fraction of the steps).
     """
-    similarities, variability = record_similarities(target, generate, granularity, max_samples)
-    if not similarities:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    features = record_features(target, generate, granularity, max_samples)
+    if not features:
         raise RuntimeError("calibration recorded nothing: did generate() call the transformer?")
-    steps = next(iter(similarities.values())).shape[0]
+    steps = next(iter(features.values())).shape[0]
     count = updates if isinstance(updates, int) else max(1, round(updates * steps))
-    if shared:
-        schedule = optimal_update_steps(torch.stack(list(similarities.values())).mean(0), count)
-        update_steps = {name: schedule for name in similarities}
+    first = keep_first if isinstance(keep_first, int) else round(keep_first * steps)
+    if first >= count:
+        raise ValueError(f"keep_first ({first} steps) must be fewer than the updates ({count})")
+    if shared and objective == "error":
+        if len({f.shape for f in features.values()}) == 1:  # one stream: the units' residuals add up along the stack
+            score = negative_error_matrix(torch.stack(list(features.values())).sum(0))
+        else:  # units of different widths (e.g. Flux's double and single blocks): mean of their own errors
+            score = torch.stack([negative_error_matrix(f) for f in features.values()]).mean(0)
+        update_steps = dict.fromkeys(features, optimal_update_steps(score, count, first))
+    elif shared:
+        mean_similarity = torch.stack([cosine_similarity_matrix(f) for f in features.values()]).mean(0)
+        update_steps = dict.fromkeys(features, optimal_update_steps(mean_similarity, count, first))
     else:
-        update_steps = {name: optimal_update_steps(s, count) for name, s in similarities.items()}
+        score = cosine_similarity_matrix if objective == "cosine" else negative_error_matrix
+        update_steps = {name: optimal_update_steps(score(f), count, first) for name, f in features.items()}
     if bubbling_union_top:
-        update_steps = bubbling_union(update_steps, variability, bubbling_union_top)
+        variabilities = {name: variability(f) for name, f in features.items()}
+        update_steps = bubbling_union(update_steps, variabilities, bubbling_union_top)
     return StaticScheduleConfig(update_steps=update_steps, granularity=granularity, forecast=forecast)

@@ -2,7 +2,7 @@
 
 Every speed claim of this repo is paired with what it costs: fidelity to the unaccelerated output (PSNR, SSIM,
 relative L2 on the decoded images, in [0, 1]), the task metric (the shipped digit classifier's accuracy on the
-labels that were asked for), the work saved (fraction of block evaluations computed) and the wall-clock speed-up.
+labels that were asked for, per frame for videos, and the videos' temporal consistency), the work saved (fraction of block evaluations computed) and the wall-clock speed-up.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..models import resolve_adapter
-from .metrics import psnr, relative_l2, ssim
+from .metrics import psnr, relative_l2, ssim, temporal_consistency
 
 
 @dataclass
@@ -40,6 +40,8 @@ class Comparison:
     speedup: float
     fraction_computed: float  # block work done, relative to the reference (Linear calls inside blocks)
     error: str | None = None  # the acceleration failed on this pipeline: why
+    temporal_consistency: float | None = None  # videos only: 1 - mean |frame change| (data range 1)
+    reference_temporal_consistency: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +125,8 @@ def compare(
                 reference_seconds=reference_seconds,
                 speedup=reference_seconds / seconds,
                 fraction_computed=work / reference_work,
+                temporal_consistency=_consistency(output),
+                reference_temporal_consistency=_consistency(reference),
             )
         )
     return results
@@ -143,6 +147,10 @@ def _failed(name: str, error: Exception, reference_accuracy, reference_seconds: 
         nan,
         error=f"{type(error).__name__}: {error}",
     )
+
+
+def _consistency(x: torch.Tensor) -> float | None:
+    return temporal_consistency(x, data_range=1.0, reduction="mean").item() if x.ndim == 5 else None
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:

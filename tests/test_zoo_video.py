@@ -1,0 +1,48 @@
+"""The shipped moving-digits video model loads offline, generates the requested digits, and its labels are checked."""
+
+import os
+
+import pytest
+import torch
+
+from diffusers_block.data.digits import make_moving_digits
+from diffusers_block.eval.classifier import DigitClassifier
+from diffusers_block.eval.digits import class_accuracy, estimate_motion, generate_clips, motion_accuracy
+from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_video_pipeline
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def video():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pipe, encoder = load_digits_video_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, encoder, DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).eval()
+
+
+def test_shipped_video_model_draws_the_requested_digits(video):
+    pipe, encoder, classifier = video
+    digits, motions = torch.tensor([0, 3, 7, 8]), torch.tensor([0, 2, 4, 6])
+    clips = generate_clips(pipe, encoder, digits, motions, steps=STEPS, guidance_scale=5.0)
+    assert clips.shape == (4, 17, 1, 32, 32) and 0 <= clips.min() and clips.max() <= 1
+    assert class_accuracy(classifier, clips, digits) >= 0.75  # per frame
+
+
+def test_clip_labels_are_checked(video):
+    _, encoder, _ = video
+    with pytest.raises(ValueError, match="motions must be in"):
+        encoder.prompt_kwargs([1], [8])
+    with pytest.raises(ValueError, match="one motion per digit"):
+        encoder.prompt_kwargs([1, 2], [0])
+    kwargs = encoder.prompt_kwargs([1, 2], [0, 5])
+    assert kwargs["prompt_embeds"].shape == kwargs["negative_prompt_embeds"].shape == (2, 4, 64)
+
+
+def test_motion_estimate_reads_real_clips():
+    clips, labels = make_moving_digits(200, "test", frames=17, seed=3)
+    clips01 = (clips + 1) / 2
+    # Digits that start against a wall bounce on the first step and read as the opposite motion: about 1 in 7.
+    assert motion_accuracy(clips01, labels["motion"]) > 0.8
+    assert (estimate_motion(torch.zeros_like(clips01)) == -1).all()  # no ink, no motion
+    assert motion_accuracy(clips01[:, :1].expand_as(clips01), labels["motion"]) == 0.0  # a still clip has none
