@@ -49,3 +49,15 @@ def test_attention_benchmark_cpu(tmp_path):
     assert 0.0 < e2e["runs"]["sparse"]["sparse_density"] < 1.0
     assert e2e["runs"]["sparse"]["rel_l2"] > 0.0  # sparse attention changed the result, a little
     assert set(e2e["forward_ms"]) == {"dense", "sparse_select", "sparse_reuse"}
+
+
+def test_attention_quality_benchmark_on_the_shipped_video_model(tmp_path):
+    payload = main(
+        ["attention-quality", "--device", "cpu", "--clips", "2", "--steps", "3", "--dense-steps", "1"]
+        + ["--thresholds", "1.0", "0.5", "--approximations", "none", "--out", str(tmp_path)]
+    )
+    everything, half = payload["results"]
+    assert everything["sparse_density"] == 1.0 and everything["psnr_db"] > 60  # all blocks kept: dense output
+    assert half["sparse_density"] < 0.6 and half["psnr_db"] < everything["psnr_db"]
+    written = json.loads(next(tmp_path.glob("attention-quality-*.json")).read_text())
+    assert written["results"] == payload["results"]
