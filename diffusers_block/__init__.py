@@ -1,10 +1,18 @@
 """diffusers-block: make diffusers transformers fast without retraining them.
 
-Importing the package adds ``enable_block_cache``, ``disable_block_cache`` and ``block_cache_summary`` methods to
-diffusers' ``DiffusionPipeline`` (new methods only; nothing existing is replaced). The functions below do the same
-for pipelines and bare transformers.
+Importing the package adds ``enable_block_cache``, ``disable_block_cache`` and ``block_cache_summary`` methods (and
+``enable_sparse_attention``, ``disable_sparse_attention``, ``sparse_attention_summary``) to diffusers'
+``DiffusionPipeline`` (new methods only; nothing existing is replaced). The functions below do the same for pipelines
+and bare transformers.
 """
 
+from .attention import (
+    SparseAttentionConfig,
+    SparseAttentionSummary,
+    disable_sparse_attention,
+    enable_sparse_attention,
+    sparse_attention_summary,
+)
 from .cache import (
     BlockCacheSummary,
     BWCacheConfig,
@@ -29,13 +37,18 @@ __all__ = [
     "BlockCacheSummary",
     "CacheConfig",
     "ShapeChangedError",
+    "SparseAttentionConfig",
+    "SparseAttentionSummary",
     "StaticScheduleConfig",
     "UnsupportedModelError",
     "block_cache_summary",
     "calibrate_schedule",
     "cache_context",
     "disable_block_cache",
+    "disable_sparse_attention",
     "enable_block_cache",
+    "enable_sparse_attention",
     "reset_block_cache",
+    "sparse_attention_summary",
     "supported_families",
 ]

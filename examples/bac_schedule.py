@@ -1,6 +1,6 @@
 """Calibrate a BAC schedule once, save it as JSON, and sample with it (no decision at run time, compile-friendly).
 
-    python examples/bac_schedule.py --updates 22 --shared --out digits_bac_schedule.json
+python examples/bac_schedule.py --updates 22 --shared --out digits_bac_schedule.json
 """
 
 import argparse

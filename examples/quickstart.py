@@ -21,15 +21,34 @@ def offline_pipeline() -> tuple[WanPipeline, dict]:
     """A 6-layer Wan transformer built from its config with seeded random weights, and random prompt embeddings."""
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=6, rope_max_seq_len=256,
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        text_dim=64,
+        freq_dim=64,
+        ffn_dim=512,
+        num_layers=6,
+        rope_max_seq_len=256,
     )
     random_init_(transformer, seed=0)  # random weights that change smoothly across steps, as trained ones do
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=None,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
     embeds = torch.randn(1, 16, 64)
-    return pipe, {"prompt_embeds": embeds, "negative_prompt_embeds": torch.zeros_like(embeds), "output_type": "latent",
-                  "height": 128, "width": 128, "num_frames": 9}
+    return pipe, {
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": torch.zeros_like(embeds),
+        "output_type": "latent",
+        "height": 128,
+        "width": 128,
+        "num_frames": 9,
+    }
 
 
 def main() -> None:

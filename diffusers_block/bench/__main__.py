@@ -10,9 +10,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import cache, quality
+from . import attention, attention_quality, cache, policy, quality
 
-COMMANDS = {"cache": cache, "quality": quality}
+COMMANDS = {
+    "cache": cache,
+    "quality": quality,
+    "policy": policy,
+    "attention": attention,
+    "attention-quality": attention_quality,
+}
 
 
 def main(argv: Sequence[str] | None = None):
@@ -20,9 +26,11 @@ def main(argv: Sequence[str] | None = None):
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         summary = module.__doc__.splitlines()[0]
-        module.add_arguments(commands.add_parser(
-            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-        ))
+        module.add_arguments(
+            commands.add_parser(
+                name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+            )
+        )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in result files as the command line

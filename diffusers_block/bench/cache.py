@@ -47,11 +47,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", nargs="+", required=True, choices=list(ARCHITECTURES),
-                        help="one or more architectures, benchmarked one after the other")
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        required=True,
+        choices=list(ARCHITECTURES),
+        help="one or more architectures, benchmarked one after the other",
+    )
     parser.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's, 50 Wan / 28 Flux)")
-    parser.add_argument("--policies", nargs="*", choices=POLICIES, default=list(POLICIES),
-                        help="cache runs besides dense (default: all)")
+    parser.add_argument(
+        "--policies",
+        nargs="*",
+        choices=POLICIES,
+        default=list(POLICIES),
+        help="cache runs besides dense (default: all)",
+    )
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.05, 0.1], help="BWCache thresholds")
     parser.add_argument("--cfg", action="store_true", help="classifier-free guidance: cond + uncond call per step")
     parser.add_argument("--repeats", type=int, default=3, help="timed schedules per run (the median is reported)")
@@ -199,22 +209,26 @@ def run_model(name: str, args, device: torch.device, dtype: torch.dtype) -> dict
         row["ideal_speedup"] = 1 / (1 - share * (1 - row["fraction_computed"]))
         row["overhead_pct"] = (
             100 * (row["ms_per_schedule"] / dense["ms_per_schedule"] - 1)
-            if policy != "dense" and row["fraction_computed"] == 1.0 else None
+            if policy != "dense" and row["fraction_computed"] == 1.0
+            else None
         )
         row["rel_l2"] = ((latents - reference).double().norm() / reference.double().norm()).item()
 
     rows = [{"policy": policy, **row} for policy, row in runs.items()]
-    report.print_table(rows, [
-        ("policy", "policy", str),
-        ("ms_per_schedule", "ms/schedule", "{:.1f}".format),
-        ("ms_per_step", "ms/step", "{:.2f}".format),
-        ("speedup", "speedup", "{:.2f}x".format),
-        ("fraction_computed", "computed", "{:.1%}".format),
-        ("ideal_speedup", "ideal", "{:.2f}x".format),
-        ("overhead_pct", "overhead", "{:+.1f}%".format),
-        ("rel_l2", "rel L2", "{:.2e}".format),
-        ("peak_memory_gib", "peak GiB", "{:.1f}".format),
-    ])
+    report.print_table(
+        rows,
+        [
+            ("policy", "policy", str),
+            ("ms_per_schedule", "ms/schedule", "{:.1f}".format),
+            ("ms_per_step", "ms/step", "{:.2f}".format),
+            ("speedup", "speedup", "{:.2f}x".format),
+            ("fraction_computed", "computed", "{:.1%}".format),
+            ("ideal_speedup", "ideal", "{:.2f}x".format),
+            ("overhead_pct", "overhead", "{:+.1f}%".format),
+            ("rel_l2", "rel L2", "{:.2e}".format),
+            ("peak_memory_gib", "peak GiB", "{:.1f}".format),
+        ],
+    )
     print(
         f"outside blocks: {outside['ms_per_schedule'] / steps:.2f} ms/step, so blocks take {share:.1%} of dense "
         f"time (ideal = 1 / (1 - {share:.3f} * (1 - computed)))"

@@ -31,7 +31,10 @@ def _version(package: str) -> str | None:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True,
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
             timeout=10,
         )
     except (OSError, subprocess.SubprocessError):

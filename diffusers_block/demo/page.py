@@ -1,0 +1,86 @@
+"""Small glue between the tabs' plain functions and Gradio's page: errors as messages, progress as a bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import gradio as gr
+
+from .render import Pictures
+from .runner import Report
+
+T = TypeVar("T")
+
+
+def in_page(fn: Callable[[], T]) -> T:
+    """Run ``fn``; whatever it raises becomes one message in the page (the traceback goes to the server's log)."""
+    try:
+        return fn()
+    except gr.Error:
+        raise
+    except Exception as error:
+        raise gr.Error(f"{type(error).__name__}: {error}") from error
+
+
+def reporter(progress: gr.Progress) -> Report:
+    """A runner ``Report`` that moves the page's progress bar."""
+
+    def report(done_total: tuple[int, int | None], desc: str) -> None:
+        progress(done_total, desc=desc, unit="transformer calls")
+
+    return report
+
+
+class ComparisonView:
+    """Where a tab shows a side-by-side run: baseline and accelerated side by side, their difference, the numbers;
+    the heatmap goes wherever the tab calls :meth:`add_heatmap` (usually full width, below)."""
+
+    def __init__(self, key: str, difference_gain: float, image_height: int = 240) -> None:
+        with gr.Row():
+            self.baseline = gr.Image(
+                label="baseline (no cache)", format="png", height=image_height, elem_id=f"{key}-baseline"
+            )
+            self.accelerated = gr.Image(
+                label="accelerated", format="png", height=image_height, elem_id=f"{key}-accelerated"
+            )
+        self.difference = gr.Image(
+            label=f"|accelerated - baseline| x {difference_gain:g}",
+            format="png",
+            height=image_height,
+            elem_id=f"{key}-difference",
+        )
+        self.metrics = gr.Markdown("Press *Generate* to run both.", elem_id=f"{key}-metrics")
+        self.key = key
+        self.heatmap = self.mask = None
+
+    def add_heatmap(self, label: str) -> None:
+        """The cache heatmap picture (its title says what it shows: ``label`` is for screen readers)."""
+        self.heatmap = gr.Image(label=label, show_label=False, format="png", elem_id=f"{self.key}-heatmap")
+
+    def add_mask(self) -> None:
+        """The sparse block mask picture, hidden until a run with sparse attention has one to show."""
+        self.mask = gr.Image(
+            label="sparse attention: block mask of the chosen layer and head",
+            show_label=False,  # the picture has its own title, which a floating label would cover
+            format="png",
+            height=320,
+            visible=False,  # shown with the first mask
+            elem_id=f"{self.key}-mask",
+        )
+
+    @property
+    def outputs(self) -> list:
+        return [self.baseline, self.accelerated, self.difference, self.metrics, self.heatmap, self.mask]
+
+    @staticmethod
+    def values(pictures: Pictures) -> tuple:
+        """The outputs' new values; the heatmap and the mask are hidden when their acceleration was off."""
+        return (
+            pictures.baseline,
+            pictures.accelerated,
+            pictures.difference,
+            pictures.metrics,
+            gr.Image(value=pictures.heatmap, visible=pictures.heatmap is not None),
+            gr.Image(value=pictures.mask, visible=pictures.mask is not None),
+        )

@@ -1,0 +1,140 @@
+"""Pictures and tables for the page, drawn from the measured data (tensors, summaries, numbers)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import BlockCacheSummary
+from .runner import SideBySide
+
+
+def image_grid(images: torch.Tensor, columns: int, cell: int = 96) -> Image.Image:
+    """(N, C, H, W) in [0, 1], C in {1, 3}, as one picture of ``columns`` per row, each image scaled to ``cell``
+    pixels high with nearest-neighbour resampling (small images stay crisp)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (N, 1 or 3, H, W), got shape {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    canvas = torch.ones(rows * columns, c, h, w)
+    canvas[:n] = images.float().clamp(0, 1)
+    grid = canvas.view(rows, columns, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    pixels = (grid.numpy() * 255).round().astype(np.uint8)
+    picture = Image.fromarray(pixels[..., 0] if c == 1 else pixels, "L" if c == 1 else "RGB")
+    scale = max(1, cell // h)
+    return picture.resize((columns * w * scale, rows * h * scale), Image.NEAREST)
+
+
+def difference(a: torch.Tensor, b: torch.Tensor, gain: float) -> torch.Tensor:
+    """|a - b| x gain, clipped to [0, 1]: where the accelerated output departs from the baseline."""
+    return ((a.float() - b.float()).abs() * gain).clamp(0, 1)
+
+
+def heatmap(summary: BlockCacheSummary, title: str) -> Image.Image:
+    """The steps x units cache heatmap of the first CFG branch (``BlockCacheSummary.plot``), as a picture."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = summary.plot(Path(folder) / "heatmap.png", branch=0, title=title)
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+
+
+def heatmap_title(policy: str, result: SideBySide) -> str:
+    if result.summary is None:
+        return ""
+    return f"{policy}\n{result.summary.fraction_computed:.0%} of units computed (blue), reused (orange)"
+
+
+def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, str]] = ()) -> str:
+    """The numbers of a side-by-side run as a Markdown table (baseline | accelerated), then the configs used."""
+    from .controls import describe
+
+    base, fast = result.baseline, result.accelerated
+    ssim = result.ssim
+    rows = [
+        ("wall-clock", f"{base.seconds:.2f} s", f"{fast.seconds:.2f} s"),
+        ("speed-up", "1.00x", f"**{result.speedup:.2f}x**"),
+        (
+            "block work (Linear calls inside blocks)",
+            "100%",
+            f"{result.work_fraction:.1%} (**{1 - result.work_fraction:.1%} saved**)",
+        ),
+    ]
+    if result.summary is not None:
+        summary = result.summary
+        rows.append(
+            (
+                "cache-unit evaluations computed",
+                "100%",
+                f"{summary.fraction_computed:.1%} ({summary.fraction_saved:.1%} reused)",
+            )
+        )
+    if result.sparse_summary is not None:
+        sparse = result.sparse_summary
+        rows += [
+            ("attention key blocks kept (sparse steps)", "100%", f"{sparse.sparse_density:.1%}"),
+            ("attention kept overall (dense steps count 100%)", "100%", f"{sparse.overall_density:.1%}"),
+        ]
+    rows += [
+        ("PSNR vs baseline", "inf", _db(result.psnr_db)),
+        ("SSIM vs baseline", "1", "n/a (images under 11 px)" if ssim is None else f"{ssim:.4f}"),
+        *extra,
+    ]
+    if result.calibration_seconds is not None:
+        rows.append(("BAC calibration (one uncached run, other seeds)", "", f"{result.calibration_seconds:.2f} s"))
+    lines = ["| | baseline | accelerated |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    runs = "One run per side" if result.repeats == 1 else f"Fastest of {result.repeats} alternating runs per side"
+    lines.append(f"\n{runs} on `{device}`, same seed. Wall-clock on a busy machine is noisy; block work is exact.")
+    lines.append(f"\nCache: `{describe(result.config) if result.config is not None else 'none'}`")
+    if result.sparse_config is not None:
+        c = result.sparse_config
+        lines.append(
+            f"\nSparse attention: `SparseAttentionConfig(threshold={c.threshold}, block_size={c.block_size}, "
+            f"dense_steps={c.dense_steps}, refresh_interval={c.refresh_interval}, min_tokens={c.min_tokens})`"
+        )
+    return "\n".join(lines)
+
+
+def _db(value: float) -> str:
+    return "inf (identical)" if math.isinf(value) else f"{value:.2f} dB"
+
+
+@dataclass
+class Pictures:
+    """What a tab shows for one side-by-side run (heatmap and mask: None where that acceleration was off)."""
+
+    baseline: Image.Image | str  # a picture, or the path of an animation (GIF)
+    accelerated: Image.Image | str
+    difference: Image.Image | str
+    heatmap: Image.Image | None
+    mask: Image.Image | None
+    metrics: str
+
+
+def pictures(
+    baseline: torch.Tensor,
+    accelerated: torch.Tensor,
+    result: SideBySide,
+    metrics: str,
+    *,
+    columns: int,
+    cell: int,
+    gain: float,
+    title: str,
+    mask: Image.Image | None = None,
+) -> Pictures:
+    """Grids of the two outputs (N, C, H, W) and of their amplified difference, and the cache heatmap."""
+    return Pictures(
+        image_grid(baseline, columns, cell),
+        image_grid(accelerated, columns, cell),
+        image_grid(difference(accelerated, baseline, gain), columns, cell),
+        None if result.summary is None else heatmap(result.summary, title),
+        mask,
+        metrics,
+    )

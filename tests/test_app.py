@@ -1,0 +1,302 @@
+"""The demo's generate functions without a browser: numbers, cache isolation between requests, messages.
+
+The browser test (tests/test_app_browser.py) drives the same functions through the page.
+"""
+
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+gr = pytest.importorskip("gradio", reason="the demo needs gradio: pip install -e '.[demo]'")
+
+from diffusers_block import block_cache_summary  # noqa: E402
+from diffusers_block.demo import TABS, build_demo, render  # noqa: E402
+from diffusers_block.demo.controls import CacheSettings  # noqa: E402
+from diffusers_block.demo.image import DigitsImageTab, DigitsRequest  # noqa: E402
+from diffusers_block.demo.pipeline import (  # noqa: E402
+    AnyPipelineTab,
+    PipelineLoadError,
+    PipelineRequest,
+    to_tensor,
+)
+from diffusers_block.demo.sparse import SparseSettings, sparse_available  # noqa: E402
+from diffusers_block.demo.video import CELL, FRAMES, DigitsVideoTab, VideoRequest  # noqa: E402
+
+try:
+    from diffusers_block import sparse_attention_summary
+except ImportError:  # installs without sparse attention: its tests skip
+    sparse_attention_summary = None
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+REQUEST = DigitsRequest(digits=(0, 1, 7), steps=STEPS, seed=3)
+# warm-up 2, cool-down 1, every 2nd step between: steps 0, 1, 2, 4, 6, 8, 9 of 10 compute
+STATIC = CacheSettings(policy="static", interval=2, static_warmup_steps=2, static_cooldown_steps=1)
+STATIC_COMPUTED = 7 / 10
+NO_REUSE = CacheSettings(policy="static", interval=1, static_warmup_steps=0, static_cooldown_steps=0)
+
+
+@pytest.fixture(scope="module")
+def digits_tab():
+    return DigitsImageTab("cpu")
+
+
+def _pipe(tab: DigitsImageTab):
+    with tab.slot.use() as model:
+        return model.pipe
+
+
+def test_app_help_lists_the_launch_options():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for option in ("--host", "--port", "--device", "--share"):
+        assert option in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of --device cuda without a GPU")
+def test_app_refuses_cuda_without_a_gpu():
+    out = subprocess.run([sys.executable, "app.py", "--device", "cuda"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "no CUDA GPU is visible" in out.stderr and "--device cpu" in out.stderr
+
+
+def test_every_registered_tab_builds():
+    demo = build_demo("cpu")
+    ids = {block.elem_id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    for tab in TABS:
+        assert {f"tab-{tab.key}", f"{tab.key}-generate", f"{tab.key}-metrics", f"{tab.key}-heatmap"} <= ids
+
+
+def test_digits_static_schedule_numbers(digits_tab):
+    result = digits_tab.generate(REQUEST, STATIC)
+    comparison = result.comparison
+    assert comparison.baseline.output.shape == (3, 1, 32, 32)
+    assert comparison.work_fraction == pytest.approx(STATIC_COMPUTED)  # Linear calls inside blocks
+    assert comparison.summary.fraction_computed == pytest.approx(STATIC_COMPUTED)
+    assert comparison.summary.computed.shape == (1, STEPS, 10)  # one call per step (CFG batched), 10 blocks
+    assert comparison.baseline.transformer_calls == comparison.accelerated.transformer_calls == STEPS
+    assert 20 < comparison.psnr_db < float("inf")
+    assert 0.8 < comparison.ssim < 1
+    assert comparison.speedup > 0 and comparison.baseline.seconds > 0
+    assert 0 <= result.baseline_accuracy <= 1 and 0 <= result.accelerated_accuracy <= 1
+    assert comparison.calibration_seconds is None
+    pictures = result.pictures
+    assert pictures.baseline.size == pictures.accelerated.size == (3 * 96, 96)
+    assert pictures.heatmap.size[0] > 200
+    assert "speed-up" in pictures.metrics and f"{1 - STATIC_COMPUTED:.1%} saved" in pictures.metrics
+
+
+def test_cache_state_is_isolated_between_requests(digits_tab):
+    cached = digits_tab.generate(REQUEST, CacheSettings(policy="bwcache", threshold=0.5, warmup_steps=1))
+    assert cached.comparison.work_fraction < 1
+    with pytest.raises(RuntimeError, match="not enabled"):  # nothing of the request stays on the pipeline
+        block_cache_summary(_pipe(digits_tab))
+    plain = digits_tab.generate(REQUEST, NO_REUSE)
+    # The second request neither reuses the first one's cached residuals nor keeps its policy.
+    assert plain.comparison.work_fraction == 1.0
+    assert torch.equal(plain.comparison.accelerated.output, plain.comparison.baseline.output)
+    assert torch.equal(plain.comparison.baseline.output, cached.comparison.baseline.output)
+
+
+def test_concurrent_requests_do_not_share_cache_state(digits_tab):
+    alone = digits_tab.generate(REQUEST, STATIC).comparison.accelerated.output
+    results = {}
+
+    def request(name, settings):
+        results[name] = digits_tab.generate(REQUEST, settings).comparison
+
+    threads = [threading.Thread(target=request, args=a) for a in (("static", STATIC), ("plain", NO_REUSE))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results["static"].work_fraction == pytest.approx(STATIC_COMPUTED)
+    assert torch.equal(results["static"].accelerated.output, alone)
+    assert results["plain"].work_fraction == 1.0
+    assert torch.equal(results["plain"].accelerated.output, results["plain"].baseline.output)
+
+
+def test_repeated_timing_keeps_outputs_and_work(digits_tab):
+    small = replace(REQUEST, digits=(5,))
+    once = digits_tab.generate(small, STATIC).comparison
+    twice = digits_tab.generate(replace(small, repeats=2), STATIC).comparison
+    assert twice.repeats == 2 and "Fastest of 2 alternating runs" in render.metrics_table(twice, "cpu")
+    assert twice.work_fraction == once.work_fraction
+    assert torch.equal(twice.accelerated.output, once.accelerated.output)
+
+
+def test_digits_bac_schedule_spends_its_update_budget(digits_tab):
+    updates = 4
+    result = digits_tab.generate(REQUEST, CacheSettings(policy="bac", bac_updates=updates, bac_shared=True))
+    assert result.comparison.work_fraction == pytest.approx(updates / STEPS)
+    assert result.comparison.calibration_seconds > 0
+    assert "BAC" in result.pictures.metrics
+
+
+def test_digits_sub_block_taylor_forecast(digits_tab):
+    settings = CacheSettings(
+        policy="static",
+        interval=3,
+        static_warmup_steps=2,
+        granularity="sub_block",
+        forecast="taylor1",
+        static_cooldown_steps=1,
+    )
+    result = digits_tab.generate(REQUEST, settings)
+    assert len(result.comparison.summary.unit_names) > 10  # attention and FFN of every block
+    assert result.comparison.work_fraction < 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "settings", "message"),
+    [
+        (DigitsRequest(digits=()), CacheSettings(), "at least one digit"),
+        (DigitsRequest(steps=1), CacheSettings(), r"Steps must be an integer in \[2, 200\]"),
+        (DigitsRequest(steps=2.5), CacheSettings(), "Steps must be an integer"),
+        (DigitsRequest(seed=-1), CacheSettings(), "Seed must be"),
+        (DigitsRequest(guidance=0.5), CacheSettings(), "Guidance scale must be in"),
+        (DigitsRequest(per_digit=9), CacheSettings(), "Images per digit"),
+        (DigitsRequest(repeats=0), CacheSettings(), r"Timed runs per side must be an integer in \[1, 5\]"),
+        (REQUEST, CacheSettings(threshold=20.0), r"BWCacheConfig.threshold must be a number in \[0.0, 10.0\]"),
+        (REQUEST, CacheSettings(policy="static", interval=0), "StaticScheduleConfig.interval must be an integer >= 1"),
+        (REQUEST, CacheSettings(policy="bac", bac_updates=STEPS + 1), r"BAC updates must be in \[1, 10\]"),
+        (REQUEST, CacheSettings(granularity="layer"), "granularity must be one of"),
+    ],
+)
+def test_bad_inputs_give_messages(digits_tab, request_, settings, message):
+    with pytest.raises(gr.Error, match=message):
+        digits_tab.generate(request_, settings)
+
+
+@pytest.mark.skipif(DigitsVideoTab.available() is not None, reason="no trained video model in models/")
+def test_video_tab_plays_both_clips():
+    from PIL import Image
+
+    tab = DigitsVideoTab("cpu")
+    # 4 steps: warm-up step 0, cool-down step 3, every 2nd step between from step 1: 3 of 4 compute
+    settings = CacheSettings(policy="static", interval=2, static_warmup_steps=1, static_cooldown_steps=1)
+    result = tab.generate(VideoRequest(digits=(4,), steps=4), settings)
+    comparison = result.comparison
+    assert comparison.baseline.output.shape == (1, FRAMES, 1, 32, 32)
+    assert comparison.summary.fraction_computed == pytest.approx(3 / 4)
+    assert comparison.baseline.transformer_calls == 2 * 4  # WanPipeline calls cond and uncond separately
+    assert 0 < comparison.psnr_db < float("inf") and 0 < comparison.ssim < 1
+    assert all(0 <= value <= 1 for value in result.frame_accuracy + result.motion_accuracy)
+    with Image.open(result.pictures.baseline) as clip:
+        assert clip.n_frames == FRAMES and clip.size == (CELL, CELL)
+    assert "classifier accuracy per frame" in result.pictures.metrics
+    with pytest.raises(gr.Error, match="Motion must be one of"):
+        tab.generate(VideoRequest(motion="sideways"), settings)
+
+
+needs_sparse = pytest.mark.skipif(not sparse_available(), reason="this install has no enable_sparse_attention")
+SPARSE = SparseSettings(enabled=True, threshold=0.5, block_size=16, dense_steps=2, refresh_interval=2)
+
+
+@needs_sparse
+def test_sparse_attention_alone(digits_tab):
+    result = digits_tab.generate(REQUEST, CacheSettings(policy="none"), sparse=SPARSE)
+    comparison = result.comparison
+    assert comparison.summary is None and result.pictures.heatmap is None  # no block cache
+    assert comparison.work_fraction == 1.0
+    assert 0 < comparison.sparse_summary.sparse_density < 1
+    assert comparison.psnr_db < float("inf")
+    assert result.pictures.mask is not None and "attention key blocks kept" in result.pictures.metrics
+    with pytest.raises(RuntimeError, match="not enabled"):  # removed again after the request
+        sparse_attention_summary(_pipe(digits_tab))
+
+
+@needs_sparse
+def test_sparse_attention_with_a_cache(digits_tab):
+    result = digits_tab.generate(REQUEST, STATIC, sparse=replace(SPARSE, layer=99))  # layer out of range: layer 0
+    assert result.comparison.work_fraction == pytest.approx(STATIC_COMPUTED)
+    assert result.comparison.sparse_summary.sparse_density < 1
+    assert result.pictures.heatmap is not None and result.pictures.mask is not None
+
+
+@needs_sparse
+def test_sparse_bad_inputs_give_messages(digits_tab):
+    with pytest.raises(gr.Error, match="Nothing to accelerate"):
+        digits_tab.generate(REQUEST, CacheSettings(policy="none"))
+    with pytest.raises(gr.Error, match=r"SparseAttentionConfig.threshold must be in \(0, 1\]"):
+        digits_tab.generate(REQUEST, STATIC, sparse=replace(SPARSE, threshold=0.0))
+
+
+# -- any pipeline ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_pipelines(tmp_path_factory):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from tiny_pipelines import build_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    build_pipeline("dit").save_pretrained(root / "dit")
+    build_pipeline("sd3").save_pretrained(root / "sd3-no-text-encoder")
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        norm_num_groups=8,
+    )
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(root / "unet")
+    (root / "empty").mkdir()
+    return root
+
+
+def test_any_pipeline_loads_a_local_folder_and_compares(saved_pipelines):
+    tab = AnyPipelineTab("cpu")
+    source = str(saved_pipelines / "dit")
+    info = tab.load(source)
+    assert info.pipeline_class == "DiTPipeline" and info.conditioning == "class_labels"
+    assert "family dit" in info.transformers[0]
+    request = PipelineRequest(prompt="1, 2", steps=STEPS)
+    result = tab.generate(source, request, STATIC)
+    comparison = result.comparison
+    assert comparison.baseline.output.shape == (2, 3, 8, 8)
+    assert comparison.summary.fraction_computed == pytest.approx(STATIC_COMPUTED)
+    assert comparison.baseline.transformer_calls == comparison.accelerated.transformer_calls == STEPS
+    # DiT also runs block 0's timestep embedding outside the blocks (final-layer conditioning), every step.
+    assert STATIC_COMPUTED <= comparison.work_fraction < 0.75
+    assert comparison.ssim is None and "n/a" in result.pictures.metrics  # 8x8 images: under SSIM's window
+    assert tab.generate(source, request, NO_REUSE).comparison.psnr_db == float("inf")
+    with pytest.raises(gr.Error, match="neither a class number"):
+        tab.generate(source, PipelineRequest(prompt="tabby cat", steps=STEPS), STATIC)
+    with pytest.raises(gr.Error, match="Height must be 0"):
+        tab.generate(source, PipelineRequest(prompt="1", steps=STEPS, height=30), STATIC)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "Enter a hub id"),
+        ("missing", "No folder at"),
+        ("empty", "has no model_index.json"),
+        ("unet", "cannot accelerate it: DDPMPipeline has no transformer component"),
+        ("sd3-no-text-encoder", "saved without its text encoders"),
+        ("hub:diffusers-block-tests/no-such-pipeline", "Could not load `diffusers-block-tests/no-such-pipeline`"),
+    ],
+)
+def test_any_pipeline_load_failures_are_messages(saved_pipelines, name, message):
+    source = name.removeprefix("hub:") if name.startswith("hub:") or not name else str(saved_pipelines / name)
+    with pytest.raises(PipelineLoadError, match=message) as error:
+        AnyPipelineTab("cpu").load(source)
+    assert "Traceback" not in str(error.value)
+
+
+def test_outputs_of_any_layout_become_tensors():
+    import numpy as np
+    from PIL import Image
+
+    images = np.random.default_rng(0).random((2, 8, 6, 3), dtype=np.float32)
+    assert to_tensor(images).shape == (2, 3, 8, 6)
+    assert to_tensor(np.zeros((1, 5, 8, 6, 3), np.float32)).shape == (1, 5, 3, 8, 6)  # video (B, T, H, W, C)
+    pil = [Image.fromarray((images[0] * 255).astype(np.uint8))]
+    assert to_tensor(pil).shape == (1, 3, 8, 6)
+    assert to_tensor([pil, pil]).shape == (2, 1, 3, 8, 6)
