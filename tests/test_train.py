@@ -56,3 +56,34 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = train(_model(), sample_batch, loss_fn, config)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_rectified_flow_loss_is_zero_for_the_true_velocity():
+    from diffusers_block.train.digits_image import rectified_flow_loss
+
+    x0, noise, t = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5), torch.rand(3)
+    seen = {}
+
+    def true_velocity(x_t, timestep):
+        seen["x_t"], seen["timestep"] = x_t, timestep
+        return noise - x0
+
+    assert rectified_flow_loss(true_velocity, x0, noise, t) == 0
+    torch.testing.assert_close(seen["x_t"], (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise)
+    torch.testing.assert_close(seen["timestep"], t * 1000)
+    assert rectified_flow_loss(lambda x_t, timestep: torch.zeros_like(x0), x0, noise, t) > 0
+
+
+def test_digits_video_recipe_trains_saves_and_loads(tmp_path):
+    from diffusers_block.eval.digits import generate_clips
+    from diffusers_block.train.digits_video import train_digits_video
+    from diffusers_block.zoo import load_digits_video_pipeline
+
+    out = train_digits_video(str(tmp_path), vae_steps=1, steps=1, clips=8, vae_batch_size=2, flow_batch_size=2)
+    for stage in ("vae", "transformer"):
+        assert (tmp_path / "runs" / stage / "train_log.jsonl").is_file()
+    pipe, encoder = load_digits_video_pipeline(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe.vae.config.latents_mean) == pipe.vae.config.z_dim  # statistics set from the training latents
+    clips = generate_clips(pipe, encoder, torch.tensor([1]), torch.tensor([2]), steps=2)
+    assert clips.shape == (1, 17, 1, 32, 32)

@@ -126,20 +126,29 @@ def train_flow_transformer(config: TrainConfig, vae: AutoencoderKL, images: torc
         return {"x0": x0, "labels": torch.where(drop, encoder.null_label, y[index]), "t": t, "noise": noise}
 
     def loss_fn(model, batch):
-        t = batch["t"].view(-1, 1, 1, 1)
-        x_t = (1 - t) * batch["x0"] + t * batch["noise"]
         tokens, pooled = model["label_encoder"](batch["labels"])
-        velocity = model["transformer"](
-            hidden_states=x_t,
-            encoder_hidden_states=tokens,
-            pooled_projections=pooled,
-            timestep=batch["t"] * 1000,
-            return_dict=False,
-        )[0]
-        return F.mse_loss(velocity.float(), (batch["noise"] - batch["x0"]).float())
+
+        def velocity(x_t, timestep):
+            return model["transformer"](
+                hidden_states=x_t,
+                encoder_hidden_states=tokens,
+                pooled_projections=pooled,
+                timestep=timestep,
+                return_dict=False,
+            )[0]
+
+        return rectified_flow_loss(velocity, batch["x0"], batch["noise"], batch["t"])
 
     trained = train(model, sample_batch, loss_fn, config)
     return trained["transformer"], trained["label_encoder"]
+
+
+def rectified_flow_loss(velocity, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """MSE of ``velocity(x_t, 1000 t)`` against noise - x0 on the straight path x_t = (1 - t) x0 + t noise; ``t`` is
+    (B,) in [0, 1], scaled to diffusers' 0..1000 timestep convention for flow-matching schedulers."""
+    t_b = t.view(-1, *([1] * (x0.ndim - 1)))
+    predicted = velocity((1 - t_b) * x0 + t_b * noise, t * 1000)
+    return F.mse_loss(predicted.float(), (noise - x0).float())
 
 
 def train_digits_image(

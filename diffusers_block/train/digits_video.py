@@ -27,7 +27,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 from ..data.digits import MOTIONS, make_moving_digits
 from ..zoo.label_encoder import ClipLabelEncoder
-from .digits_image import LABEL_DROPOUT, generator_for_step
+from .digits_image import LABEL_DROPOUT, generator_for_step, rectified_flow_loss
 from .loop import TrainConfig, train
 
 FRAMES = 17
@@ -143,15 +143,14 @@ def train_flow_transformer(config: TrainConfig, vae, clips, digits, motions, com
         }
 
     def loss_fn(model, batch):
-        t = batch["t"].view(-1, 1, 1, 1, 1)
-        x_t = (1 - t) * batch["x0"] + t * batch["noise"]
-        velocity = model["transformer"](
-            hidden_states=x_t,
-            timestep=batch["t"] * 1000,
-            encoder_hidden_states=model["label_encoder"](batch["digits"], batch["motions"]),
-            return_dict=False,
-        )[0]
-        return F.mse_loss(velocity.float(), (batch["noise"] - batch["x0"]).float())
+        tokens = model["label_encoder"](batch["digits"], batch["motions"])
+
+        def velocity(x_t, timestep):
+            return model["transformer"](
+                hidden_states=x_t, timestep=timestep, encoder_hidden_states=tokens, return_dict=False
+            )[0]
+
+        return rectified_flow_loss(velocity, batch["x0"], batch["noise"], batch["t"])
 
     trained = train(model, sample_batch, loss_fn, config)
     return trained["transformer"], trained["label_encoder"]
