@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from diffusers_block.demo.pipeline import (  # noqa: E402
     PipelineRequest,
     to_tensor,
 )
+from diffusers_block.demo.policy import PolicyRequest, PolicyTab  # noqa: E402
 from diffusers_block.demo.sparse import SparseSettings, sparse_available  # noqa: E402
 from diffusers_block.demo.video import CELL, FRAMES, DigitsVideoTab, VideoRequest  # noqa: E402
 
@@ -300,3 +302,78 @@ def test_outputs_of_any_layout_become_tensors():
     pil = [Image.fromarray((images[0] * 255).astype(np.uint8))]
     assert to_tensor(pil).shape == (1, 3, 8, 6)
     assert to_tensor([pil, pil]).shape == (2, 1, 3, 8, 6)
+
+
+# -- robot policy ---------------------------------------------------------------------------------------------------
+needs_policy = pytest.mark.skipif(PolicyTab.available() is not None, reason="no shipped policy or no Meta-World")
+# One episode of 16 environment steps (2 chunks of 8 actions), 10 DDPM steps per chunk: a few seconds on a CPU.
+POLICY_REQUEST = PolicyRequest(task="reach-v3", episodes=1, max_env_steps=16, steps=10, updates=3, ddim_steps=3)
+
+
+@pytest.fixture(scope="module")
+def policy_tab():
+    return PolicyTab("cpu")
+
+
+@needs_policy
+def test_policy_uniform_schedule_numbers(policy_tab):
+    reports = []
+    result = policy_tab.generate(replace(POLICY_REQUEST, policy="uniform"), lambda done, desc: reports.append(desc))
+    assert result.work_fraction == pytest.approx(3 / 10)  # every sub-block computes on 3 of the 10 steps
+    for run in (result.baseline, result.accelerated):
+        summary = run.summary
+        assert 1 <= summary["chunks"] <= 2 and summary["episodes"] == 1
+        assert 0 <= summary["success_rate"] <= 1
+        assert 0 < summary["latency_ms_p50"] <= summary["latency_ms_p99"]
+        assert summary["policy_hz"] > 0 and summary["loop_hz"] > 0
+        assert run.first_chunk.shape == (1, 8, 4)
+        steps = int(summary["mean_episode_steps"])
+        assert run.hands[0].shape == run.objects[0].shape == (steps + 1, 2)  # start, then one point per env step
+    assert np.array_equal(result.baseline.hands[0][0], result.accelerated.hands[0][0])  # same goal variation
+    assert 0 < result.first_chunk_rel_l2 < 10
+    assert result.accelerated.heatmap is not None and result.baseline.heatmap is None
+    assert result.picture.size[0] > 300
+    assert "70.0% saved" in result.metrics and "relative L2" in result.metrics and "Hz" in result.metrics
+    assert any("baseline" in d for d in reports) and any("accelerated" in d for d in reports)
+    with pytest.raises(RuntimeError, match="not enabled"):  # nothing of the request stays on the policy
+        block_cache_summary(policy_tab.slot._value.pipe)
+
+
+@needs_policy
+@pytest.mark.parametrize("settings", [{"policy": "none"}, {"policy": "uniform", "updates": 10}])
+def test_policy_without_reuse_repeats_the_baseline(policy_tab, settings):
+    """No cache, or a schedule that computes every sub-block at every step: the same actions, paths and work."""
+    result = policy_tab.generate(replace(POLICY_REQUEST, **settings))
+    assert result.first_chunk_rel_l2 == 0.0
+    assert result.work_fraction == pytest.approx(1.0)
+    assert result.baseline.success == result.accelerated.success
+    assert np.array_equal(result.baseline.hands[0], result.accelerated.hands[0])
+
+
+@needs_policy
+def test_policy_ddim_runs_fewer_steps(policy_tab):
+    result = policy_tab.generate(replace(POLICY_REQUEST, policy="ddim"))
+    assert result.work_fraction == pytest.approx(3 / 10)  # 3 DDIM steps per chunk instead of 10 DDPM steps
+    assert result.accelerated.heatmap is None and "DDIM, 3 steps" in result.metrics
+    assert type(policy_tab.slot._value.pipe.scheduler).__name__ == "DDPMScheduler"  # restored after the request
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"task": "fly-v3"}, "Task must be one of reach-v3"),
+        ({"episodes": 0}, r"Episodes must be an integer in \[1, 10\]"),
+        ({"episodes": 11}, r"Episodes must be an integer in \[1, 10\]"),
+        ({"max_env_steps": 4}, r"Max environment steps must be an integer in \[8, 500\]"),
+        ({"steps": 1}, r"Steps must be an integer in \[2, 200\]"),
+        ({"seed": -1}, "Seed must be"),
+        ({"policy": "uniform", "updates": 11}, r"Updates must be in \[1, 10\]"),
+        ({"policy": "bac", "updates": 0}, r"Updates must be in \[1, 10\]"),
+        ({"policy": "ddim", "ddim_steps": 0}, r"DDIM steps must be an integer in \[1, 10\]"),
+        ({"policy": "bwcache", "threshold": 20.0}, r"BWCacheConfig.threshold must be a number in \[0.0, 10.0\]"),
+        ({"policy": "teleport"}, "Unknown acceleration"),
+    ],
+)
+def test_policy_bad_inputs_give_messages(changes, message):
+    with pytest.raises(gr.Error, match=message):
+        PolicyTab("cpu").generate(replace(POLICY_REQUEST, **changes))

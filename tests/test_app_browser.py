@@ -207,3 +207,33 @@ def test_any_pipeline_tab_loads_and_generates(page, dit_folder, screenshot_dir):
     assert "0.0% saved" not in metrics
     _wait_for_images(page, "pipeline")
     page.screenshot(path=str(screenshot_dir / "demo-pipeline.png"), full_page=True)
+
+
+POLICY_TAB = "Robot policy (Meta-World)"
+
+
+def _set_slider(page, selector: str, value: int) -> None:
+    box = page.locator(f"{selector} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def test_policy_tab_rolls_out_both(page, screenshot_dir):
+    if not page.get_by_role("tab", name=POLICY_TAB).count():
+        pytest.skip("this install has no shipped policy or no Meta-World")
+    page.get_by_role("tab", name=POLICY_TAB).click()
+    page.locator("#policy-policy").get_by_text("Uniform schedule").click()
+    # one episode of 48 environment steps (6 chunks), 10 DDPM steps per chunk: seconds, not minutes, on a CPU
+    for selector, value in (("#policy-episodes", 1), ("#policy-env-steps", 48), ("#policy-steps", 10)):
+        _set_slider(page, selector, value)
+    _set_slider(page, "#policy-updates", 3)
+    page.click("#policy-generate")
+    metrics = _wait_for_text(page, "#policy-metrics", "speed-up", GENERATE_TIMEOUT_MS)
+    assert re.search(r"success\s+\d+/1 \(\d+%\)\s+\d+/1 \(\d+%\)", metrics), metrics
+    assert re.search(r"chunk latency p50\s+\d+\.\d ms\s+\d+\.\d ms", metrics), metrics
+    assert re.search(r"control frequency achieved \(whole loop\)\s+\d+\.\d Hz\s+\d+\.\d Hz", metrics), metrics
+    assert "70.0% saved" in metrics  # 3 of 10 steps per sub-block: the sliders' values reached the run
+    assert re.search(r"relative L2 of the actions vs baseline\s+0\s+\d+\.\d{4}", metrics), metrics
+    assert "DDPM 10 steps per chunk" in metrics
+    _wait_for_images(page, "policy", ("trajectories", "heatmap"))
+    page.screenshot(path=str(screenshot_dir / "demo-policy.png"), full_page=True)

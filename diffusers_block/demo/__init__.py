@@ -22,9 +22,10 @@ import gradio as gr  # noqa: E402
 
 from .image import DigitsImageTab  # noqa: E402
 from .pipeline import AnyPipelineTab  # noqa: E402
+from .policy import PolicyTab  # noqa: E402
 from .video import DigitsVideoTab  # noqa: E402
 
-TABS: list[type] = [DigitsImageTab, DigitsVideoTab, AnyPipelineTab]
+TABS: list[type] = [DigitsImageTab, DigitsVideoTab, PolicyTab, AnyPipelineTab]
 
 THEME = gr.themes.Default(
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

@@ -138,3 +138,43 @@ def pictures(
         mask,
         metrics,
     )
+
+
+def trajectories(
+    runs: list[tuple[str, list[np.ndarray], list[np.ndarray]]], goals: list[np.ndarray], title: str
+) -> Image.Image:
+    """End-effector (solid) and object (dotted) x-y paths of every episode, one colour per run, goals as stars.
+
+    ``runs``: (label, hand paths, object paths), each path (steps, 2); the robot's closed loop drawn from the
+    observations, since the simulator renders no frames here (MuJoCo rendering is off on a headless CPU).
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    colours = ("#3b6ea5", "#f4a259")
+    fig, ax = plt.subplots(figsize=(8.0, 4.8))
+    for (label, hands, objects), colour in zip(runs, colours):
+        for i, (hand, obj) in enumerate(zip(hands, objects)):
+            ax.plot(
+                hand[:, 0], hand[:, 1], "-", color=colour, lw=1.6, label=f"{label}: end-effector" if i == 0 else None
+            )
+            ax.plot(obj[:, 0], obj[:, 1], ":", color=colour, lw=1.6, label=f"{label}: object" if i == 0 else None)
+            ax.plot(hand[-1, 0], hand[-1, 1], "o", color=colour, ms=4)
+    for i, goal in enumerate(goals):
+        ax.plot(goal[0], goal[1], "*", color="#2a9d3f", ms=12, label="goal" if i == 0 else None)
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: never over a path
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    buffer.seek(0)
+    with Image.open(buffer) as picture:
+        return picture.convert("RGB")
