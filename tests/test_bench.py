@@ -27,8 +27,23 @@ def test_cache_benchmark_tiny_wan(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a toy model gains nothing from threads, and OpenMP stalls on a busy CPU
     try:
-        main(["cache", "--model", "tiny-wan", "--device", "cpu", "--steps", "10", "--repeats", "1",
-              "--warmup", "0", "--out", str(tmp_path)])
+        main(
+            [
+                "cache",
+                "--model",
+                "tiny-wan",
+                "--device",
+                "cpu",
+                "--steps",
+                "10",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
 

@@ -110,8 +110,14 @@ def test_lora_loaded_transformer():
 def test_unet_pipeline_is_refused():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
     with pytest.raises(db.UnsupportedModelError, match="DDPMPipeline has no transformer component.*not UNets"):
         pipe.enable_block_cache()

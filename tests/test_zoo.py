@@ -55,8 +55,9 @@ def test_harness_metrics_and_work_count(digits):
         ours("everything", db.StaticScheduleConfig(interval=1)),
         ours("every-other", db.StaticScheduleConfig(interval=2, warmup_steps=2)),
     ]
-    identical, halved = compare(pipe, lambda p: generate_digits(p, encoder, labels, steps=8), runs, labels,
-                                classifier, repeats=1)
+    identical, halved = compare(
+        pipe, lambda p: generate_digits(p, encoder, labels, steps=8), runs, labels, classifier, repeats=1
+    )
     assert identical.psnr_db == float("inf") and identical.ssim == pytest.approx(1.0)
     assert identical.relative_l2 == 0 and identical.fraction_computed == 1.0
     assert halved.fraction_computed == pytest.approx(5 / 8)  # steps 0, 1 (warm-up), 2, 4, 6

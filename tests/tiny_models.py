@@ -64,7 +64,16 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
 from diffusers_block.random_weights import random_init_
 
 FAMILIES: tuple[str, ...] = (
-    "dit", "pixart", "sd3", "flux", "cogvideox", "wan", "hunyuanvideo", "ltx", "mochi", "allegro",
+    "dit",
+    "pixart",
+    "sd3",
+    "flux",
+    "cogvideox",
+    "wan",
+    "hunyuanvideo",
+    "ltx",
+    "mochi",
+    "allegro",
 )
 
 HEADS, HEAD_DIM = 2, 24
@@ -112,65 +121,147 @@ class _Spec:
 
 _SPECS: dict[str, _Spec] = {
     "dit": _Spec(
-        DiTTransformer2DModel, dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, sample_size=8),
-        "CHW", "long", {"class_labels": lambda c: torch.arange(c.b) * 7 % 1000}, text=False,
+        DiTTransformer2DModel,
+        dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, sample_size=8),
+        "CHW",
+        "long",
+        {"class_labels": lambda c: torch.arange(c.b) * 7 % 1000},
+        text=False,
     ),
     "pixart": _Spec(
         PixArtTransformer2DModel,
-        dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, sample_size=8, cross_attention_dim=WIDTH,
-             caption_channels=TEXT_DIM),
-        "CHW", "long", {**_MASK, "added_cond_kwargs": lambda c: {"resolution": None, "aspect_ratio": None}},
+        dict(
+            **_ATTN,
+            num_layers=3,
+            in_channels=4,
+            out_channels=4,
+            sample_size=8,
+            cross_attention_dim=WIDTH,
+            caption_channels=TEXT_DIM,
+        ),
+        "CHW",
+        "long",
+        {**_MASK, "added_cond_kwargs": lambda c: {"resolution": None, "aspect_ratio": None}},
     ),
     "sd3": _Spec(
         SD3Transformer2DModel,
-        dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, sample_size=8, pos_embed_max_size=32,
-             joint_attention_dim=TEXT_DIM, caption_projection_dim=WIDTH, pooled_projection_dim=POOLED_DIM),
-        "CHW", "float", _POOLED,
+        dict(
+            **_ATTN,
+            num_layers=3,
+            in_channels=4,
+            out_channels=4,
+            sample_size=8,
+            pos_embed_max_size=32,
+            joint_attention_dim=TEXT_DIM,
+            caption_projection_dim=WIDTH,
+            pooled_projection_dim=POOLED_DIM,
+        ),
+        "CHW",
+        "float",
+        _POOLED,
     ),
     "flux": _Spec(
         FluxTransformer2DModel,
-        dict(**_ATTN, num_layers=2, num_single_layers=2, in_channels=16, joint_attention_dim=TEXT_DIM,
-             pooled_projection_dim=POOLED_DIM, guidance_embeds=True, axes_dims_rope=_AXES),
-        "packed2x2", "unit",
+        dict(
+            **_ATTN,
+            num_layers=2,
+            num_single_layers=2,
+            in_channels=16,
+            joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=POOLED_DIM,
+            guidance_embeds=True,
+            axes_dims_rope=_AXES,
+        ),
+        "packed2x2",
+        "unit",
         {**_POOLED, "guidance": _const(3.5), "img_ids": _flux_img_ids, "txt_ids": lambda c: torch.zeros(TEXT_LEN, 3)},
     ),
     "cogvideox": _Spec(  # CogVideoX-2b style: sincos positions, text length must equal max_text_seq_length
         CogVideoXTransformer3DModel,
-        dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=TEXT_DIM,
-             sample_height=8, sample_width=8, sample_frames=5, max_text_seq_length=TEXT_LEN),
-        "FCHW", "long",
+        dict(
+            **_ATTN,
+            num_layers=3,
+            in_channels=4,
+            out_channels=4,
+            time_embed_dim=32,
+            text_embed_dim=TEXT_DIM,
+            sample_height=8,
+            sample_width=8,
+            sample_frames=5,
+            max_text_seq_length=TEXT_LEN,
+        ),
+        "FCHW",
+        "long",
     ),
     "wan": _Spec(
         WanTransformer3DModel,
         dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=96),
-        "CFHW", "float",
+        "CFHW",
+        "float",
     ),
     "hunyuanvideo": _Spec(
         HunyuanVideoTransformer3DModel,
-        dict(**_ATTN, num_layers=2, num_single_layers=2, num_refiner_layers=1, in_channels=4, out_channels=4,
-             text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=_AXES),
-        "CFHW", "float", {**_POOLED, **_MASK, "guidance": _const(6000.0)},  # pipeline passes scale * 1000
+        dict(
+            **_ATTN,
+            num_layers=2,
+            num_single_layers=2,
+            num_refiner_layers=1,
+            in_channels=4,
+            out_channels=4,
+            text_embed_dim=TEXT_DIM,
+            pooled_projection_dim=POOLED_DIM,
+            rope_axes_dim=_AXES,
+        ),
+        "CFHW",
+        "float",
+        {**_POOLED, **_MASK, "guidance": _const(6000.0)},  # pipeline passes scale * 1000
     ),
     "ltx": _Spec(
         LTXVideoTransformer3DModel,
-        dict(**_ATTN, num_layers=3, in_channels=8, out_channels=8, cross_attention_dim=WIDTH,
-             caption_channels=TEXT_DIM),
-        "tokens", "float",
-        {**_MASK, "num_frames": lambda c: c.f, "height": lambda c: c.h, "width": lambda c: c.w,
-         "rope_interpolation_scale": lambda c: (8 / 25, 32, 32)},  # (vae_t / frame_rate, vae_s, vae_s)
+        dict(
+            **_ATTN, num_layers=3, in_channels=8, out_channels=8, cross_attention_dim=WIDTH, caption_channels=TEXT_DIM
+        ),
+        "tokens",
+        "float",
+        {
+            **_MASK,
+            "num_frames": lambda c: c.f,
+            "height": lambda c: c.h,
+            "width": lambda c: c.w,
+            "rope_interpolation_scale": lambda c: (8 / 25, 32, 32),
+        },  # (vae_t / frame_rate, vae_s, vae_s)
         channels=8,
     ),
     "mochi": _Spec(  # Mochi's model timestep is reversed (the pipeline reports 1000 - t as current timestep)
         MochiTransformer3DModel,
-        dict(**_ATTN, num_layers=3, in_channels=4, pooled_projection_dim=TEXT_DIM, text_embed_dim=TEXT_DIM,
-             time_embed_dim=32),
-        "CFHW", "reversed", _MASK,
+        dict(
+            **_ATTN,
+            num_layers=3,
+            in_channels=4,
+            pooled_projection_dim=TEXT_DIM,
+            text_embed_dim=TEXT_DIM,
+            time_embed_dim=32,
+        ),
+        "CFHW",
+        "reversed",
+        _MASK,
     ),
     "allegro": _Spec(
         AllegroTransformer3DModel,
-        dict(**_ATTN, num_layers=3, in_channels=4, out_channels=4, cross_attention_dim=WIDTH,
-             caption_channels=TEXT_DIM, sample_height=8, sample_width=8, sample_frames=2),
-        "CFHW", "float", {**_MASK, "image_rotary_emb": _allegro_rope},
+        dict(
+            **_ATTN,
+            num_layers=3,
+            in_channels=4,
+            out_channels=4,
+            cross_attention_dim=WIDTH,
+            caption_channels=TEXT_DIM,
+            sample_height=8,
+            sample_width=8,
+            sample_frames=2,
+        ),
+        "CFHW",
+        "float",
+        {**_MASK, "image_rotary_emb": _allegro_rope},
     ),
 }
 
@@ -204,8 +295,15 @@ def _latent_shape(spec: _Spec, f: int, h: int, w: int) -> tuple[int, ...]:
     return tuple(dict(C=spec.channels, F=f, H=h, W=w)[d] for d in spec.layout)
 
 
-def make_inputs(family: str, batch_size: int = 1, seed: int = 0, *, frames: int | None = None,
-                height: int | None = None, width: int | None = None) -> dict:
+def make_inputs(
+    family: str,
+    batch_size: int = 1,
+    seed: int = 0,
+    *,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> dict:
     """Forward kwargs except the timestep. Sizes are latent sizes (default 8x8, 2 frames; image models ignore
     ``frames``); flux needs even height/width."""
     spec = _SPECS[family]

@@ -88,25 +88,39 @@ class _Recipe:
 
 _RECIPES: dict[str, _Recipe] = {
     "dit": _Recipe(
-        DiTPipeline, "dit",
+        DiTPipeline,
+        "dit",
         lambda: DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False),
-        overrides=dict(out_channels=8), vae=_tiny_vae, call={"output_type": "pt"},  # learned sigma: 2C out
+        overrides=dict(out_channels=8),
+        vae=_tiny_vae,
+        call={"output_type": "pt"},  # learned sigma: 2C out
     ),
     "pixart": _Recipe(
-        PixArtSigmaPipeline, "pixart", DPMSolverMultistepScheduler, overrides=dict(out_channels=8),
+        PixArtSigmaPipeline,
+        "pixart",
+        DPMSolverMultistepScheduler,
+        overrides=dict(out_channels=8),
         # resolution bins need sample_size >= 32; negative_prompt defaults to "", which clashes with negative embeds
         call={"output_type": "latent", "use_resolution_binning": False, "negative_prompt": None},
     ),
     "sd3": _Recipe(StableDiffusion3Pipeline, "sd3", lambda: FlowMatchEulerDiscreteScheduler(shift=3.0)),
     "flux": _Recipe(
-        FluxPipeline, "flux",
-        lambda: FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        FluxPipeline,
+        "flux",
+        lambda: FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
         cfg=("true_cfg_scale", 4.0, 1.0),
     ),
     "wan": _Recipe(WanPipeline, "wan", _wan_unipc, cfg=("guidance_scale", 5.0, 1.0), video=True),
-    "wan22": _Recipe(WanPipeline, "wan", _wan_unipc, boundary_ratio=0.875, cfg=("guidance_scale", 4.0, 1.0),
-                     video=True),
+    "wan22": _Recipe(
+        WanPipeline, "wan", _wan_unipc, boundary_ratio=0.875, cfg=("guidance_scale", 4.0, 1.0), video=True
+    ),
 }
 
 
@@ -134,17 +148,33 @@ def build_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
     return pipe
 
 
-def call_kwargs(name: str, *, steps: int = 6, batch_size: int = 1, seed: int = 0, guidance: bool = True,
-                height: int | None = None, width: int | None = None, frames: int | None = None) -> dict:
+def call_kwargs(
+    name: str,
+    *,
+    steps: int = 6,
+    batch_size: int = 1,
+    seed: int = 0,
+    guidance: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+    frames: int | None = None,
+) -> dict:
     """kwargs for ``pipe(**kwargs)``; height/width/frames are latent sizes (see the module docstring)."""
     recipe = _RECIPES[name]
     cfg_kwarg, cfg_on, cfg_off = recipe.cfg
-    kwargs = {"num_inference_steps": steps, "generator": torch.Generator("cpu").manual_seed(seed),
-              cfg_kwarg: cfg_on if guidance else cfg_off, "return_dict": False, **recipe.call}
+    kwargs = {
+        "num_inference_steps": steps,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        cfg_kwarg: cfg_on if guidance else cfg_off,
+        "return_dict": False,
+        **recipe.call,
+    }
     prompt = make_inputs(recipe.family, batch_size, _PROMPT_SEED)
     if "class_labels" in prompt:  # DiT: class-conditional, size fixed by the transformer config
         if (height or 8, width or 8) != (8, 8):
-            raise ValueError("DiTPipeline's latent size is transformer.config.sample_size (8); it takes no height/width")
+            raise ValueError(
+                "DiTPipeline's latent size is transformer.config.sample_size (8); it takes no height/width"
+            )
         return {**kwargs, "class_labels": prompt["class_labels"].tolist()}
     negative = make_inputs(recipe.family, batch_size, _NEGATIVE_SEED)
     for key, kwarg in _EMBEDS.items():
