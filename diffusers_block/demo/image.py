@@ -19,17 +19,14 @@ from ..zoo import DIGITS_IMAGE, load_digits_image_pipeline
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
-    CacheControls,
     CacheSettings,
     accelerations,
-    repeats_slider,
 )
-from .page import ComparisonView, in_page, reporter
+from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
 from .runner import ModelSlot, Report, SideBySide, side_by_side
-from .sparse import SPARSE_OFF, SparseControls, SparseSettings, mask_image, sparse_available
+from .sparse import SPARSE_OFF, SparseSettings, mask_image
 
 MAX_PER_DIGIT = 5
-DIFFERENCE_GAIN = 4.0
 MAX_COLUMNS = 5  # digits per row of a grid
 CALIBRATION_SEED_OFFSET = 1000  # BAC calibrates on other seeds (and one of each digit) than the images shown
 
@@ -179,10 +176,7 @@ class DigitsImageTab:
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="seed", elem_id=f"{k}-seed")
                     guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="guidance scale (CFG)")
-                repeats = repeats_slider()
-                controls = CacheControls(k, allow_none=sparse_available())
-                sparse = SparseControls(k, self.device) if sparse_available() else None
-                button = gr.Button("Generate baseline and accelerated", variant="primary", elem_id=f"{k}-generate")
+                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()

@@ -7,8 +7,24 @@ from typing import TypeVar
 
 import gradio as gr
 
+from .controls import CacheControls, repeats_slider
 from .render import Pictures
 from .runner import Report
+from .sparse import SparseControls, sparse_available
+
+#: How much the difference pictures amplify |accelerated - baseline|: one scale on every tab, so they compare.
+DIFFERENCE_GAIN = 4.0
+
+
+def acceleration_inputs(key: str, device: str) -> tuple[gr.Slider, CacheControls, SparseControls | None, gr.Button]:
+    """The end of every comparison tab's input column: timed runs per side, the cache policy, sparse attention where
+    the API exists (then "no cache" is a choice too), and the button."""
+    repeats = repeats_slider()
+    controls = CacheControls(key, allow_none=sparse_available())
+    sparse = SparseControls(key, device) if sparse_available() else None
+    button = gr.Button("Generate baseline and accelerated", variant="primary", elem_id=f"{key}-generate")
+    return repeats, controls, sparse, button
+
 
 T = TypeVar("T")
 

@@ -30,18 +30,15 @@ from ..models import UnsupportedModelError, resolve_adapter, supported_families
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
-    CacheControls,
     CacheSettings,
     accelerations,
-    repeats_slider,
 )
-from .page import ComparisonView, in_page, reporter
+from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
 from .runner import Report, SideBySide, side_by_side, transformers_of
-from .sparse import SPARSE_OFF, SparseControls, SparseSettings, mask_image, sparse_available
+from .sparse import SPARSE_OFF, SparseSettings, mask_image
 
 MAX_SIDE = 4096
 MAX_FRAMES_SHOWN = 8
-DIFFERENCE_GAIN = 4.0
 CALIBRATION_SEED_OFFSET = 1000  # BAC calibrates on another seed than the one shown
 
 
@@ -384,10 +381,7 @@ class AnyPipelineTab:
                 with gr.Row():
                     height = gr.Number(0, precision=0, label="height (0: default)")
                     width = gr.Number(0, precision=0, label="width (0: default)")
-                repeats = repeats_slider()
-                controls = CacheControls(k, allow_none=sparse_available())
-                sparse = SparseControls(k, self.device) if sparse_available() else None
-                button = gr.Button("Generate baseline and accelerated", variant="primary", elem_id=f"{k}-generate")
+                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()

@@ -22,21 +22,18 @@ from ..zoo import DIGITS_IMAGE, load_digits_video_pipeline
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
-    CacheControls,
     CacheSettings,
     accelerations,
-    repeats_slider,
 )
-from .page import ComparisonView, in_page, reporter
+from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
 from .runner import ModelSlot, Report, SideBySide, side_by_side
-from .sparse import SPARSE_OFF, SparseControls, SparseSettings, mask_image, sparse_available
+from .sparse import SPARSE_OFF, SparseSettings, mask_image
 
 FRAMES = 17  # what the model was trained on (data.digits clips)
 SIZE = 32
 FRAME_MS = 120  # animation speed of the clips in the page
 CELL = 96  # pixels per clip side in the page
 MAX_CLIPS = 8
-DIFFERENCE_GAIN = 4.0
 CALIBRATION_SEED_OFFSET = 1000
 CLIP_DIR = Path(tempfile.gettempdir()) / "diffusers-block-demo"
 CLIP_MAX_AGE_S = 3600  # animations older than this are deleted when new ones are written
@@ -228,10 +225,7 @@ class DigitsVideoTab:
                     steps = gr.Slider(2, 200, value=VideoRequest.steps, step=1, label="steps", elem_id=f"{k}-steps")
                     seed = gr.Number(0, precision=0, label="seed")
                 guidance = gr.Slider(1.0, 10.0, value=VideoRequest.guidance, step=0.5, label="guidance scale (CFG)")
-                repeats = repeats_slider()
-                controls = CacheControls(k, allow_none=sparse_available())
-                sparse = SparseControls(k, self.device) if sparse_available() else None
-                button = gr.Button("Generate baseline and accelerated", variant="primary", elem_id=f"{k}-generate")
+                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()
