@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file as safetensors_file
 
 from diffusers_block.train.loop import TrainConfig, train
 
@@ -87,3 +88,19 @@ def test_digits_video_recipe_trains_saves_and_loads(tmp_path):
     assert len(pipe.vae.config.latents_mean) == pipe.vae.config.z_dim  # statistics set from the training latents
     clips = generate_clips(pipe, encoder, torch.tensor([1]), torch.tensor([2]), steps=2)
     assert clips.shape == (1, 17, 1, 32, 32)
+
+
+def test_digits_video_stages_run_apart(tmp_path):
+    """--vae-only saves the autoencoder; --vae reuses it unchanged for the transformer stage."""
+    from diffusers_block.train.digits_video import train_digits_video
+
+    vae_dir = train_digits_video(str(tmp_path / "a"), vae_steps=1, steps=1, clips=8, vae_batch_size=2, vae_only=True)
+    assert not (tmp_path / "a" / "runs" / "transformer").exists()
+    out = train_digits_video(str(tmp_path / "b"), vae_steps=1, steps=1, clips=8, flow_batch_size=2, vae_from=vae_dir)
+    assert not (tmp_path / "b" / "runs" / "vae").exists()
+    trained = safetensors_file(vae_dir / "diffusion_pytorch_model.safetensors")
+    shipped = safetensors_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    for name, tensor in trained.items():  # the pipeline ships the reused autoencoder (cast to bf16)
+        torch.testing.assert_close(shipped[name].float(), tensor.to(torch.bfloat16).float())
+    with pytest.raises(FileNotFoundError, match="--vae-only"):
+        train_digits_video(str(tmp_path / "c"), vae_steps=1, steps=1, clips=8, vae_from=str(tmp_path / "missing"))

@@ -7,7 +7,13 @@ import torch
 
 from diffusers_block.data.digits import make_moving_digits
 from diffusers_block.eval.classifier import DigitClassifier
-from diffusers_block.eval.digits import class_accuracy, estimate_motion, generate_clips, motion_accuracy
+from diffusers_block.eval.digits import (
+    class_accuracy,
+    estimate_motion,
+    generate_clips,
+    motion_accuracy,
+    motion_axes_accuracy,
+)
 from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_video_pipeline
 
 STEPS = 10
@@ -46,3 +52,14 @@ def test_motion_estimate_reads_real_clips():
     assert motion_accuracy(clips01, labels["motion"]) > 0.8
     assert (estimate_motion(torch.zeros_like(clips01)) == -1).all()  # no ink, no motion
     assert motion_accuracy(clips01[:, :1].expand_as(clips01), labels["motion"]) == 0.0  # a still clip has none
+
+
+def test_motion_axes_ignore_the_sign():
+    clips, labels = make_moving_digits(200, "test", frames=17, seed=3)
+    clips01 = (clips + 1) / 2
+    assert motion_axes_accuracy(clips01, labels["motion"]) > 0.9
+    reversed_in_time = clips01.flip(1)  # every digit runs its path backwards: same axes, mostly the other sign
+    assert motion_axes_accuracy(reversed_in_time, labels["motion"]) > 0.9
+    assert motion_accuracy(reversed_in_time, labels["motion"]) < 0.5
+    still = clips01[:, :1].expand_as(clips01)
+    assert motion_axes_accuracy(still, labels["motion"]) == 0.0

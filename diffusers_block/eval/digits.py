@@ -109,6 +109,19 @@ def motion_accuracy(clips01: torch.Tensor, motions: torch.Tensor) -> float:
     return (estimate_motion(clips01) == motions.cpu()).float().mean().item()
 
 
+def motion_axes_accuracy(clips01: torch.Tensor, motions: torch.Tensor) -> float:
+    """Fraction of clips moving along the axes their label asks for (horizontal, vertical or both), whatever the sign.
+
+    The sign of a bouncing digit's motion is only told by its first steps (label "left" and "right" clips differ in the
+    phase of the same triangle wave), so this separates "moves the right way along the right line" from "moves along
+    the right line": a model can learn the second long before the first.
+    """
+    table = motion_directions() != 0  # (classes, 2): which axes move
+    estimated = estimate_motion(clips01)
+    agree = (table[estimated.clamp_min(0)] == table[motions.cpu()]).all(-1) & (estimated >= 0)
+    return agree.float().mean().item()
+
+
 def main(argv=None) -> dict:
     """python -m diffusers_block.eval.digits [--model DIR] [--per-class N] [--steps 50]: accuracy of generations."""
     import argparse

@@ -31,6 +31,9 @@ def main(argv=None) -> None:
     video.add_argument("--vae-minutes", type=float, help="wall-clock budget of the autoencoder stage")
     video.add_argument("--max-minutes", type=float, help="wall-clock budget of the transformer stage")
     video.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
+    stage = video.add_mutually_exclusive_group()
+    stage.add_argument("--vae-only", action="store_true", help="train and save only the autoencoder (to OUT/vae)")
+    stage.add_argument("--vae", help="reuse this trained autoencoder (what --vae-only saved) and skip stage 1")
     policy = commands.add_parser("policy", help="multi-task transformer diffusion policy on Meta-World demos")
     policy.add_argument("--data", default=".policy-data/metaworld-demos.npz", help="from ...policy.collect")
     policy.add_argument("--out", default="models/policy-metaworld")
@@ -62,6 +65,8 @@ def main(argv=None) -> None:
             args.vae_minutes,
             args.max_minutes,
             args.compile,
+            vae_from=args.vae,
+            vae_only=args.vae_only,
         )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"saved {out} after {time.time() - start:.0f} s on {device}")

@@ -96,6 +96,19 @@ def train_vae(config: TrainConfig, clips: torch.Tensor, kl_weight: float = 1e-4)
     return vae
 
 
+def load_vae(path: str) -> AutoencoderKLWan:
+    """A trained autoencoder from ``path`` (its own folder, or a pipeline folder with ``vae/``), in float32."""
+    folder = Path(path)
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no AutoencoderKLWan in {path}: pass the folder --vae-only wrote (OUT/vae)")
+    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+    if torch.cuda.is_available():
+        vae.to("cuda")
+    return vae
+
+
 @torch.no_grad()
 def encode_clips(vae: AutoencoderKLWan, clips: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and standard deviations of every clip, computed on the VAE's device, returned there."""
@@ -167,8 +180,17 @@ def train_digits_video(
     vae_minutes: float | None = None,
     max_minutes: float | None = None,
     compile: bool = False,
+    vae_from: str | None = None,
+    vae_only: bool = False,
 ) -> Path:
-    """Both stages; saves the pipeline (bf16 weights) to ``output_dir`` and returns the path."""
+    """Both stages; saves the pipeline (bf16 weights) to ``output_dir`` and returns the path.
+
+    The stages can run apart (e.g. in two jobs of a time-limited machine): ``vae_only`` trains the autoencoder and
+    saves it (float32) to ``output_dir/vae``; ``vae_from`` (that folder, or a pipeline folder holding ``vae/``) skips
+    stage 1 and trains the transformer on it.
+    """
+    if vae_only and vae_from:
+        raise ValueError("vae_only trains the autoencoder and vae_from reuses one: pass one of them")
     out = Path(output_dir)
     data, digits, motions = make_clips(clips, seed)
     base = TrainConfig(
@@ -181,7 +203,13 @@ def train_digits_video(
         checkpoint_every=max(vae_steps // 4, 1),
         max_minutes=vae_minutes,
     )
-    vae = train_vae(base, data)
+    if vae_from:
+        vae = load_vae(vae_from)
+    else:
+        vae = train_vae(base, data)
+    if vae_only:
+        vae.to("cpu", torch.float32).save_pretrained(out / "vae")
+        return out / "vae"
     flow = replace(
         base,
         output_dir=str(out / "runs" / "transformer"),
