@@ -18,11 +18,13 @@ from .cache import (
     BWCacheConfig,
     CacheConfig,
     StaticScheduleConfig,
+    TunedSchedule,
     block_cache_summary,
     calibrate_schedule,
     disable_block_cache,
     enable_block_cache,
     reset_block_cache,
+    tune_schedule,
 )
 from .models import UnsupportedModelError, supported_families
 from .pipeline_methods import install_pipeline_methods
@@ -40,6 +42,7 @@ __all__ = [
     "SparseAttentionConfig",
     "SparseAttentionSummary",
     "StaticScheduleConfig",
+    "TunedSchedule",
     "UnsupportedModelError",
     "block_cache_summary",
     "calibrate_schedule",
@@ -49,6 +52,7 @@ __all__ = [
     "enable_block_cache",
     "enable_sparse_attention",
     "reset_block_cache",
+    "tune_schedule",
     "sparse_attention_summary",
     "supported_families",
 ]

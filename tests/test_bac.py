@@ -14,7 +14,9 @@ from diffusers_block.cache.bac import (
     cosine_similarity_matrix,
     negative_error_matrix,
     optimal_update_steps,
+    relative_error,
     segment_scores,
+    select_schedule,
 )
 
 
@@ -105,3 +107,54 @@ def test_keep_first_always_updates_the_first_steps_and_optimises_the_rest():
     assert steps[:3] == [0, 1, 2] and 7 in steps and len(steps) == 5
     with pytest.raises(ValueError, match="keep_first"):
         optimal_update_steps(similarity, 3, keep_first=3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("k, m, first, last", [(7, 3, 0, 1), (7, 4, 0, 2), (8, 4, 1, 2), (8, 5, 2, 1), (6, 3, 2, 0)])
+def test_dp_with_kept_steps_matches_brute_force(seed, k, m, first, last):
+    # The optimum over every schedule that contains the kept steps, not a DP on the steps in between.
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(k, 5, generator=g).cumsum(0)
+    similarity = torch.nn.functional.cosine_similarity(features[:, None], features[None], dim=-1)
+    kept = set(range(first)) | set(range(k - last, k)) | {0}
+    steps = optimal_update_steps(similarity, m, keep_first=first, keep_last=last)
+    assert len(steps) == m == len(set(steps)) and kept <= set(steps)
+    feasible = [(0, *rest) for rest in itertools.combinations(range(1, k), m - 1) if kept <= {0, *rest}]
+    assert _score(similarity, steps) == pytest.approx(max(_score(similarity, s) for s in feasible))
+
+
+def test_keep_last_updates_the_last_steps():
+    similarity = torch.ones(10, 10)
+    similarity[:3, 3:] = similarity[3:, :3] = 0.1  # a jump at step 3
+    assert optimal_update_steps(similarity, 4, keep_last=2) == [0, 3, 8, 9]
+    assert optimal_update_steps(similarity, 2) == [0, 3]
+    with pytest.raises(ValueError, match="keep_last must be in"):
+        optimal_update_steps(similarity, 3, keep_last=3)
+    with pytest.raises(ValueError, match=r"keep_first \+ keep_last \(1 \+ 2\)"):
+        optimal_update_steps(similarity, 3, keep_first=1, keep_last=2)
+
+
+def test_calibrate_keep_last_fraction():
+    model = build_transformer("wan")
+    config = calibrate(model, lambda m: sample(m, "wan", steps=10), updates=5, keep_last=0.2)
+    assert all(s[-2:] == (8, 9) and len(s) == 5 for s in config.update_steps.values())
+    with pytest.raises(ValueError, match="must be fewer than the updates"):
+        calibrate(model, lambda m: sample(m, "wan", steps=10), updates=2, keep_last=0.2)
+
+
+def test_select_schedule_keeps_the_candidate_closest_to_uncached():
+    model = build_transformer("wan")
+    generate = lambda m: sample(m, "wan", steps=10)  # noqa: E731
+    reference = generate(model)
+    candidates = {
+        "every-step": db.StaticScheduleConfig(interval=1),
+        "every-3rd": db.StaticScheduleConfig(interval=3),
+        "every-5th": db.StaticScheduleConfig(interval=5),
+    }
+    best, errors = select_schedule(model, generate, candidates)
+    assert best == "every-step" and errors["every-step"] == 0
+    assert 0 < errors["every-3rd"] < errors["every-5th"]  # the error grows with the reuse, measured
+    assert torch.equal(generate(model), reference)  # no cache left attached
+    assert relative_error((reference * 1.1,), reference) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="at least one candidate"):
+        select_schedule(model, generate, {})

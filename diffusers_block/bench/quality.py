@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .. import BWCacheConfig, StaticScheduleConfig, cache_context, calibrate_schedule
+from .. import BWCacheConfig, StaticScheduleConfig, cache_context
+from ..cache.bac import record_features, schedule_from_features
+from ..cache.tuning import candidate_name, tune_schedule
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits
@@ -27,6 +29,7 @@ from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, DIGITS_VIDEO, load_digits_imag
 from . import peers, report
 
 MODELS = {"digits-image": DIGITS_IMAGE, "digits-video": DIGITS_VIDEO}
+MAGCACHE_THRESHOLDS = (0.02, 0.06, 0.12, 0.24)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", action="store_true", help="also draw speed-up vs PSNR next to the JSON")
 
 
-def accelerations(args, pipe, calibration_run) -> list:
-    """Every cache to compare; BAC and MagCache calibrate with ``calibration_run(pipe)``."""
+BAC_VARIANTS = {  # name -> schedule_from_features options
+    "bac": {},
+    "bac-shared": {"shared": True},
+    "bac-error": {"shared": True, "objective": "error"},
+    "bac-shared-keep": {"shared": True, "keep_first": 0.2},
+}
+
+
+def accelerations(args, pipe, calibration_run, validation_run=None, choices: dict | None = None) -> list:
+    """Every cache to compare (those ``--only`` selects); BAC and MagCache calibrate with ``calibration_run(pipe)``,
+    bac-validated also chooses its options on ``validation_run(pipe)`` (other inputs again) and records its choice in
+    ``choices``. Calibration is only run for caches that are selected."""
+
+    def wanted(name: str) -> bool:
+        return not args.only or re.search(args.only, name) is not None
+
     warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
     runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
     runs += [peers.ours(f"bwcache-model-{t:g}", BWCacheConfig(threshold=t, scope="model")) for t in args.thresholds]
@@ -74,29 +91,28 @@ def accelerations(args, pipe, calibration_run) -> list:
         for k in args.intervals
     ]
 
+    features = None  # one uncached calibration recording serves every BAC schedule
     for fraction in args.bac_fractions:
         updates = max(1, round(fraction * args.steps))
-        runs.append(peers.ours(f"bac-{updates}", calibrate_schedule(pipe, calibration_run, updates)))
-        runs.append(
-            peers.ours(f"bac-shared-{updates}", calibrate_schedule(pipe, calibration_run, updates, shared=True))
-        )
-        runs.append(
-            peers.ours(
-                f"bac-error-{updates}",
-                calibrate_schedule(pipe, calibration_run, updates, shared=True, objective="error"),
-            )
-        )
-        runs.append(
-            peers.ours(
-                f"bac-shared-keep-{updates}",
-                calibrate_schedule(pipe, calibration_run, updates, shared=True, keep_first=0.2),
-            )
-        )
+        names = [f"{variant}-{updates}" for variant in BAC_VARIANTS]
+        validated = f"bac-validated-{updates}" if validation_run is not None else None
+        if features is None and any(map(wanted, names)):
+            features = record_features(pipe, calibration_run)
+        for variant, options in BAC_VARIANTS.items():
+            if wanted(f"{variant}-{updates}"):
+                runs.append(peers.ours(f"{variant}-{updates}", schedule_from_features(features, updates, **options)))
+        if validated and wanted(validated):
+            tuned = tune_schedule(pipe, calibration_run, validation_run, updates)
+            print(f"{validated}: chose {candidate_name(tuned.options)}")
+            if choices is not None:
+                choices[validated] = {"chosen": tuned.options, "relative_errors": tuned.distances}
+            runs.append(peers.ours(validated, tuned.schedule))
     if not args.no_peers:
         runs += [peers.first_block_cache(t) for t in (0.05, 0.1, 0.2, 0.3)]
         runs += [peers.taylorseer_cache(k, warmup) for k in args.intervals]
-        ratios = peers.calibrate_mag_ratios(pipe, calibration_run, args.steps)  # same calibration set as BAC
-        runs += [peers.mag_cache(t, ratios, args.steps) for t in (0.02, 0.06, 0.12, 0.24)]
+        if any(wanted(f"diffusers-magcache-{t:g}") for t in MAGCACHE_THRESHOLDS):
+            ratios = peers.calibrate_mag_ratios(pipe, calibration_run, args.steps)  # same calibration set as BAC
+            runs += [peers.mag_cache(t, ratios, args.steps) for t in MAGCACHE_THRESHOLDS]
         try:
             runs += [peers.cache_dit_dbcache(t, warmup) for t in (0.04, 0.08, 0.12, 0.2)]
         except ImportError:
@@ -107,9 +123,10 @@ def accelerations(args, pipe, calibration_run) -> list:
 
 
 def _workload(args):
-    """The pipeline, the labels scored, and generate(pipe, seed, calibration) for the chosen model.
+    """The pipeline, the labels scored, and generate(pipe, split) for the chosen model (split: evaluate, calibrate or validate).
 
-    Calibration runs (BAC, MagCache) use other labels and seeds than the evaluated ones (no test leakage).
+    Calibration runs (BAC, MagCache) and validation runs (bac-validated's choice) use other labels and seeds than
+    the evaluated ones and than each other (no test leakage).
     """
     path = MODELS.get(args.model, args.model)
     video = (Path(path) / "transformer" / "config.json").is_file() and "Wan" in (
@@ -119,11 +136,15 @@ def _workload(args):
         pipe, encoder = load_digits_video_pipeline(path, device=args.device)
         guidance = 5.0 if args.guidance is None else args.guidance
         digits, motions = balanced_clip_labels(args.per_class)
-        calibration = (torch.arange(10), torch.arange(10) % len(MOTIONS))
+        inputs = {
+            "evaluate": (digits, motions, 0),
+            "calibrate": (torch.arange(10), torch.arange(10) % len(MOTIONS), 100),
+            "validate": (torch.arange(10), (torch.arange(10) + 3) % len(MOTIONS), 200),
+        }
 
-        def generate(pipe, calibrate=False):  # WanPipeline sets its own cache context
-            d, m = calibration if calibrate else (digits, motions)
-            return generate_clips(pipe, encoder, d, m, args.steps, guidance, seed=100 if calibrate else 0)
+        def generate(pipe, split="evaluate"):  # WanPipeline sets its own cache context
+            d, m, seed = inputs[split]
+            return generate_clips(pipe, encoder, d, m, args.steps, guidance, seed=seed)
 
         return pipe, digits, generate, "video"
 
@@ -131,11 +152,13 @@ def _workload(args):
     guidance = 3.0 if args.guidance is None else args.guidance
     labels = balanced_labels(args.per_class)
 
-    def generate(pipe, calibrate=False):
+    inputs = {"evaluate": (labels, 0), "calibrate": (balanced_labels(1), 100), "validate": (balanced_labels(1), 200)}
+
+    def generate(pipe, split="evaluate"):
         # SD3 pipelines set no cache context; diffusers' caches need one (ours does not, and ignores it here).
         with cache_context(pipe.transformer, "cond"):
-            chosen = balanced_labels(1) if calibrate else labels
-            return generate_digits(pipe, encoder, chosen, args.steps, guidance, seed=100 if calibrate else 0)
+            chosen, seed = inputs[split]
+            return generate_digits(pipe, encoder, chosen, args.steps, guidance, seed=seed)
 
     return pipe, labels, generate, "image"
 
@@ -145,7 +168,10 @@ def run(args) -> dict:
     pipe, labels, generate, kind = _workload(args)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
-    runs = accelerations(args, pipe, lambda pipe: generate(pipe, calibrate=True))
+    choices = {}
+    runs = accelerations(
+        args, pipe, lambda pipe: generate(pipe, "calibrate"), lambda pipe: generate(pipe, "validate"), choices
+    )
     results = compare(pipe, generate, runs, labels, classifier, args.repeats)
     rows = [r.to_dict() for r in results]
     report.print_table(
@@ -170,6 +196,7 @@ def run(args) -> dict:
         "environment": report.environment(device),
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "bac_validated": choices,
         "reference": {"accuracy": results[0].reference_accuracy, "seconds": results[0].reference_seconds},
         "results": rows,
     }

@@ -19,7 +19,7 @@ their layer does.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,22 +40,31 @@ def segment_scores(similarity: torch.Tensor) -> torch.Tensor:
     return phi.masked_fill(torch.ones(k, k, dtype=torch.bool).tril(-1), float("-inf"))
 
 
-def optimal_update_steps(similarity: torch.Tensor, updates: int, keep_first: int = 0) -> list[int]:
+def optimal_update_steps(similarity: torch.Tensor, updates: int, keep_first: int = 0, keep_last: int = 0) -> list[int]:
     """The ``updates`` steps 0 = c_1 < ... < c_M maximising sum_m phi(c_m, c_{m+1} - 1), with c_{M+1} = K. O(M K^2).
 
-    ``keep_first``: steps 0 .. keep_first - 1 are always updated and the DP places the rest among the later steps.
-    Early steps shape the whole sample, so an error there costs more than the similarity matrix says (MagCache's
-    ``retention_ratio`` makes the same bet).
+    ``keep_first`` / ``keep_last``: steps 0 .. keep_first - 1 and K - keep_last .. K - 1 are always updated (they
+    count towards ``updates``) and the DP places the rest optimally around them. Early steps shape the whole
+    sample, so an error there costs more than the similarity matrix says (MagCache's ``retention_ratio`` makes the
+    same bet); the last steps of a stochastic sampler set the sample's fine precision (DDPM adds fresh noise at
+    every step, which a reused prediction cannot remove), which a similarity matrix of features does not see either.
     """
-    if keep_first:
-        if not 0 <= keep_first < updates:
-            raise ValueError(f"keep_first must be in [0, updates) = [0, {updates}), got {keep_first}")
-        rest = optimal_update_steps(similarity[keep_first:, keep_first:], updates - keep_first)
-        return list(range(keep_first)) + [keep_first + step for step in rest]
     k = similarity.shape[0]
     if not 1 <= updates <= k:
         raise ValueError(f"updates must be in [1, {k}] for {k} steps, got {updates}")
+    for name, value in (("keep_first", keep_first), ("keep_last", keep_last)):
+        if not 0 <= value < updates:
+            raise ValueError(f"{name} must be in [0, updates) = [0, {updates}), got {value}")
+    if keep_first + keep_last >= updates:
+        raise ValueError(
+            f"keep_first + keep_last ({keep_first} + {keep_last}) must be fewer than the updates ({updates}), so "
+            f"that the schedule has steps left to place"
+        )
+    forced = set(range(keep_first)) | set(range(max(k - keep_last, 0), k))
     phi = segment_scores(similarity)
+    if forced:  # a segment [j, e] may not run over a forced step: e < the first forced step after j
+        next_forced = torch.tensor([min([f for f in forced if f > j], default=k) for j in range(k)])
+        phi = phi.masked_fill(torch.arange(k)[None, :] >= next_forced[:, None], float("-inf"))
     best = torch.full((updates + 1, k + 1), float("-inf"), dtype=torch.float64)
     start = torch.zeros((updates + 1, k + 1), dtype=torch.long)  # start of the last segment of best[m][i]
     best[1, 1:] = phi[0, :]  # one segment [0, i - 1]
@@ -164,6 +173,49 @@ def record_similarities(
     )
 
 
+def schedule_from_features(
+    features: dict[str, torch.Tensor],
+    updates: int | float,
+    *,
+    granularity: str = "block",
+    shared: bool = False,
+    bubbling_union_top: int = 0,
+    forecast: str = "none",
+    objective: str = "cosine",
+    keep_first: int | float = 0,
+    keep_last: int | float = 0,
+) -> StaticScheduleConfig:
+    """The BAC schedule of recorded ``features`` (from :func:`record_features`); :func:`calibrate`'s arguments.
+
+    Apart so that one recording can give several candidate schedules (see :func:`select_schedule`)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not features:
+        raise RuntimeError("calibration recorded nothing: did generate() call the transformer?")
+    steps = next(iter(features.values())).shape[0]
+    count = updates if isinstance(updates, int) else max(1, round(updates * steps))
+    first = keep_first if isinstance(keep_first, int) else round(keep_first * steps)
+    last = keep_last if isinstance(keep_last, int) else round(keep_last * steps)
+    if first + last >= count:
+        raise ValueError(f"keep_first + keep_last ({first} + {last} steps) must be fewer than the updates ({count})")
+    if shared and objective == "error":
+        if len({f.shape for f in features.values()}) == 1:  # one stream: the units' residuals add up along the stack
+            score = negative_error_matrix(torch.stack(list(features.values())).sum(0))
+        else:  # units of different widths (e.g. Flux's double and single blocks): mean of their own errors
+            score = torch.stack([negative_error_matrix(f) for f in features.values()]).mean(0)
+        update_steps = dict.fromkeys(features, optimal_update_steps(score, count, first, last))
+    elif shared:
+        mean_similarity = torch.stack([cosine_similarity_matrix(f) for f in features.values()]).mean(0)
+        update_steps = dict.fromkeys(features, optimal_update_steps(mean_similarity, count, first, last))
+    else:
+        score = cosine_similarity_matrix if objective == "cosine" else negative_error_matrix
+        update_steps = {name: optimal_update_steps(score(f), count, first, last) for name, f in features.items()}
+    if bubbling_union_top:
+        variabilities = {name: variability(f) for name, f in features.items()}
+        update_steps = bubbling_union(update_steps, variabilities, bubbling_union_top)
+    return StaticScheduleConfig(update_steps=update_steps, granularity=granularity, forecast=forecast)
+
+
 def calibrate(
     target,
     generate: Callable[[object], object],
@@ -175,37 +227,78 @@ def calibrate(
     forecast: str = "none",
     objective: str = "cosine",
     keep_first: int | float = 0,
+    keep_last: int | float = 0,
     max_samples: int = 8,
 ) -> StaticScheduleConfig:
     """A BAC schedule for ``target`` (pipeline or transformer) from one uncached run of ``generate(target)``.
 
     ``updates`` is the number of update steps per unit, or, if a float in (0, 1], the fraction of steps.
     ``objective``: "cosine" (BAC's similarity matrix) or "error" (minus the relative error of reuse; see above).
-    ``keep_first``: always update the first steps (a count, or a float in (0, 1) for a fraction of the steps).
+    ``keep_first`` / ``keep_last``: always update the first / last steps (a count, or a float in (0, 1) for a
+    fraction of the steps); they count towards ``updates``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     features = record_features(target, generate, granularity, max_samples)
-    if not features:
-        raise RuntimeError("calibration recorded nothing: did generate() call the transformer?")
-    steps = next(iter(features.values())).shape[0]
-    count = updates if isinstance(updates, int) else max(1, round(updates * steps))
-    first = keep_first if isinstance(keep_first, int) else round(keep_first * steps)
-    if first >= count:
-        raise ValueError(f"keep_first ({first} steps) must be fewer than the updates ({count})")
-    if shared and objective == "error":
-        if len({f.shape for f in features.values()}) == 1:  # one stream: the units' residuals add up along the stack
-            score = negative_error_matrix(torch.stack(list(features.values())).sum(0))
-        else:  # units of different widths (e.g. Flux's double and single blocks): mean of their own errors
-            score = torch.stack([negative_error_matrix(f) for f in features.values()]).mean(0)
-        update_steps = dict.fromkeys(features, optimal_update_steps(score, count, first))
-    elif shared:
-        mean_similarity = torch.stack([cosine_similarity_matrix(f) for f in features.values()]).mean(0)
-        update_steps = dict.fromkeys(features, optimal_update_steps(mean_similarity, count, first))
-    else:
-        score = cosine_similarity_matrix if objective == "cosine" else negative_error_matrix
-        update_steps = {name: optimal_update_steps(score(f), count, first) for name, f in features.items()}
-    if bubbling_union_top:
-        variabilities = {name: variability(f) for name, f in features.items()}
-        update_steps = bubbling_union(update_steps, variabilities, bubbling_union_top)
-    return StaticScheduleConfig(update_steps=update_steps, granularity=granularity, forecast=forecast)
+    return schedule_from_features(
+        features,
+        updates,
+        granularity=granularity,
+        shared=shared,
+        bubbling_union_top=bubbling_union_top,
+        forecast=forecast,
+        objective=objective,
+        keep_first=keep_first,
+        keep_last=keep_last,
+    )
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """A generation's result as one tensor: a tensor, an array, or the first field of a pipeline output / tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    if hasattr(output, "to_tuple"):  # diffusers' BaseOutput
+        return _first_tensor(output.to_tuple())
+    try:
+        return torch.as_tensor(output)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise TypeError(
+            f"select_schedule cannot compare outputs of type {type(output).__name__}: make generate() return a "
+            f"tensor, or pass distance=(cached, reference) -> float"
+        ) from error
+
+
+def relative_error(output, reference) -> float:
+    """||output - reference|| / ||reference|| of two generations (their first tensors, in float64)."""
+    out, ref = _first_tensor(output).double().cpu(), _first_tensor(reference).double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def select_schedule(
+    target,
+    generate: Callable[[object], object],
+    candidates: Mapping[str, StaticScheduleConfig],
+    distance: Callable[[object, object], float] = relative_error,
+) -> tuple[str, dict[str, float]]:
+    """The validated choice: which candidate schedule reproduces the uncached output best, measured.
+
+    A similarity matrix ranks what reusing a feature costs that feature, not what it costs the output after the
+    layers and sampling steps that follow; when several calibrations are plausible (keep the last steps or not,
+    cosine or error, more Bubbling Union), run each on held-out inputs and keep the one closest to the uncached
+    result. ``generate(target)`` must be deterministic (seed its noise) and should use other inputs than the
+    calibration did. Returns the best candidate's name and every candidate's ``distance`` to the uncached output.
+    """
+    if not candidates:
+        raise ValueError("select_schedule needs at least one candidate schedule")
+    disable_block_cache(target)
+    reference = generate(target)
+    errors = {}
+    for name, config in candidates.items():
+        enable_block_cache(target, config)
+        try:
+            errors[name] = float(distance(generate(target), reference))
+        finally:
+            disable_block_cache(target)
+    return min(errors, key=errors.get), errors

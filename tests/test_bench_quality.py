@@ -1,0 +1,36 @@
+"""The quality benchmark on the shipped image model: a tiny sweep on CPU, checking what its JSON claims."""
+
+import json
+
+import pytest
+
+from diffusers_block.bench.__main__ import main as bench
+from diffusers_block.cache.tuning import DEFAULT_GRID, candidate_name
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    argv = ["quality", "--device", "cpu", "--steps", "8", "--per-class", "1", "--guidance", "1"]
+    argv += ["--bac-fractions", "0.5"]
+    argv += ["--only", "bac-validated|bac-shared-4|static-2$", "--no-peers", "--out", str(out), "--name", "q"]
+    bench(argv)
+    return json.loads(next(out.glob("q*.json")).read_text())
+
+
+def test_every_run_is_measured_against_the_uncached_images(result):
+    rows = {row["name"]: row for row in result["results"]}
+    assert set(rows) == {"static-2", "bac-shared-4", "bac-validated-4"}
+    for row in rows.values():
+        assert row["error"] is None
+        assert 0 < row["fraction_computed"] < 1 and row["psnr_db"] > 10 and 0 <= row["accuracy"] <= 1
+    assert rows["bac-validated-4"]["fraction_computed"] == pytest.approx(rows["bac-shared-4"]["fraction_computed"])
+
+
+def test_bac_validated_keeps_the_candidate_closest_to_the_uncached_output(result):
+    choice = result["bac_validated"]["bac-validated-4"]
+    errors = choice["relative_errors"]
+    grid = DEFAULT_GRID
+    assert len(errors) == len(grid["keep_first"]) * len(grid["objective"]) * len(grid["forecast"])
+    assert candidate_name(choice["chosen"]) == min(errors, key=errors.get)
+    assert len(set(errors.values())) > 1  # the candidates differ: the choice is not a formality

@@ -1,0 +1,42 @@
+"""tune_schedule: BAC options chosen by measured output error on validation inputs."""
+
+import pytest
+import torch
+from sampling import sample
+from tiny_models import build_transformer
+
+import diffusers_block as db
+from diffusers_block.cache.bac import relative_error
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return build_transformer("wan")
+
+
+def test_the_chosen_schedule_is_the_closest_candidate_and_reproduces_its_error(wan):
+    steps = 12
+    calibrate = lambda m: sample(m, "wan", steps=steps, seed=1)  # noqa: E731
+    validate = lambda m: sample(m, "wan", steps=steps, seed=2)  # noqa: E731
+    grid = {"keep_first": (0, 3), "forecast": ("none", "taylor1")}
+    tuned = db.tune_schedule(wan, calibrate, validate, updates=5, grid=grid)
+    assert len(tuned.distances) == 4 and len(set(tuned.distances.values())) == 4  # candidates really differ
+    assert tuned.distances[db.cache.tuning.candidate_name(tuned.options)] == min(tuned.distances.values())
+    assert set(tuned.options) == {"keep_first", "forecast"} and tuned.schedule.forecast == tuned.options["forecast"]
+    if tuned.options["keep_first"]:
+        assert all(tuple(steps_[:3]) == (0, 1, 2) for steps_ in tuned.schedule.update_steps.values())
+    assert all(len(steps_) == 5 for steps_ in tuned.schedule.update_steps.values())
+
+    reference = validate(wan)
+    db.enable_block_cache(wan, tuned.schedule)
+    try:
+        cached = validate(wan)
+    finally:
+        db.disable_block_cache(wan)
+    assert relative_error(cached, reference) == pytest.approx(min(tuned.distances.values()), rel=1e-6)
+    torch.testing.assert_close(validate(wan), reference, rtol=0, atol=0)  # disabled: exactly uncached again
+
+
+def test_bad_grid_is_refused(wan):
+    with pytest.raises(ValueError, match="grid keys"):
+        db.tune_schedule(wan, lambda m: None, lambda m: None, updates=3, grid={"threshold": (0.1,)})
