@@ -187,7 +187,10 @@ def test_video_tab_plays_both_clips():
     assert comparison.summary.fraction_computed == pytest.approx(3 / 4)
     assert comparison.baseline.transformer_calls == 2 * 4  # WanPipeline calls cond and uncond separately
     assert 0 < comparison.psnr_db < float("inf") and 0 < comparison.ssim < 1
-    assert all(0 <= value <= 1 for value in result.frame_accuracy + result.motion_accuracy)
+    assert all(
+        0 <= value <= 1 for value in result.frame_accuracy + result.motion_accuracy + result.motion_axes_accuracy
+    )
+    assert "clips moving along the asked line" in result.pictures.metrics
     with Image.open(result.pictures.baseline) as clip:
         assert clip.n_frames == FRAMES and clip.size == (CELL, CELL)
     assert "classifier accuracy per frame" in result.pictures.metrics

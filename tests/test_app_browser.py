@@ -178,6 +178,7 @@ def test_video_tab_plays_both_clips(page, screenshot_dir):
     _check_numbers(metrics)
     assert re.search(r"classifier accuracy per frame\s+\d+%\s+\d+%", metrics), metrics
     assert re.search(r"clips moving as asked \(centroid\)\s+\d+%\s+\d+%", metrics), metrics
+    assert re.search(r"clips moving along the asked line, either way\s+\d+%\s+\d+%", metrics), metrics
     _wait_for_images(page, "video")
     assert page.eval_on_selector("#video-baseline img", "img => img.src").endswith(".gif")  # a playing animation
     page.screenshot(path=str(screenshot_dir / "demo-video.png"), full_page=True)

@@ -17,7 +17,7 @@ import torch
 
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
-from ..eval.digits import class_accuracy, generate_clips, motion_accuracy
+from ..eval.digits import class_accuracy, generate_clips, motion_accuracy, motion_axes_accuracy
 from ..zoo import DIGITS_IMAGE, load_digits_video_pipeline
 from . import render
 from .checks import check_repeats, check_seed, check_steps
@@ -81,6 +81,7 @@ class VideoResult:
     comparison: SideBySide
     frame_accuracy: tuple[float, float]  # baseline, accelerated
     motion_accuracy: tuple[float, float]
+    motion_axes_accuracy: tuple[float, float]  # along the asked line, either way (the shipped model ignores the sign)
     pictures: render.Pictures
 
 
@@ -182,12 +183,14 @@ class DigitsVideoTab:
                 for clips in (result.baseline, result.accelerated)
             )
         motion = tuple(motion_accuracy(clips.output, motions) for clips in (result.baseline, result.accelerated))
+        axes = tuple(motion_axes_accuracy(clips.output, motions) for clips in (result.baseline, result.accelerated))
         metrics = render.metrics_table(
             result,
             self.device,
             [
                 ("classifier accuracy per frame", f"{frame_accuracy[0]:.0%}", f"{frame_accuracy[1]:.0%}"),
                 ("clips moving as asked (centroid)", f"{motion[0]:.0%}", f"{motion[1]:.0%}"),
+                ("clips moving along the asked line, either way", f"{axes[0]:.0%}", f"{axes[1]:.0%}"),
             ],
         )
         base, fast = result.baseline.output, result.accelerated.output
@@ -202,7 +205,7 @@ class DigitsVideoTab:
             mask_image(result.sparse_summary, sparse.layer, sparse.head) if result.sparse_summary else None,
             metrics,
         )
-        return VideoResult(request, result, frame_accuracy, motion, pictures)
+        return VideoResult(request, result, frame_accuracy, motion, axes, pictures)
 
     # -- page ---------------------------------------------------------------------------------------------------
     def build(self) -> None:
