@@ -51,6 +51,17 @@ CASES = [
     ("per_head", 1, 3, 96, 96, 16, 16, dict(threshold=[0.3, 0.6, 0.99])),
     ("cross_lengths", 1, 1, 64, 112, 32, 16, dict(threshold=0.8, local_blocks=-1)),
     ("all_kept", 1, 2, 70, 70, 32, 16, dict(threshold=1.0)),
+    ("antidiagonal", 1, 2, 130, 130, 32, 16, dict(threshold=0.7, scoring="antidiagonal", stride=4)),
+    (
+        "antidiagonal_cross_forced",
+        2,
+        1,
+        70,
+        100,
+        24,
+        16,
+        dict(threshold=0.6, scoring="antidiagonal", stride=2, local_blocks=-1, forced_keys=(90, 100)),
+    ),
 ]
 
 
@@ -108,6 +119,7 @@ def test_kernel_matches_reference(interpreted, name):
 
 def test_kernel_selects_sparsely(interpreted):
     assert interpreted["threshold_0.5"]["density"] < 0.5, interpreted["threshold_0.5"]
+    assert interpreted["antidiagonal"]["density"] < 0.7, interpreted["antidiagonal"]
     assert interpreted["all_kept"]["density"] == 1.0
 
 
@@ -169,6 +181,12 @@ def test_bad_arguments_raise():
         select_blocks(q, k, block_size=0, threshold=0.5)
     with pytest.raises(ValueError, match=r"\(B, H, S, D\)"):
         select_blocks(q[0], k, block_size=16, threshold=0.5)
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        select_blocks(q, k, block_size=16, threshold=0.5, scoring="max")
+    with pytest.raises(ValueError, match="stride must be a power of two dividing"):
+        select_blocks(q, k, block_size=16, threshold=0.5, scoring="antidiagonal", stride=3)
+    with pytest.raises(ValueError, match="key_sums must have shape"):
+        select_blocks(q, k, block_size=16, threshold=0.5, key_sums=torch.zeros(1, 2, 3, 16))
 
 
 @pytest.mark.gpu

@@ -48,7 +48,19 @@ def test_attention_benchmark_cpu(tmp_path):
     assert e2e["runs"]["dense"]["rel_l2"] == 0.0
     assert 0.0 < e2e["runs"]["sparse"]["sparse_density"] < 1.0
     assert e2e["runs"]["sparse"]["rel_l2"] > 0.0  # sparse attention changed the result, a little
-    assert set(e2e["forward_ms"]) == {"dense", "sparse_select", "sparse_reuse"}
+    assert set(e2e["forward_ms"]) == {"dense", "sparse_select", "sparse_reuse", "sparse_reuse_unfused_rotary"}
+    validate = result["validate"]
+    assert {r["scoring"] for r in validate["selection"]} == {"mean", "antidiagonal"}
+    assert validate["gather"][0]["within_one_ulp"] and validate["scatter"][0]["all_written"]
+    assert row["densities"]["0.1"]["select_antidiagonal_ms"] > 0
+
+
+def test_attention_profile_part_cpu(tmp_path):
+    """The profile part runs one forward per mode (on CPU it records no GPU kernels: plumbing only)."""
+    payload = main(
+        ["attention", "--parts", "profile", "--device", "cpu", "--model", "tiny-wan", "--out", str(tmp_path)]
+    )
+    assert set(payload["profile"]["modes"]) == {"dense", "sparse_reuse", "sparse_reuse_unfused_rotary", "sparse_select"}
 
 
 def test_attention_quality_benchmark_on_the_shipped_video_model(tmp_path):

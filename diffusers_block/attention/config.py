@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 APPROXIMATIONS = (None, "zeroth", "first")
+SCORINGS = ("mean", "antidiagonal")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class SparseAttentionConfig:
         reorder: attend in 3D-tile order for video (2D for images) so that blocks are compact in space and time.
         tile: (frames, rows, cols) of a tile; ``block_size`` tokens per tile works best.
         min_tokens: sequences shorter than this stay dense (selection would cost more than it saves).
+        scoring: how a (query block, key block) pair is scored for the selection: "mean" (logits of mean-pooled
+            blocks; cheapest) or "antidiagonal" (XAttention's antidiagonal logit sums with ``stride``; costs about
+            1 / (4 stride) of dense attention per selection, follows the true block masses more closely).
+        stride: antidiagonal stride, a power of two dividing ``block_size`` (``block_size / stride >= 16`` on GPU).
+        fuse_rotary: where the processor applies a rotary embedding the kernels know (Wan's), skip it there and
+            apply it inside the token gather instead (one pass instead of several fp32 ones; same rounding).
     """
 
     threshold: float = 0.9
@@ -45,6 +52,9 @@ class SparseAttentionConfig:
     reorder: bool = True
     tile: tuple[int, int, int] = (2, 8, 8)
     min_tokens: int = 4096
+    scoring: str = "mean"
+    stride: int = 8
+    fuse_rotary: bool = True
 
     def __post_init__(self):
         def fail(field: str, value, allowed: str):
@@ -80,6 +90,13 @@ class SparseAttentionConfig:
         object.__setattr__(self, "tile", tile)
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             fail("min_tokens", self.min_tokens, "an int >= 0")
+        if self.scoring not in SCORINGS:
+            fail("scoring", self.scoring, f"one of {SCORINGS}")
+        st = self.stride
+        if not isinstance(st, int) or st < 1 or st & (st - 1) or (self.scoring == "antidiagonal" and st > bs):
+            fail("stride", st, f"a power of two <= block_size ({bs})")
+        if not isinstance(self.fuse_rotary, bool):
+            fail("fuse_rotary", self.fuse_rotary, "a bool")
 
     def thresholds(self, heads: int) -> tuple[float, ...]:
         """The threshold of each of ``heads`` heads."""

@@ -2,16 +2,21 @@
 
 This is where the kernels meet the model: everything here takes (B, H, S, D) tensors as SDPA does and knows
 nothing of diffusers. The hook in :mod:`.hooks` decides when to call it.
+
+Memory passes per call, besides the attention kernel: one gather each of q, k and v into the tile order (which
+also applies a rotary embedding the hook took over from the processor, and sums k per block for the selection),
+and none for the way back: the kernel stores each output row at its original token position, straight into a
+(B, S, H, D) buffer, which processors flatten to (B, S, H * D) without a copy.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import block_sparse_attention, select_blocks
+from ..kernels import block_sparse_attention, gather_tokens, select_blocks
 from .config import SparseAttentionConfig
 from .layout import token_permutation
 
@@ -27,10 +32,14 @@ class Selection:
     num_kv_blocks: int
     step: int
     shape: tuple  # (q shape, key length) they were selected for
+    _density: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def density(self) -> torch.Tensor:
-        """Kept fraction of key blocks per head, (H,) fp32 on the device (no host sync)."""
-        return self.count.float().mean(dim=(0, 2)) / self.num_kv_blocks
+        """Kept fraction of key blocks per head, (H,) fp32 on the device (no host sync); computed once, since a
+        selection is reused for several steps."""
+        if self._density is None:
+            self._density = self.count.float().mean(dim=(0, 2)) / self.num_kv_blocks
+        return self._density
 
 
 def sparse_self_attention(
@@ -47,6 +56,7 @@ def sparse_self_attention(
     key_length: int | None = None,
     selection: Selection | None = None,
     step: int = 0,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Selection]:
     """Block-sparse ``softmax(q k^T * scale) v`` for self-attention over ``image + text`` tokens.
 
@@ -58,24 +68,37 @@ def sparse_self_attention(
         key_length: keys past this many (in the reordered sequence: image tokens, then text) are padding and are
             ignored, as a key-padding mask would (text padding sits at the end of the text).
         selection: block lists to reuse (they must come from the same shapes), or None to select anew.
+        rotary: (cos, sin) tables, (S, D) or (1, S, 1, D) in the original token order, still to be applied to q and
+            k (diffusers' Wan convention, see :func:`~diffusers_block.kernels.rotate_interleaved`); None if q and k
+            are rotated already.
 
     Returns:
-        ``(out, selection)``: out (B, H, S, D) in the original token order; the selection used.
+        ``(out, selection)``: out (B, H, S, D) in the original token order (a transposed view of a contiguous
+        (B, S, H, D) buffer); the selection used.
     """
-    batch, heads, seq, _ = q.shape
+    batch, heads, seq, head_dim = q.shape
     image = seq - text
     bs = config.block_size
+    perm = None
     if config.reorder or (text and text_first):
-        perm, inverse = token_permutation(
+        perm, _ = token_permutation(
             grid if config.reorder else None, config.tile, image, text, text_first=text_first, device=q.device
         )
-        q, k, v = (t.index_select(2, perm) for t in (q, k, v))
-    else:
-        inverse = None
-    if key_length is not None and key_length < seq:
-        k, v = k[:, :, :key_length], v[:, :, :key_length]
-    shape = (tuple(q.shape), k.shape[2])
-    if selection is None or selection.shape != shape:
+    shape = (tuple(q.shape), seq if key_length is None or key_length >= seq else key_length)
+    select = selection is None or selection.shape != shape
+    key_sums = None
+    if perm is not None or rotary is not None:
+        # One pass each: reorder (and rotate) into contiguous (B, H, S, D), k's block sums on the way if selecting.
+        sums_from_gather = select and config.scoring == "mean" and shape[1] == seq
+        q = gather_tokens(q, perm, rotary=rotary)
+        if sums_from_gather:
+            k, key_sums = gather_tokens(k, perm, rotary=rotary, block_size=bs)
+        else:
+            k = gather_tokens(k, perm, rotary=rotary)
+        v = gather_tokens(v, perm)
+    if shape[1] < seq:
+        k, v = k[:, :, : shape[1]], v[:, :, : shape[1]]
+    if select:
         index, count = select_blocks(
             q,
             k,
@@ -87,9 +110,13 @@ def sparse_self_attention(
             forced_keys=(image, k.shape[2]) if text else None,
             dense_queries=(image, seq) if text else None,
             scale=scale,
+            scoring=config.scoring,
+            stride=config.stride,
+            key_sums=key_sums,
         )
         selection = Selection(index, count, math.ceil(k.shape[2] / bs), step, shape)
-    out = block_sparse_attention(
+    out = torch.empty((batch, seq, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+    block_sparse_attention(
         q,
         k,
         v,
@@ -98,7 +125,7 @@ def sparse_self_attention(
         block_size=bs,
         scale=scale,
         approximation=config.approximation,
+        out=out,
+        out_rows=perm,
     )
-    if inverse is not None:
-        out = out.index_select(2, inverse)
     return out, selection

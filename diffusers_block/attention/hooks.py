@@ -9,6 +9,11 @@ switched to native for the duration. Cross-attention modules are never hooked, s
 
 Calls the sparse path cannot express exactly (dropout, causal, GQA, cross-shaped q/k, masks other than key
 padding) run the original SDPA unchanged and are recorded as dense.
+
+Rotary embedding (``config.fuse_rotary``): diffusers' Wan processor rotates q and k with several fp32 elementwise
+passes before attention. On sparse steps the hook passes ``rotary_emb=None`` to that processor (only the stock
+``WanAttnProcessor``, whose rotation :func:`~diffusers_block.kernels.rotate_interleaved` reproduces) and applies the
+tables inside the token gather instead; a call that falls back to SDPA gets them applied in PyTorch first.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from ..kernels import rotate_interleaved
 from ..models import argument_index, get_argument
 from .functional import sparse_self_attention
 
@@ -32,6 +38,23 @@ SPARSE_ATTENTION_HOOK = "diffusers_block.sparse_attention"
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MISSING = object()
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def _rotary_processors() -> tuple[type, ...]:
+    """Processors whose ``rotary_emb`` argument the hook may take over (their rotation is rotate_interleaved); the
+    exact classes only, since a subclass may use the tables differently."""
+    try:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    except ImportError:  # pragma: no cover - diffusers without Wan
+        return ()
+    return (WanAttnProcessor,)
+
+
+def _set_argument(args: tuple, kwargs: dict, name: str, index: int | None, value) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with argument ``name`` (at ``index`` if positional) replaced by ``value``."""
+    if name in kwargs or index is None or index >= len(args):
+        return args, {**kwargs, name: value}
+    return (*args[:index], value, *args[index + 1 :]), kwargs
 
 
 def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
@@ -103,6 +126,7 @@ class SparseAttentionHook(ModelHook):
         self.text_first = text_first
         self._hidden_index = argument_index(module, "hidden_states")
         self._encoder_index = argument_index(module, "encoder_hidden_states")
+        self._rotary_index = argument_index(module, "rotary_emb")
         self.selections: dict = {}  # (branch, call in forward, sample) -> Selection
         self._thresholds: torch.Tensor | None = None
         self._call: dict | None = None
@@ -126,7 +150,17 @@ class SparseAttentionHook(ModelHook):
         if mode == "dense" or hidden.shape[1] < controller.config.min_tokens:
             controller.record(self.layer, step, branch, "dense", None)
             return self.fn_ref.original_forward(*args, **kwargs)
-        self._call = {"step": step, "branch": branch, "image": image, "mode": mode, "calls": 0}
+        rotary = None
+        if controller.config.fuse_rotary and type(getattr(module, "processor", None)) in _rotary_processors():
+            tables = get_argument(args, kwargs, "rotary_emb", self._rotary_index)
+            if (
+                isinstance(tables, (tuple, list))
+                and len(tables) == 2
+                and all(isinstance(t, torch.Tensor) for t in tables)
+            ):
+                rotary = tuple(tables)
+                args, kwargs = _set_argument(args, kwargs, "rotary_emb", self._rotary_index, None)
+        self._call = {"step": step, "branch": branch, "image": image, "mode": mode, "calls": 0, "rotary": rotary}
         try:
             with _native_backend(module), _SdpaInterceptor(self):
                 return self.fn_ref.original_forward(*args, **kwargs)
@@ -147,6 +181,7 @@ class SparseAttentionHook(ModelHook):
         call_index = frame["calls"]
         frame["calls"] += 1
         controller = self.controller
+        rotary = frame.get("rotary") if call_index == 0 else None  # the processor's one rotated (self-attention) call
         if (
             call["dropout_p"]
             or call["is_causal"]
@@ -156,15 +191,20 @@ class SparseAttentionHook(ModelHook):
             or k.shape != v.shape
         ):
             controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
-            return None
-        batch, heads, seq, _ = q.shape
+            return self._dense(call, rotary)
+        batch, heads, seq, head_dim = q.shape
         text = max(seq - frame["image"], 0) if self.stream != "image" else 0
         if seq - text < 1:
-            return None
+            return self._dense(call, rotary)
+        if rotary is not None and (text or rotary[0].numel() != seq * head_dim or rotary[0].shape[-1] != head_dim):
+            raise RuntimeError(
+                f"the rotary tables {tuple(rotary[0].shape)} taken from the processor do not fit its attention call "
+                f"{tuple(q.shape)}; disable the fusion with SparseAttentionConfig(fuse_rotary=False)"
+            )
         lengths = self._key_lengths(call["attn_mask"], batch, seq, text)
         if lengths is False:
             controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
-            return None
+            return self._dense(call, rotary)
         config = controller.config
         thresholds = self._thresholds_for(heads, q.device)
         grid = controller.grid if config.reorder else None
@@ -189,15 +229,37 @@ class SparseAttentionHook(ModelHook):
                 key_length=key_length,
                 selection=previous,
                 step=frame["step"],
+                rotary=rotary,
             )
             reused = reused and selection is previous
             self.selections[key] = selection
             outs.append(out)
             densities.append(selection.density())
         mode = "reuse" if reused else "select"
-        controller.record(self.layer, frame["step"], frame["branch"], mode, torch.stack(densities).mean(0))
+        density = densities[0] if len(densities) == 1 else torch.stack(densities).mean(0)
+        controller.record(self.layer, frame["step"], frame["branch"], mode, density)
         controller.last_selection[self.layer] = self.selections[(frame["branch"], call_index, groups[0][2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    @staticmethod
+    def _dense(call: dict, rotary) -> torch.Tensor | None:
+        """The original SDPA for a call the sparse path does not take: None (run it as it came) unless the hook
+        took the rotary embedding away from the processor, which is then applied here first."""
+        if rotary is None:
+            return None
+        seq, head_dim = call["query"].shape[-2:]
+        cos, sin = (t.reshape(seq, head_dim) for t in rotary)
+        q, k = (rotate_interleaved(t, cos, sin) for t in (call["query"], call["key"]))
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            call["value"],
+            attn_mask=call["attn_mask"],
+            dropout_p=call["dropout_p"],
+            is_causal=call["is_causal"],
+            scale=call["scale"],
+            enable_gqa=call["enable_gqa"],
+        )
 
     def _thresholds_for(self, heads: int, device: torch.device) -> torch.Tensor:
         cached = self._thresholds

@@ -4,8 +4,9 @@ Transformers lay video tokens out frame by frame, row by row, so a block of 128 
 strip of one row. Blocks are only worth selecting if their tokens are near each other in space and time, which
 is what the mean-pooled block score assumes. :func:`token_permutation` sorts image tokens by (tile, position in
 tile) for tiles of (frames, rows, cols) (partial tiles at the edges stay together), then appends the text tokens
-of joint attention in their original order. The attention runs on ``x[..., perm, :]`` and its output goes back
-with ``inverse``: two gathers per layer, cached per shape.
+of joint attention in their original order. The attention runs on ``x[..., perm, :]`` (one fused gather pass per
+tensor, :func:`~diffusers_block.kernels.gather_tokens`) and its output goes back by the kernel storing row ``i`` at
+token ``perm[i]`` (no pass of its own); ``inverse`` is there for callers that undo it themselves. Cached per shape.
 
 :func:`token_grid` reads the (frames, rows, cols) grid of image tokens from the transformer's input, per family.
 """

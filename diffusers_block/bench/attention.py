@@ -12,7 +12,10 @@ Three parts, each written to the JSON as soon as it is done (a later failure kee
             the full selection), and the selection and the attention alone;
   e2e       the Wan2.1-1.3B architecture with random weights (bench/architectures.py) at 480x832x81 frames:
             full flow-matching schedules, dense (cuDNN SDPA) vs sparse attention vs sparse attention + block
-            caching, ms per step, the density reached, and the final latents' relative L2 to dense.
+            caching, ms per step, the density reached, and the final latents' relative L2 to dense;
+  profile   one transformer forward of that model per mode (dense; sparse reusing masks; the same with the
+            rotary embedding left in the processor; sparse selecting masks) under torch.profiler: GPU time per
+            kernel, grouped, so that what is not attention shows.
 
 On a CPU (tests) everything runs at toy sizes through the PyTorch references: it checks the plumbing, and its
 timings mean nothing.
@@ -58,7 +61,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--parts", nargs="+", choices=["validate", "kernel", "e2e"], default=["validate", "kernel", "e2e"]
+        "--parts",
+        nargs="+",
+        choices=["validate", "kernel", "e2e", "profile"],
+        default=["validate", "kernel", "e2e"],
     )
     parser.add_argument("--seq", nargs="+", type=int, default=[32768, 75776], help="kernel: sequence lengths")
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128], help="kernel: head dims")
@@ -72,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=int, default=2, help="e2e: dense steps at the start")
     parser.add_argument("--refresh", type=int, default=5, help="e2e: mask refresh interval (steps)")
     parser.add_argument("--cache-interval", type=int, default=2, help="e2e: block cache static interval")
+    parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="e2e: block scoring")
     parser.add_argument("--repeats", type=int, default=2, help="e2e: timed schedules per run (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -89,27 +96,33 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_ms(fn, device: torch.device, warmup: int = 3, min_time_ms: float = 300.0, max_iters: int = 200) -> float:
-    """Median time of ``fn`` in ms: CUDA events per call on a GPU, host clock on a CPU."""
+    """Median time of ``fn`` in ms. On a GPU as ``triton.testing.do_bench`` times: CUDA events around each call,
+    calls queued back to back and one synchronisation at the end, so the host's launch work overlaps the device's
+    and a call costs its device time (what a model running layer after layer sees). Host clock on a CPU."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    total = 0.0
-    while len(times) < max_iters and (total < min_time_ms or len(times) < 5):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
+    if device.type != "cuda":
+        times, total = [], 0.0
+        while len(times) < max_iters and (total < min_time_ms or len(times) < 5):
             t0 = time.perf_counter()
             fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        times.append(ms)
-        total += ms
-    return statistics.median(times)
+            times.append((time.perf_counter() - t0) * 1e3)
+            total += times[-1]
+        return statistics.median(times)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    iters = max(5, min(max_iters, int(min_time_ms / max(start.elapsed_time(end), 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -141,6 +154,15 @@ def random_lists(batch, heads, nq, nk, keep, device, seed=0):
     return index, count
 
 
+def _last_tuning(module: str, name: str) -> dict:
+    """ms of every config the autotuner tried at its last tuning (Triton keeps them in ``configs_timings``)."""
+    import importlib
+
+    tuner = getattr(importlib.import_module(f"diffusers_block.kernels.{module}"), name, None)
+    timings = getattr(tuner, "configs_timings", None) or {}
+    return {str(config): (ms[0] if isinstance(ms, (list, tuple)) else ms) for config, ms in timings.items()}
+
+
 def _capture(fn, results: dict, key: str):
     try:
         results[key] = fn()
@@ -163,6 +185,9 @@ def _autotuned_configs() -> dict:
         ):
             cache = getattr(tuner, "cache", {}) if tuner is not None else {}
             found[name] = {str(key): str(config) for key, config in cache.items()}
+        tma = getattr(bsa, "_block_sparse_attn_fwd_tma_autotuned", None)
+        found["attention_tma_race"] = {str(k): str(c) for k, c in getattr(tma, "cache", {}).items()}
+        found["tma_failure"] = getattr(bsa, "_tma_failure", None)
     except Exception as error:  # pragma: no cover - informational only
         found["error"] = str(error)
     return found
@@ -197,7 +222,14 @@ def validate(args, device: torch.device) -> dict:
 
 def _validate(args, device: torch.device) -> dict:
     cpu = device.type != "cuda"
-    out: dict = {"attention": [], "approximation": [], "selection": [], "dense_vs_sdpa": []}
+    out: dict = {
+        "attention": [],
+        "approximation": [],
+        "selection": [],
+        "dense_vs_sdpa": [],
+        "gather": [],
+        "scatter": [],
+    }
     cases = [(64, 64, 1000), (128, 128, 777), (64, 128, 4096), (128, 64, 300)] if not cpu else [(32, 16, 100)]
     for dtype in ("bf16", "fp16"):
         for head_dim, bs, seq in cases if dtype == "bf16" else cases[:2]:
@@ -243,41 +275,55 @@ def _validate(args, device: torch.device) -> dict:
                         "drop_only_rel_err_vs_dense": rel_err(drop, dense),
                     }
                 )
-        for head_dim, bs, seq in cases if dtype == "bf16" else ():
-            q, k, _ = smooth_qkv(1, 3, seq, head_dim, bs, device, DTYPES[dtype], seed=2)
-            nb = math.ceil(seq / bs)
-            index, count = select_blocks(q, k, block_size=bs, threshold=0.8, local_blocks=0)
-            r_index, r_count = select_blocks_reference(
-                q.float(),
-                k.float(),
-                torch.full((3,), 0.8, device=device),
-                block_size=bs,
-                scale=1 / math.sqrt(head_dim),
-                min_blocks=1,
-                max_blocks=nb,
-                width=index.shape[-1],
-                local=0,
-                force=(0, 0),
-                dense=(0, 0),
-            )
-            mask = block_mask_from_index(index, count, nb)
-            ref = block_mask_from_index(r_index, r_count, nb)
-            out["selection"].append(
-                {
-                    "dtype": dtype,
-                    "head_dim": head_dim,
-                    "block_size": bs,
-                    "seq": seq,
-                    "mask_mismatch_fraction": (mask != ref).float().mean().item(),
-                    "density": mask.float().mean().item(),
-                    "ascending": bool(
-                        all(
-                            torch.all(row[1:n] > row[: n - 1])
-                            for row, n in zip(index.view(-1, index.shape[-1])[:64], count.view(-1)[:64].tolist())
-                        )
-                    ),
-                }
-            )
+        for (head_dim, bs, seq), scoring in (
+            [(case, "mean") for case in cases] + [(case, "antidiagonal") for case in cases if case[1] >= 128 or cpu]
+            if dtype == "bf16"
+            else ()
+        ):
+            try:  # a failing case is recorded, the others still run
+                q, k, _ = smooth_qkv(1, 3, seq, head_dim, bs, device, DTYPES[dtype], seed=2)
+                nb = math.ceil(seq / bs)
+                stride = 8 if not cpu else 2
+                index, count = select_blocks(
+                    q, k, block_size=bs, threshold=0.8, local_blocks=0, scoring=scoring, stride=stride
+                )
+                r_index, r_count = select_blocks_reference(
+                    q.float(),
+                    k.float(),
+                    torch.full((3,), 0.8, device=device),
+                    block_size=bs,
+                    scale=1 / math.sqrt(head_dim),
+                    min_blocks=1,
+                    max_blocks=nb,
+                    width=index.shape[-1],
+                    local=0,
+                    force=(0, 0),
+                    dense=(0, 0),
+                    scoring=scoring,
+                    stride=stride,
+                )
+                mask = block_mask_from_index(index, count, nb)
+                ref = block_mask_from_index(r_index, r_count, nb)
+                out["selection"].append(
+                    {
+                        "scoring": scoring,
+                        "dtype": dtype,
+                        "head_dim": head_dim,
+                        "block_size": bs,
+                        "seq": seq,
+                        "mask_mismatch_fraction": (mask != ref).float().mean().item(),
+                        "density": mask.float().mean().item(),
+                        "ascending": bool(
+                            all(
+                                torch.all(row[1:n] > row[: n - 1])
+                                for row, n in zip(index.view(-1, index.shape[-1])[:64], count.view(-1)[:64].tolist())
+                            )
+                        ),
+                    }
+                )
+            except Exception as error:
+                row = {"scoring": scoring, "dtype": dtype, "head_dim": head_dim, "block_size": bs, "seq": seq}
+                out["selection"].append({**row, "error": f"{type(error).__name__}: {error}"[:500]})
     if not cpu:
         for head_dim in (64, 128):
             heads = WIDTH // head_dim
@@ -296,6 +342,7 @@ def _validate(args, device: torch.device) -> dict:
                 }
             )
             del q, k, v, ours, cudnn, exact
+    _validate_gather_and_scatter(out, device, cpu)
     tol = {"bf16": 2e-2, "fp16": 2e-3}
     out["passed"] = bool(
         all(
@@ -303,17 +350,55 @@ def _validate(args, device: torch.device) -> dict:
             for r in out["attention"]
         )
         and all(r["kernel_vs_reference_max_abs_err"] <= 5e-2 for r in out["approximation"])
-        and all(r["mask_mismatch_fraction"] <= 1e-3 and r["ascending"] for r in out["selection"])
+        and all(r.get("mask_mismatch_fraction", 1.0) <= 1e-3 and r.get("ascending") for r in out["selection"])
         and all(r["ours_rel_err_vs_fp32"] <= 2 * r["cudnn_rel_err_vs_fp32"] + 1e-3 for r in out["dense_vs_sdpa"])
+        and all(r["within_one_ulp"] and r["sums_rel_err"] <= 1e-2 for r in out["gather"])
+        and all(r["all_written"] and r["max_abs_err"] == 0.0 for r in out["scatter"])
     )
     print(f"validate: {'passed' if out['passed'] else 'FAILED'}")
-    for group in ("attention", "approximation", "selection", "dense_vs_sdpa"):
+    for group in ("attention", "approximation", "selection", "dense_vs_sdpa", "gather", "scatter"):
         for row in out[group]:
             print(
                 f"  {group}: "
                 + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             )
     return out
+
+
+def _validate_gather_and_scatter(out: dict, device: torch.device, cpu: bool) -> None:
+    """The token gather (+ rotation, + block sums) and the attention's scattered store, at the e2e shape."""
+    from ..kernels import gather_tokens, gather_tokens_reference
+
+    seq, heads, head_dim, bs = (32760, 12, 128, 128) if not cpu else (100, 2, 32, 16)
+    gen = torch.Generator(device).manual_seed(5)
+    x = torch.randn(1, seq, heads, head_dim, generator=gen, device=device).to(torch.bfloat16).transpose(1, 2)
+    perm = torch.randperm(seq, generator=gen, device=device)
+    angles = torch.rand(seq, head_dim // 2, generator=gen, device=device) * 6.0
+    cos, sin = (f(angles).repeat_interleave(2, dim=1) for f in (torch.cos, torch.sin))
+    got, sums = gather_tokens(x, perm, rotary=(cos, sin), block_size=bs)
+    ref, ref_sums = gather_tokens_reference(x, perm, rotary=(cos, sin), block_size=bs)
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1.0)
+    out["gather"].append(
+        {
+            "seq": seq,
+            "head_dim": head_dim,
+            "within_one_ulp": bool(((got.float() - ref.float()).abs() <= ulp).all()),
+            "mismatch_fraction": (got != ref).float().mean().item(),
+            "sums_rel_err": ((sums - ref_sums).norm() / ref_sums.norm()).item(),
+        }
+    )
+    nb = math.ceil(seq / bs)
+    index, count = random_lists(1, heads, nb, nb, max(1, nb // 8), device, seed=6)
+    plain = block_sparse_attention(got, got, got, index, count, block_size=bs)
+    buffer = torch.full((1, seq, heads, head_dim), float("nan"), device=device, dtype=torch.bfloat16)
+    block_sparse_attention(got, got, got, index, count, block_size=bs, out=buffer.transpose(1, 2), out_rows=perm)
+    out["scatter"].append(
+        {
+            "seq": seq,
+            "all_written": not bool(torch.isnan(buffer).any()),
+            "max_abs_err": (buffer.transpose(1, 2)[:, :, perm].float() - plain.float()).abs().max().item(),
+        }
+    )
 
 
 @contextmanager
@@ -343,8 +428,13 @@ def kernel(args, device: torch.device) -> dict:
     seqs = args.seq if not cpu else [200]
     for seq in seqs:
         for head_dim in args.head_dim:
-            rows.append(_kernel_case(args, device, seq, head_dim, bs, dtype, flex))
-            _print_kernel(rows[-1])
+            try:  # one failing case keeps the others' numbers
+                rows.append(_kernel_case(args, device, seq, head_dim, bs, dtype, flex))
+                _print_kernel(rows[-1])
+            except Exception as error:
+                rows.append({"seq": seq, "head_dim": head_dim, "error": f"{type(error).__name__}: {error}"})
+                rows[-1]["traceback"] = traceback.format_exc()[-3000:]
+                print(f"  kernel case {seq} x {head_dim} FAILED: {rows[-1]['error']}")
             gc.collect()
             if not cpu:
                 torch.cuda.empty_cache()
@@ -367,6 +457,7 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
     result["ours_dense_ms"] = bench_ms(
         lambda: block_sparse_attention(q, k, v, full_index, full_count, block_size=bs), device
     )
+    result["dense_config_ms"] = _last_tuning("block_sparse_attention", "_block_sparse_attn_fwd_tma_autotuned")
     if flex is not None:
         flex_fn, block_mask_cls = flex
         full_mask = _flex_mask(block_mask_cls, full_count, full_index, bs)
@@ -381,6 +472,16 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
         index, count = select()
         row = {"blocks_per_row": keep, "actual_density": count.float().mean().item() / nb}
         row["select_ms"] = bench_ms(select, device)
+        try:  # the optional scoring must not cost the main numbers
+            row["select_antidiagonal_ms"] = bench_ms(
+                lambda keep=keep: select_blocks(
+                    q, k, block_size=bs, threshold=1.0, max_blocks=keep, local_blocks=0, scoring="antidiagonal",
+                    stride=8 if not cpu else 2,
+                ),
+                device,
+            )  # fmt: skip
+        except Exception as error:
+            row["select_antidiagonal_error"] = f"{type(error).__name__}: {error}"[:500]
         row["attention_ms"] = bench_ms(
             lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs), device
         )
@@ -479,6 +580,7 @@ def e2e(args, device: torch.device) -> dict:
         block_size=block_size,
         max_blocks=max(1, round(args.e2e_density * nb)),
         min_tokens=0,
+        scoring=args.scoring,
     )
     cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
     latents = noise(arch, device, args.seed)
@@ -617,8 +719,116 @@ def _forward_times(model, arch, latents, prompts, config, device, cpu) -> dict:
             model, SparseAttentionConfig(**{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9})
         )
         times["sparse_reuse"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
+        # The same, with the rotary embedding left to the processor (what the fused gather saves).
+        enable_sparse_attention(
+            model,
+            SparseAttentionConfig(
+                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9, "fuse_rotary": False}
+            ),
+        )
+        times["sparse_reuse_unfused_rotary"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
         disable_sparse_attention(model)
     return times
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# profile
+# ------------------------------------------------------------------------------------------------------------------
+#: Kernel-name fragments -> group, first match wins (names of cuDNN, cuBLAS, Triton and ATen kernels).
+PROFILE_GROUPS = (
+    ("attention (ours)", ("_block_sparse_attn_fwd",)),
+    ("selection", ("_block_selection_fwd", "reduce_kernel")),
+    ("token gather (ours)", ("_gather_tokens_fwd",)),
+    ("attention (cuDNN/flash)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
+    ("index/gather (ATen)", ("index", "gather", "scatter")),
+    ("copy/cast", ("copy", "cast", "convert")),
+    ("norm", ("norm",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def _group_of(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in PROFILE_GROUPS:
+        if any(fragment.lower() in lowered for fragment in fragments):
+            return group
+    return "other"
+
+
+def profile(args, device: torch.device) -> dict:
+    """GPU time per kernel (and per group) of one transformer forward per mode."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cpu = device.type != "cuda"
+    arch = ARCHITECTURES[args.model]
+    dtype = DTYPES[args.dtype] if not cpu else torch.float32
+    model = build(arch, device, dtype, args.seed)
+    tokens = num_tokens(arch)
+    block_size = args.block_size if not cpu else 8
+    nb = math.ceil(tokens / block_size)
+    base = dict(
+        threshold=args.threshold,
+        block_size=block_size,
+        max_blocks=max(1, round(args.e2e_density * nb)),
+        min_tokens=0,
+        dense_steps=0,
+        scoring=args.scoring,
+    )
+    modes = {
+        "dense": None,
+        "sparse_reuse": SparseAttentionConfig(**base, refresh_interval=10**9),
+        "sparse_reuse_unfused_rotary": SparseAttentionConfig(**base, refresh_interval=10**9, fuse_rotary=False),
+        "sparse_select": SparseAttentionConfig(**base, refresh_interval=1),
+    }
+    hidden = noise(arch, device, args.seed).to(model.dtype)
+    prompt = conditioning(arch, device, dtype, args.seed + 1)
+    timestep = torch.full((1,), 500.0 * arch.timestep_scale, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if not cpu else [])
+    result = {"model": args.model, "tokens": tokens, "block_size": block_size, "modes": {}}
+    print(f"\nprofile: {args.model}, {tokens} tokens, one forward per mode")
+    rows = []
+    with torch.inference_mode(), _cudnn() if not cpu else nullcontext():
+        for name, config in modes.items():
+            if config is not None:
+                enable_sparse_attention(model, config)
+            steps = iter(range(10**9))
+
+            def call(steps=steps):
+                with model.cache_context("cond", step_index=next(steps), num_inference_steps=10**9):
+                    model(hidden_states=hidden, timestep=timestep, **prompt, return_dict=False)
+
+            for _ in range(3):  # warm-up: compiles, autotuning, selection at step 0
+                call()
+            _sync(device)
+            with torch_profile(activities=activities) as prof:
+                call()
+                _sync(device)
+            if config is not None:
+                disable_sparse_attention(model)
+            kernels: dict = {}
+            for avg in prof.key_averages():
+                if cpu or avg.device_type != torch.autograd.DeviceType.CUDA:
+                    continue  # kernels are the CUDA-side entries; their self time is the kernel time
+                us = getattr(avg, "self_device_time_total", None) or getattr(avg, "self_cuda_time_total", 0.0)
+                kernels[avg.key] = [us / 1e3, avg.count]
+            groups: dict = {}
+            for kernel_name, (ms, _) in kernels.items():
+                group = _group_of(kernel_name)
+                groups[group] = groups.get(group, 0.0) + ms
+            total = sum(groups.values())
+            top = sorted(kernels.items(), key=lambda item: -item[1][0])[:25]
+            result["modes"][name] = {
+                "gpu_ms": total,
+                "groups_ms": dict(sorted(groups.items(), key=lambda item: -item[1])),
+                "top_kernels": [{"name": n[:160], "ms": ms, "calls": c} for n, (ms, c) in top],
+            }
+            rows.append({"mode": name, "gpu_ms": total, **{g: ms for g, ms in groups.items()}})
+            print(f"  {name}: {total:.1f} ms GPU; " + ", ".join(f"{g} {ms:.1f}" for g, ms in groups.items()))
+            for n, (ms, c) in top[:12]:
+                print(f"      {ms:8.2f} ms {c:4d}x  {n[:110]}")
+    return result
 
 
 def run(args) -> dict:
@@ -630,7 +840,7 @@ def run(args) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "environment": report.environment(device),
     }
-    parts = {"validate": validate, "kernel": kernel, "e2e": e2e}
+    parts = {"validate": validate, "kernel": kernel, "e2e": e2e, "profile": profile}
     for part in args.parts:
         _capture(lambda part=part: parts[part](args, device), payload, part)
         report.write_json(path, payload)

@@ -5,9 +5,13 @@ cumulative threshold, and writes them straight into the compact ``(block_index, 
 :func:`~diffusers_block.kernels.block_sparse_attention.block_sparse_attention` consumes: no dense mask, no sort, no
 host sync.
 
-Estimate (mean pooling): the block score of query block ``i`` and key block ``j`` is ``scale * mean(q_i) .
-mean(k_j) + log(n_j)`` (``n_j`` the tokens in key block ``j``, so a short tail block counts for its size); a softmax
-over ``j`` turns a row of scores into block masses that sum to one.
+Estimate, per row of key blocks (``scoring``):
+  * "mean": the block score of query block ``i`` and key block ``j`` is ``scale * mean(q_i) . mean(k_j) + log(n_j)``
+    (``n_j`` the tokens in key block ``j``, so a short tail block counts for its size); a softmax over ``j`` turns a
+    row of scores into block masses that sum to one (:func:`~.reference.pooled_block_mass`).
+  * "antidiagonal" (XAttention): per stride row, a softmax over the antidiagonal means of ``stride x stride``
+    logit tiles, summed per key block and averaged over the block's stride rows
+    (:func:`~.reference.antidiagonal_block_mass`).
 
 Choice per row: key blocks are ranked by mass, "forced" blocks first (the key blocks of text tokens, the query's
 own block and its ``local_blocks`` neighbours); the row keeps the shortest prefix of that ranking whose mass
@@ -17,11 +21,13 @@ forced blocks. Query blocks inside ``dense_queries`` (text queries of joint atte
 largest mass value ``c`` such that the blocks with mass >= c satisfy the rule, then compacts them in ascending block
 order with a prefix sum. Ties at the cut are all kept (the reference, which sorts, keeps one of them).
 
-Layout of one program: ``BLOCK_Q`` query blocks of one (batch, head). Pass 1 computes their scores against all key
-blocks in ``BLOCK_K``-wide tiles with ``tl.dot`` (fp32) and keeps a running max/sum per row (online softmax); the
-scores go to an fp32 scratch row ``(NQ, NK)`` per head. Pass 2 reloads each row (``NK_PAD`` = next power of two of
-the key blocks) in groups of rows, bisects all rows of a group at once and writes the index. The key means are read
-once per ``BLOCK_Q`` rows.
+Layout of one program: ``BLOCK_Q`` query blocks of one (batch, head). Pass 1, mean scoring: the program pools its
+query blocks from q itself (no separate pass, no pooled copy of q), then scores them against the per-block key
+sums (one reduction over k, or handed over by ``gather_tokens``) in ``BLOCK_K``-wide tiles with ``tl.dot`` (fp32),
+keeping a running max/sum per row (online softmax); the scores go to an fp32 scratch row ``(NQ, NK)`` per head.
+Pass 1, antidiagonal scoring: per query block, one sweep over the keys for the stride rows' softmax normalisers
+and one for the block masses, which go to the scratch directly. Pass 2 reloads each row (``NK_PAD`` = next power
+of two of the key blocks) in groups of rows, bisects all rows of a group at once and writes the index.
 On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`select_blocks_reference`.
 """
 
@@ -32,7 +38,7 @@ import os
 
 import torch
 
-from .reference import block_means, select_blocks_reference
+from .reference import select_blocks_reference
 
 try:  # Triton is Linux-only; the CPU fallback works without it.
     import triton
@@ -41,7 +47,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["select_blocks", "MAX_KEY_BLOCKS"]
+__all__ = ["select_blocks", "MAX_KEY_BLOCKS", "SCORINGS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Most key blocks per row the kernel holds in registers (4096 blocks of 64 = 262,144 tokens).
@@ -52,10 +58,26 @@ BISECTION_STEPS = 31
 #: Tiles under TRITON_INTERPRET.
 INTERPRET_BLOCK_Q = 16
 INTERPRET_BLOCK_K = 16
-#: Pass 2 holds a (ROW_GROUP, NK_PAD) tile: ROW_GROUP = min(16, PASS2_ELEMENTS // NK_PAD) rows at once.
+#: Pass 2 holds a (ROW_GROUP, NK_PAD) tile: ROW_GROUP = min(16, BLOCK_Q, PASS2_ELEMENTS // NK_PAD) rows at once.
 PASS2_ELEMENTS = 8192
-#: GPU autotune candidates (BLOCK_Q, BLOCK_K, num_warps); BLOCK_Q is a multiple of every ROW_GROUP (<= 16).
-GPU_CONFIGS = [(16, 64, 8), (16, 64, 4), (32, 64, 8), (16, 128, 8), (16, 64, 16)]
+#: The pooling loop loads (BLOCK_Q * POOL_ROWS, BLOCK_D) query rows at a time, about this many values.
+POOL_ELEMENTS = 8192
+#: Scorings of a (query block, key block) pair: mean pooling (cheap, default) or XAttention's antidiagonal sums.
+SCORINGS = {"mean": 0, "antidiagonal": 1}
+#: Antidiagonal scoring: key blocks per tile of the two sweeps (KEY_BLOCKS * block_size / stride columns), and
+#: query blocks whose stride rows are stacked into one tile (QUERY_BLOCKS * block_size / stride rows: 64 rows with
+#: blocks of 128 and stride 8, a full tensor-core tile). BLOCK_Q must be a multiple of QUERY_BLOCKS.
+ANTIDIAGONAL_KEY_BLOCKS = 4
+ANTIDIAGONAL_QUERY_BLOCKS = 4
+#: tl.dot needs every tile dim >= 16 on the GPU: block_size / stride stride rows per block at least.
+MIN_DOT = 16
+#: GPU autotune candidates (BLOCK_Q, BLOCK_K, num_warps). Mean scoring multiplies (BLOCK_Q, D) query means, so
+#: it needs BLOCK_Q >= 16 (tl.dot); antidiagonal scoring walks its query blocks one by one, and small BLOCK_Q
+#: spread the long sweeps over more programs.
+GPU_CONFIGS = [(16, 64, 8), (16, 64, 4), (32, 64, 8), (16, 128, 8), (8, 64, 4), (8, 128, 4), (4, 64, 4)]
+#: Software pipelining depth: the loops are short and memory-light; deeper pipelines only multiply shared memory
+#: (the antidiagonal sweeps hold (R, D) and (D, KEY_COLS) tiles per stage).
+NUM_STAGES = 2
 #: DIFFUSERS_BLOCK_AUTOTUNE=0 (as for block_sparse_attention) skips autotuning and uses the first config.
 AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 
@@ -63,18 +85,196 @@ AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 if triton is not None:
 
     @triton.jit
+    def _pooled_scores(
+        KSum,
+        Scores,
+        q_base,
+        stride_qs,
+        bh,
+        pid_q,
+        qk_scale,
+        SEQ_Q,
+        SEQ_K,
+        NK,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        POOL_ROWS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Mean pooling: pools this program's query blocks from q itself (no separate pass over q), scores them
+        against the key block sums (base-2 logits into the scratch rows) and returns the row max and sum."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        # Query block means: a (BLOCK_Q * POOL_ROWS, D) tile covers POOL_ROWS rows of each of the BLOCK_Q blocks.
+        slot = tl.arange(0, BLOCK_Q * POOL_ROWS)
+        slot_block = pid_q * BLOCK_Q + slot // POOL_ROWS
+        acc = tl.zeros([BLOCK_Q * POOL_ROWS, BLOCK_D], dtype=tl.float32)
+        for start in range(0, BLOCK_SIZE, POOL_ROWS):
+            rows = slot_block * BLOCK_SIZE + start + slot % POOL_ROWS
+            x = tl.load(
+                q_base + rows.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
+                mask=(rows < SEQ_Q)[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            acc += x.to(tl.float32)
+        q_sum = tl.sum(tl.reshape(acc, [BLOCK_Q, POOL_ROWS, BLOCK_D]), 1)
+        blocks = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q_count = tl.minimum(tl.maximum(SEQ_Q - blocks * BLOCK_SIZE, 0), BLOCK_SIZE)
+        qm = q_sum / tl.maximum(q_count, 1).to(tl.float32)[:, None]
+        row_mask = blocks < tl.cdiv(SEQ_Q, BLOCK_SIZE)
+        score_rows = Scores + (bh * tl.cdiv(SEQ_Q, BLOCK_SIZE) + blocks[:, None]) * NK
+
+        m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        for start in range(0, NK, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_mask = cols < NK
+            ks = tl.load(
+                KSum + (bh * NK + cols[None, :]) * HEAD_DIM + offs_d[:, None],
+                mask=col_mask[None, :] & d_mask[:, None],
+                other=0.0,
+            )
+            n_k = tl.maximum(tl.minimum(SEQ_K - cols * BLOCK_SIZE, BLOCK_SIZE), 1).to(tl.float32)
+            # scale * mean(q_i) . mean(k_j) + log(n_j), in base 2
+            s = tl.dot(qm, ks, input_precision=INPUT_PRECISION) * (qk_scale / n_k)[None, :] + tl.math.log2(n_k)[None, :]
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            m_i = m_new
+            tl.store(score_rows + cols[None, :], s, mask=row_mask[:, None] & col_mask[None, :])
+        return m_i, l_i
+
+    @triton.jit
+    def _antidiagonal_logits(
+        q_base,
+        k_base,
+        stride_qs,
+        stride_ks,
+        q_rows,
+        key_start,
+        qk_scale,
+        SEQ_Q,
+        SEQ_K,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        STRIDE: tl.constexpr,
+        KEY_COLS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
+        """(rows, KEY_COLS) antidiagonal logits (base 2) of the stride rows starting at tokens ``q_rows`` against
+        KEY_COLS stride columns from ``key_start``: the mean over t of q[row + t] . k[col + S-1-t], scaled; tokens
+        past the sequence count as zero vectors, columns starting past SEQ_K are -inf."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        k_rows = key_start + tl.arange(0, KEY_COLS) * STRIDE
+        logits = tl.zeros([q_rows.shape[0], KEY_COLS], dtype=tl.float32)
+        for t in range(0, STRIDE):  # a loop, not unrolled: one set of tile buffers in shared memory
+            qt = tl.load(
+                q_base + (q_rows + t).to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
+                mask=((q_rows + t) < SEQ_Q)[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            kr = k_rows + (STRIDE - 1 - t)
+            kt = tl.load(
+                k_base + kr.to(tl.int64)[None, :] * stride_ks + offs_d[:, None],
+                mask=(kr < SEQ_K)[None, :] & d_mask[:, None],
+                other=0.0,
+            )
+            if DOT_FP32:  # interpreter only: its bf16 tl.dot is wrong
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            logits = tl.dot(qt, kt, logits, input_precision=INPUT_PRECISION)
+        logits = logits * (qk_scale / STRIDE)
+        return tl.where((k_rows < SEQ_K)[None, :], logits, float("-inf"))
+
+    @triton.jit
+    def _antidiagonal_masses(
+        Scores,
+        q_base,
+        k_base,
+        stride_qs,
+        stride_ks,
+        bh,
+        pid_q,
+        qk_scale,
+        SEQ_Q,
+        SEQ_K,
+        NK,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        STRIDE: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
+        QUERY_BLOCKS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+    ):
+        """Antidiagonal scoring (XAttention): per stride row a softmax over every stride column of the sequence,
+        summed per key block, averaged over the query block's stride rows that start inside the sequence; the block
+        masses themselves go to the scratch rows. QUERY_BLOCKS query blocks at a time (their R stride rows stacked:
+        tensor-core tiles of QUERY_BLOCKS * R rows), two sweeps over the keys: row normalisers, then masses."""
+        R: tl.constexpr = BLOCK_SIZE // STRIDE
+        ROWS: tl.constexpr = QUERY_BLOCKS * R
+        KEY_COLS: tl.constexpr = KEY_BLOCKS * R
+        TILE: tl.constexpr = KEY_BLOCKS * BLOCK_SIZE
+        NQ = tl.cdiv(SEQ_Q, BLOCK_SIZE)
+        a = tl.arange(0, ROWS)
+        for g in range(0, BLOCK_Q, QUERY_BLOCKS):
+            row_block = pid_q * BLOCK_Q + g + a // R
+            q_rows = row_block * BLOCK_SIZE + (a % R) * STRIDE
+            m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            l_r = tl.zeros([ROWS], dtype=tl.float32)
+            for key_start in range(0, SEQ_K, TILE):
+                x = _antidiagonal_logits(
+                    q_base, k_base, stride_qs, stride_ks, q_rows, key_start, qk_scale, SEQ_Q, SEQ_K,
+                    HEAD_DIM, BLOCK_D, STRIDE, KEY_COLS, INPUT_PRECISION, DOT_FP32,
+                )  # fmt: skip
+                m_new = tl.maximum(m_r, tl.max(x, 1))
+                l_r = l_r * tl.math.exp2(m_r - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+                m_r = m_new
+            # Weight of a stride row: 1 / (its normaliser x the valid stride rows of its block); 0 past SEQ_Q.
+            valid_rows = tl.minimum(tl.maximum(tl.cdiv(SEQ_Q - row_block * BLOCK_SIZE, STRIDE), 1), R)
+            weight = tl.where(q_rows < SEQ_Q, 1.0 / (l_r * valid_rows.to(tl.float32)), 0.0)
+            blocks = pid_q * BLOCK_Q + g + tl.arange(0, QUERY_BLOCKS)
+            for key_start in range(0, SEQ_K, TILE):
+                x = _antidiagonal_logits(
+                    q_base, k_base, stride_qs, stride_ks, q_rows, key_start, qk_scale, SEQ_Q, SEQ_K,
+                    HEAD_DIM, BLOCK_D, STRIDE, KEY_COLS, INPUT_PRECISION, DOT_FP32,
+                )  # fmt: skip
+                p = tl.math.exp2(x - m_r[:, None]) * weight[:, None]  # (QUERY_BLOCKS * R, KEY_BLOCKS * R)
+                per_block = tl.sum(tl.sum(tl.reshape(p, [QUERY_BLOCKS, R, KEY_BLOCKS, R]), 3), 1)
+                cols = key_start // BLOCK_SIZE + tl.arange(0, KEY_BLOCKS)
+                tl.store(
+                    Scores + (bh * NQ + blocks[:, None]) * NK + cols[None, :],
+                    per_block,
+                    mask=(blocks < NQ)[:, None] & (cols < NK)[None, :],
+                )
+
+    @triton.jit
     def _block_selection_fwd(
-        QMean,
-        KMean,
-        KLog2Count,
+        Q,
+        K,
+        KSum,
         Threshold,
         Scores,
         RowStats,
         BlockIndex,
         BlockCount,
         qk_scale,
+        stride_qb,
+        stride_qh,
+        stride_qs,
+        stride_kb,
+        stride_kh,
+        stride_ks,
         H,
-        NQ,
+        SEQ_Q,
+        SEQ_K,
         NK,
         WIDTH,
         MIN_BLOCKS,
@@ -86,52 +286,49 @@ if triton is not None:
         DENSE_HI,
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        SCORING: tl.constexpr,
+        STRIDE: tl.constexpr,
+        KEY_BLOCKS: tl.constexpr,
+        QUERY_BLOCKS: tl.constexpr,
+        POOL_ROWS: tl.constexpr,
         BISECTION_STEPS: tl.constexpr,
         NK_PAD: tl.constexpr,
         ROW_GROUP: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         pid_q = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         head = bh % H
+        off_b = bh // H
+        NQ = tl.cdiv(SEQ_Q, BLOCK_SIZE)
+        q_base = Q + off_b * stride_qb + head * stride_qh
         rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         row_mask = rows < NQ
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        qm = tl.load(
-            QMean + (bh * NQ + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        score_rows = Scores + (bh * NQ + rows[:, None]) * NK
 
-        # Pass 1: scores (base 2) of BLOCK_Q rows against every key block, running max / sum per row.
-        m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
-        for start in range(0, NK, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_mask = cols < NK
-            km = tl.load(
-                KMean + (bh * NK + cols[None, :]) * HEAD_DIM + offs_d[:, None],
-                mask=col_mask[None, :] & d_mask[:, None],
-                other=0.0,
-            )
-            log2n = tl.load(KLog2Count + cols, mask=col_mask, other=float("-inf"))
-            s = tl.dot(qm, km, input_precision=INPUT_PRECISION) * qk_scale + log2n[None, :]
-            s = tl.where(col_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-            m_i = m_new
-            tl.store(score_rows + cols[None, :], s, mask=row_mask[:, None] & col_mask[None, :])
-        tl.debug_barrier()  # pass 2 reads scores other threads of this program wrote
+        # Pass 1: block scores of this program's BLOCK_Q query blocks against every key block, into the scratch.
+        if SCORING == 0:
+            m_i, l_i = _pooled_scores(
+                KSum, Scores, q_base, stride_qs, bh, pid_q, qk_scale, SEQ_Q, SEQ_K, NK,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, POOL_ROWS, INPUT_PRECISION, BLOCK_Q, BLOCK_K,
+            )  # fmt: skip
+        else:
+            _antidiagonal_masses(
+                Scores, q_base, K + off_b * stride_kb + head * stride_kh, stride_qs, stride_ks, bh, pid_q, qk_scale,
+                SEQ_Q, SEQ_K, NK, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STRIDE, KEY_BLOCKS, QUERY_BLOCKS, INPUT_PRECISION,
+                DOT_FP32, BLOCK_Q,
+            )  # fmt: skip
+            m_i = tl.zeros([BLOCK_Q], dtype=tl.float32)  # the scratch holds masses already
+            l_i = tl.full([BLOCK_Q], 1.0, dtype=tl.float32)
+        tl.store(RowStats + (bh * NQ + rows) * 2, m_i, mask=row_mask)
+        tl.store(RowStats + (bh * NQ + rows) * 2 + 1, l_i, mask=row_mask)
+        tl.debug_barrier()  # pass 2 reads scores and row stats other threads of this program wrote
 
         # Pass 2: ROW_GROUP rows at a time (a (ROW_GROUP, NK_PAD) tile), bisect each row's mass cut in parallel and
         # write the compact lists. Rows in parallel matter: the 31 bisection steps are latency-bound reductions.
-        tl.store(RowStats + (bh * NQ + rows) * 2, m_i, mask=row_mask)
-        tl.store(RowStats + (bh * NQ + rows) * 2 + 1, l_i, mask=row_mask)
-        tl.debug_barrier()
         tau_head = tl.load(Threshold + head)
         cols = tl.arange(0, NK_PAD)
         col_valid = cols < NK
@@ -141,8 +338,11 @@ if triton is not None:
             m_r = tl.load(RowStats + (bh * NQ + grow) * 2, mask=grow_mask, other=0.0)
             l_r = tl.load(RowStats + (bh * NQ + grow) * 2 + 1, mask=grow_mask, other=1.0)
             valid = grow_mask[:, None] & col_valid[None, :]
-            s = tl.load(Scores + (bh * NQ + grow[:, None]) * NK + cols[None, :], mask=valid, other=float("-inf"))
-            mass = tl.math.exp2(s - m_r[:, None]) / l_r[:, None]
+            s = tl.load(Scores + (bh * NQ + grow[:, None]) * NK + cols[None, :], mask=valid, other=0.0)
+            if SCORING == 0:
+                mass = tl.where(valid, tl.math.exp2(s - m_r[:, None]) / l_r[:, None], 0.0)
+            else:
+                mass = s
             forced = ((cols >= FORCE_LO) & (cols < FORCE_HI))[None, :]
             forced = forced | (tl.abs(cols[None, :] - grow[:, None]) <= LOCAL)  # LOCAL = -1: no neighbourhood
             forced = forced & valid
@@ -172,9 +372,30 @@ if triton is not None:
             tl.store(targets, (cols[None, :] + 0 * pos).to(tl.int32), mask=chosen & (pos < WIDTH))
             tl.store(BlockCount + out_rows, tl.minimum(tl.sum(chosen_i, 1), WIDTH), mask=grow_mask)
 
+    def _pool_rows(meta) -> int:
+        """Rows of each query block summed per step of the pooling loop: the (BLOCK_Q * POOL_ROWS, BLOCK_D) tile
+        holds about POOL_ELEMENTS values (a power of two, at most the block)."""
+        return max(1, min(meta["BLOCK_SIZE"], POOL_ELEMENTS // (meta["BLOCK_Q"] * meta["BLOCK_D"])))
+
+    def _row_group(meta) -> int:
+        """Rows bisected together in pass 2: a (ROW_GROUP, NK_PAD) tile of about PASS2_ELEMENTS values, at most 16
+        rows and never more than the program's own BLOCK_Q rows (the scratch rows of other programs are theirs)."""
+        return max(1, min(16, meta["BLOCK_Q"], PASS2_ELEMENTS // meta["NK_PAD"]))
+
+    _block_selection_fwd = triton.heuristics({"POOL_ROWS": _pool_rows, "ROW_GROUP": _row_group})(_block_selection_fwd)
+
+    def _prune_configs(configs, named_args, **kwargs):
+        if kwargs.get("SCORING", named_args.get("SCORING", 0)) == SCORINGS["mean"]:
+            return [c for c in configs if c.kwargs["BLOCK_Q"] >= MIN_DOT]
+        return [c for c in configs if c.kwargs["BLOCK_Q"] % ANTIDIAGONAL_QUERY_BLOCKS == 0]
+
     _block_selection_fwd_autotuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w) for bq, bk, w in GPU_CONFIGS],
-        key=["NK_PAD", "HEAD_DIM", "ROW_GROUP"],
+        configs=[
+            triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=NUM_STAGES)
+            for bq, bk, w in GPU_CONFIGS
+        ],
+        key=["NK_PAD", "HEAD_DIM", "SCORING", "STRIDE", "BLOCK_SIZE"],
+        prune_configs_by={"early_config_prune": _prune_configs},
         # Pass 1 rewrites the scratch and pass 2 the lists every time: re-running a config is harmless.
     )(_block_selection_fwd)
 
@@ -191,6 +412,18 @@ def _block_range(token_range: tuple[int, int] | None, block_size: int, num_block
     return max(0, start // block_size), min(num_blocks, math.ceil(end / block_size))
 
 
+def _block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 (B, H, NB, D) sums of ``x`` over blocks of ``block_size`` rows (the last one may be short): one
+    reduction over x (two and a concatenation with a tail)."""
+    seq = x.shape[2]
+    full = seq // block_size
+    sums = x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
+    if full * block_size == seq:
+        return sums
+    tail = x[:, :, full * block_size :].sum(2, keepdim=True, dtype=torch.float32)
+    return torch.cat([sums, tail], dim=2)
+
+
 def select_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,11 +436,14 @@ def select_blocks(
     forced_keys: tuple[int, int] | None = None,
     dense_queries: tuple[int, int] | None = None,
     scale: float | None = None,
+    scoring: str = "mean",
+    stride: int = 8,
+    key_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, head, query block) the fewest key blocks reaching ``threshold`` of the estimated attention mass.
 
     Args:
-        q: (B, H, S_q, D); k: (B, H, S_k, D); fp16/bf16/fp32, same device.
+        q: (B, H, S_q, D); k: (B, H, S_k, D); fp16/bf16/fp32, same device, any strides with a contiguous last dim.
         block_size: tokens per block (as in block_sparse_attention).
         threshold: cumulative mass to reach, in [0, 1]; a float, or a (H,) tensor (per-head thresholds). 1.0 keeps
             every block (up to max_blocks).
@@ -217,6 +453,12 @@ def select_blocks(
         forced_keys: token range [start, end) of keys whose blocks every row keeps (text tokens of joint attention).
         dense_queries: token range of queries whose blocks keep every key block (up to max_blocks).
         scale: softmax scale, default 1 / sqrt(D).
+        scoring: "mean" (softmax of mean-pooled block logits, one read of q and k) or "antidiagonal" (XAttention:
+            per stride row, the softmax of antidiagonal means of ``stride`` x ``stride`` logit tiles, summed per key
+            block; about 1 / (4 stride) of dense attention's work, closer to the true block masses).
+        stride: antidiagonal stride (a power of two dividing block_size; block_size / stride >= 16 on the GPU).
+        key_sums: fp32 (B, H, ceil(S_k / block_size), D) sums of k per block if already at hand (``gather_tokens``
+            returns them), for mean scoring; computed from k otherwise.
 
     Returns:
         ``(block_index, block_count)``: int32 (B, H, NQ, W) with ascending block ids in the first ``count`` slots,
@@ -226,9 +468,20 @@ def select_blocks(
         raise ValueError(f"q and k must be (B, H, S, D) with equal B, H, D; got {tuple(q.shape)}, {tuple(k.shape)}")
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {list(SCORINGS)}; got {scoring!r}")
+    if scoring == "antidiagonal" and (
+        not isinstance(stride, int) or stride < 1 or stride & (stride - 1) or block_size % stride
+    ):
+        raise ValueError(f"stride must be a power of two dividing block_size ({block_size}); got {stride!r}")
     batch, heads, s_q, head_dim = q.shape
     s_k = k.shape[2]
     num_q_blocks, num_kv_blocks = math.ceil(s_q / block_size), math.ceil(s_k / block_size)
+    if key_sums is not None and tuple(key_sums.shape) != (batch, heads, num_kv_blocks, head_dim):
+        raise ValueError(
+            f"key_sums must have shape (B, H, NK, D) = {(batch, heads, num_kv_blocks, head_dim)}; "
+            f"got {tuple(key_sums.shape)}"
+        )
     if isinstance(threshold, torch.Tensor):
         tau = threshold.to(device=q.device, dtype=torch.float32).reshape(-1)
         if tau.numel() == 1:
@@ -258,6 +511,8 @@ def select_blocks(
         local=local,
         force=(force_lo, force_hi),
         dense=(dense_lo, dense_hi),
+        scoring=scoring,
+        stride=stride,
     )
     if not _use_triton(q):
         return select_blocks_reference(q, k, tau, **kwargs)
@@ -265,27 +520,39 @@ def select_blocks(
         raise ValueError(
             f"{num_kv_blocks} key blocks > {MAX_KEY_BLOCKS} supported by the selection kernel; use a larger block_size"
         )
+    if scoring == "antidiagonal" and not INTERPRET and block_size // stride < MIN_DOT:
+        raise ValueError(
+            f"antidiagonal scoring on the GPU needs block_size / stride >= {MIN_DOT}; got {block_size} / {stride}"
+        )
 
-    q_mean = block_means(q, block_size).contiguous()
-    k_mean, k_count = block_means(k, block_size, return_counts=True)
-    k_mean = k_mean.contiguous()
-    log2_count = torch.log2(k_count.to(torch.float32)).contiguous()
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if scoring == "mean":
+        key_sums = (_block_sums(k, block_size) if key_sums is None else key_sums).to(torch.float32).contiguous()
+    else:
+        key_sums = tau  # never read
     scores = torch.empty((batch * heads, num_q_blocks, num_kv_blocks), device=q.device, dtype=torch.float32)
     row_stats = torch.empty((batch * heads, num_q_blocks, 2), device=q.device, dtype=torch.float32)
     index = torch.zeros((batch, heads, num_q_blocks, width), device=q.device, dtype=torch.int32)
     count = torch.empty((batch, heads, num_q_blocks), device=q.device, dtype=torch.int32)
     args = (
-        q_mean,
-        k_mean,
-        log2_count,
+        q,
+        k,
+        key_sums,
         tau.contiguous(),
         scores,
         row_stats,
         index,
         count,
         scale * 1.4426950408889634,  # log2(e): softmax in base 2
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
         heads,
-        num_q_blocks,
+        s_q,
+        s_k,
         num_kv_blocks,
         width,
         min_eff,
@@ -300,10 +567,16 @@ def select_blocks(
     meta = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_SIZE": block_size,
+        "SCORING": SCORINGS[scoring],
+        "STRIDE": stride,
+        "KEY_BLOCKS": ANTIDIAGONAL_KEY_BLOCKS,
+        "QUERY_BLOCKS": ANTIDIAGONAL_QUERY_BLOCKS,
         "BISECTION_STEPS": BISECTION_STEPS,
         "NK_PAD": nk_pad,
-        "ROW_GROUP": max(1, min(INTERPRET_BLOCK_Q if INTERPRET else 16, PASS2_ELEMENTS // nk_pad)),
-        "INPUT_PRECISION": "ieee",
+        # Means are fp32 (exact products); antidiagonal logits take q and k as they are, like attention does.
+        "INPUT_PRECISION": "ieee" if scoring == "mean" or q.dtype == torch.float32 else "tf32",
+        "DOT_FP32": INTERPRET and q.dtype == torch.bfloat16,
     }
 
     def grid(kw):
@@ -316,8 +589,8 @@ def select_blocks(
         with torch.cuda.device(q.device):
             _block_selection_fwd_autotuned[grid](*args, **meta)
     else:
-        block_q, block_k, warps = GPU_CONFIGS[0]
+        block_q, block_k, warps = GPU_CONFIGS[0] if scoring == "mean" else GPU_CONFIGS[-1]
         meta.update(BLOCK_Q=block_q, BLOCK_K=block_k)
         with torch.cuda.device(q.device):
-            _block_selection_fwd[grid(meta)](*args, **meta, num_warps=warps)
+            _block_selection_fwd[grid(meta)](*args, **meta, num_warps=warps, num_stages=NUM_STAGES)
     return index, count

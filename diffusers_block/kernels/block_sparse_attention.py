@@ -17,6 +17,11 @@ bf16 or fp32 (fp32 dots use IEEE precision, not TF32; under the interpreter bf16
 bf16 ``tl.dot`` is wrong). A program handles ``BLOCK_M`` query rows (BLOCK_M divides
 ``block_size``) and walks each listed key block in ``BLOCK_N``-wide tiles (BLOCK_N divides ``block_size``).
 Head dims up to 128 are supported; non-powers of two are padded to the next power of two (>= 16) and masked.
+The key tail of the last block is not masked at the load (rows are clamped, or zero-filled by TMA) but by a -inf
+bias, so the inner loop has no branch and is software-pipelined for any length.
+On Hopper, K/V tiles can come through the tensor-memory copy engine (host TensorDescriptors); those configs race
+the pointer ones in the autotuner (see TMA_CONFIGS). The output can be written into a given buffer (``out``, any
+strides) and row ``i`` scattered to row ``out_rows[i]``: the inverse token permutation costs no pass of its own.
 On CPU without ``TRITON_INTERPRET=1`` the launcher falls back to :func:`block_sparse_attention_reference`.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 
@@ -35,6 +41,10 @@ try:  # Triton is Linux-only; the CPU fallback works without it.
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 __all__ = ["APPROXIMATIONS", "block_sparse_attention", "kept_block_mask", "MAX_HEAD_DIM", "MIN_BLOCK_SIZE"]
 
@@ -65,15 +75,51 @@ GPU_CONFIGS = [
     (32, 32, 4, 2),
     (16, 16, 4, 2),
 ]
+#: Hopper (sm_90+) candidates that load K/V tiles with the tensor-memory copy engine (host TensorDescriptors);
+#: they race the pointer configs above in one autotuner. DIFFUSERS_BLOCK_TMA=0 keeps to the pointer configs, and a
+#: TMA compile or launch failure falls back to them for the rest of the process.
+TMA_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+TMA = os.environ.get("DIFFUSERS_BLOCK_TMA", "1") != "0"
+#: TMA needs 16-byte aligned base addresses and strides.
+TMA_ALIGNMENT = 16
 #: DIFFUSERS_BLOCK_AUTOTUNE=0 skips autotuning: one config per block size (:func:`default_config`), fewer compiles.
 AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
-#: Autotune key: retuned per head dim, block size, sequence lengths, dtype and approximation order.
-AUTOTUNE_KEY = ["SEQ_Q", "SEQ_K", "HEAD_DIM", "BLOCK_SIZE", "INPUT_PRECISION", "APPROX"]
+#: Autotune key: retuned per head dim, block size, sequence lengths, list width (so that dense lists and sparse
+#: ones get their own tiles: few blocks per row favour other shapes), dtype and approximation order.
+AUTOTUNE_KEY = ["SEQ_Q", "SEQ_K", "MAX_KV_BLOCKS", "HEAD_DIM", "BLOCK_SIZE", "INPUT_PRECISION", "APPROX", "SCATTER_OUT"]
 #: Approximation of skipped key blocks -> the kernel's APPROX switch.
 APPROXIMATIONS = {None: 0, "zeroth": 1, "first": 2}
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tile_probabilities(
+        q,
+        k,
+        offs_n,
+        SEQ_K,
+        qk_scale,
+        m_i,
+        l_i,
+        EVEN_K: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+    ):
+        """Logits of one tile (k as (D, BLOCK_N)) and the online-softmax bookkeeping in base 2 (tutorial arithmetic):
+        returns (m_new, l_new, p, alpha). Columns past SEQ_K (the tail of the last key block) get a -inf bias."""
+        qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
+        if EVEN_K:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+        else:
+            qk = qk * qk_scale + tl.where(offs_n < SEQ_K, 0.0, float("-inf"))[None, :]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no valid key yet keeps m = -inf; shift by 0 to avoid (-inf) - (-inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+        return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
     @triton.jit
     def _attend_tile(
@@ -90,45 +136,35 @@ if triton is not None:
         m_i,
         l_i,
         acc,
+        EVEN_K: tl.constexpr,
         EVEN_D: tl.constexpr,
-        MASKED: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr,
     ):
-        """One BLOCK_N-wide tile of keys: online-softmax update of (m_i, l_i, acc) in base 2 (tutorial arithmetic)."""
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
-            n_mask = (offs_n >= 0) & (offs_n < SEQ_K)
-            k = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        elif EVEN_D:
+        """One BLOCK_N-wide tile of keys through pointers. Keys past SEQ_K are not masked at the load: their rows are
+        clamped to the last key, so every load is unconditional and the loop has no branch (Triton pipelines only
+        branch-free loop bodies); the -inf bias removes them. V is loaded after the logits, as in the tutorial:
+        loaded with K, a V tile stays live in registers through the softmax."""
+        if EVEN_K:
+            rows = offs_n
+        else:
+            rows = tl.minimum(offs_n, SEQ_K - 1)
+        k_ptrs = k_base + rows[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = v_base + rows[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_D:
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
         if DOT_FP32:  # interpreter only: its bf16 tl.dot is wrong, so run bf16 dots in fp32
             k = k.to(tl.float32)
-        qk = tl.dot(q, k, input_precision=INPUT_PRECISION)
-        if MASKED:
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # Rows that have seen no valid key yet keep m = -inf; shift by 0 instead to avoid (-inf) - (-inf).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        m_new, l_i, p, alpha = _tile_probabilities(q, k, offs_n, SEQ_K, qk_scale, m_i, l_i, EVEN_K, INPUT_PRECISION)
+        if EVEN_D:
+            v = tl.load(v_ptrs)
         else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            if EVEN_D:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         if DOT_FP32:
             v = v.to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         return m_new, l_i, acc
 
     @triton.jit
@@ -136,7 +172,10 @@ if triton is not None:
         Q,
         K,
         V,
+        DescK,
+        DescV,
         Out,
+        OutRows,
         Lse,
         BlockIndex,
         BlockCount,
@@ -172,6 +211,8 @@ if triton is not None:
         INPUT_PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr,
         APPROX: tl.constexpr,
+        SCATTER_OUT: tl.constexpr,
+        USE_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
@@ -210,51 +251,20 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
 
-        # One flat loop over (listed block, tile of BLOCK_N keys), so that the compiler pipelines the loads. Only
-        # tiles of the last key block can run past SEQ_K; all others take the unmasked path.
+        # One flat, branch-free loop over (listed block, tile of BLOCK_N keys), so that the compiler pipelines the
+        # loads; tiles past SEQ_K are handled inside _attend_tile without a branch.
         for it in range(0, count * TILES):
             kv_block = tl.load(index_row + it // TILES)
-            offs_n = kv_block * BLOCK_SIZE + (it % TILES) * BLOCK_N + offs_tile
-            if EVEN_K:
-                m_i, l_i, acc = _attend_tile(
-                    q,
-                    k_base,
-                    v_base,
-                    offs_n,
-                    offs_d,
-                    d_mask,
-                    stride_kn,
-                    stride_vn,
-                    SEQ_K,
-                    qk_scale,
-                    m_i,
-                    l_i,
-                    acc,
-                    EVEN_D,
-                    False,
-                    INPUT_PRECISION,
-                    DOT_FP32,
+            start_n = kv_block * BLOCK_SIZE + (it % TILES) * BLOCK_N
+            offs_n = start_n + offs_tile
+            if USE_TMA:  # Hopper: the copy engine fetches the tiles (zero-filled past SEQ_K and HEAD_DIM)
+                coords = [off_b.to(tl.int32), off_h.to(tl.int32), start_n, 0]
+                k = tl.reshape(DescK.load(coords), [BLOCK_N, BLOCK_D])
+                m_i, l_i, p, alpha = _tile_probabilities(
+                    q, tl.trans(k), offs_n, SEQ_K, qk_scale, m_i, l_i, EVEN_K, INPUT_PRECISION
                 )
-            elif kv_block == NUM_KV_BLOCKS - 1:
-                m_i, l_i, acc = _attend_tile(
-                    q,
-                    k_base,
-                    v_base,
-                    offs_n,
-                    offs_d,
-                    d_mask,
-                    stride_kn,
-                    stride_vn,
-                    SEQ_K,
-                    qk_scale,
-                    m_i,
-                    l_i,
-                    acc,
-                    EVEN_D,
-                    True,
-                    INPUT_PRECISION,
-                    DOT_FP32,
-                )
+                v = tl.reshape(DescV.load(coords), [BLOCK_N, BLOCK_D])
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
             else:
                 m_i, l_i, acc = _attend_tile(
                     q,
@@ -270,8 +280,8 @@ if triton is not None:
                     m_i,
                     l_i,
                     acc,
+                    EVEN_K,
                     EVEN_D,
-                    False,
                     INPUT_PRECISION,
                     DOT_FP32,
                 )
@@ -330,7 +340,11 @@ if triton is not None:
         has_key = l_i > 0.0
         acc = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+        if SCATTER_OUT:  # row i goes to row OutRows[i] (the inverse token permutation, fused into the store)
+            out_m = tl.load(OutRows + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            out_m = offs_m
+        o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + out_m[:, None] * stride_om + offs_d[None, :]
         if EVEN_Q and EVEN_D:
             tl.store(o_ptrs, acc.to(Out.dtype.element_ty))
             tl.store(Lse + off_bh.to(tl.int64) * SEQ_Q + offs_m, lse)
@@ -345,10 +359,28 @@ if triton is not None:
             kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64 and c.num_stages <= 3] or kept
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
+    def _tma_block_shapes(nargs) -> None:
+        """Pre-hook of the TMA configs: the host descriptors' boxes are one (BLOCK_N, BLOCK_D) tile of one head."""
+        for name in ("DescK", "DescV"):
+            if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
+                nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["BLOCK_D"]]
+
+    _POINTER_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": False}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in GPU_CONFIGS
+    ]
+    _TMA_CONFIGS = [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": True}, num_warps=w, num_stages=s, pre_hook=_tma_block_shapes
+        )
+        for bm, bn, w, s in TMA_CONFIGS
+    ]
     _block_sparse_attn_fwd_autotuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in GPU_CONFIGS
-        ],
+        configs=_POINTER_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_configs}
+    )(_block_sparse_attn_fwd)
+    #: Where the copy engine can be used: pointer and TMA configs race, the autotuner keeps the faster.
+    _block_sparse_attn_fwd_tma_autotuned = triton.autotune(
+        configs=_POINTER_CONFIGS + _TMA_CONFIGS,
         key=AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_block_sparse_attn_fwd)
@@ -405,6 +437,25 @@ def _check_inputs(q, k, v, block_index, block_count, block_size) -> None:
         )
 
 
+def _check_output(q: torch.Tensor, out: torch.Tensor | None, out_rows: torch.Tensor | None) -> None:
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(
+                f"out must be a tensor of q's shape {tuple(q.shape)}, dtype {q.dtype} and device; got "
+                f"{getattr(out, 'dtype', type(out).__name__)} {tuple(getattr(out, 'shape', ()))}"
+            )
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a contiguous last dim (stride 1); pass a transposed buffer, not a copy")
+    if out_rows is not None and (
+        not isinstance(out_rows, torch.Tensor)
+        or out_rows.dim() != 1
+        or out_rows.numel() != q.shape[2]
+        or out_rows.dtype not in (torch.int32, torch.int64)
+        or out_rows.device != q.device
+    ):
+        raise ValueError(f"out_rows must be an int32/int64 ({q.shape[2]},) tensor on q's device (a permutation)")
+
+
 def kept_block_mask(block_index: torch.Tensor, block_count: torch.Tensor, num_kv_blocks: int) -> torch.Tensor:
     """uint8 (B, H, NQ, NK): 1 where a key block is listed for the query block. No range check, no host sync (the
     approximation needs the complement: which blocks were skipped)."""
@@ -440,6 +491,8 @@ def block_sparse_attention(
     check_indices: bool = False,
     approximation: str | None = None,
     statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal block-sparse attention ``softmax(q k^T * scale + block_mask) v``.
 
@@ -454,6 +507,10 @@ def block_sparse_attention(
         approximation: None (skipped key blocks are dropped), "zeroth" or "first": skipped blocks are approximated
             around their mean key (see :func:`~diffusers_block.kernels.reference.block_sparse_attention_reference`).
         statistics: ``block_statistics(k, v, block_size)`` if already computed (e.g. shared by several calls).
+        out: (B, H, S_q, D) tensor to write into (any strides, contiguous last dim; e.g. a transposed (B, S, H, D)
+            buffer, which a processor then flattens for free); a new contiguous tensor if None.
+        out_rows: int (S_q,): result row ``i`` is written to row ``out_rows[i]`` of ``out`` (a permutation: the
+            inverse token reordering, fused into the store). lse stays in the input order.
 
     Returns:
         ``out`` (B, H, S_q, D) in q's dtype, or ``(out, lse)``. Query blocks with count 0 give zeros and lse -inf.
@@ -469,10 +526,12 @@ def block_sparse_attention(
     if approximation not in APPROXIMATIONS:
         raise ValueError(f"approximation must be one of {list(APPROXIMATIONS)}; got {approximation!r}")
 
+    _check_output(q, out, out_rows)
+
     if not _use_triton(q):
         if q.is_cuda:
             raise RuntimeError("block_sparse_attention on CUDA tensors needs triton")
-        return block_sparse_attention_reference(
+        result, lse = block_sparse_attention_reference(
             q,
             k,
             v,
@@ -480,9 +539,14 @@ def block_sparse_attention(
             block_count,
             block_size=block_size,
             scale=scale,
-            return_lse=return_lse,
+            return_lse=True,
             approximation=approximation,
         )
+        if out is not None or out_rows is not None:
+            target = out if out is not None else torch.empty_like(result)
+            target[:, :, out_rows.long() if out_rows is not None else slice(None)] = result
+            result = target
+        return (result, lse) if return_lse else result
 
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head dim {head_dim} > {MAX_HEAD_DIM} is not supported by the Triton kernel")
@@ -494,7 +558,8 @@ def block_sparse_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     block_index = block_index.contiguous()
     block_count = block_count.contiguous()
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, s_q), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if approximation is None:
@@ -513,7 +578,10 @@ def block_sparse_attention(
         q,
         k,
         v,
+        k,  # DescK / DescV: TensorDescriptors on the TMA path, never read otherwise
+        v,
         out,
+        out_rows if out_rows is not None else block_count,  # never read without SCATTER_OUT
         lse,
         block_index,
         block_count,
@@ -552,21 +620,61 @@ def block_sparse_attention(
         # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9); upcast there. Never on the GPU.
         "DOT_FP32": INTERPRET and q.dtype == torch.bfloat16,
         "APPROX": APPROXIMATIONS[approximation],
+        "SCATTER_OUT": out_rows is not None,
     }
 
     def grid(kw):
         return (triton.cdiv(s_q, kw["BLOCK_M"]), batch * heads)
 
     if INTERPRET:
-        meta["BLOCK_M"] = min(INTERPRET_BLOCK_M, block_size)
-        meta["BLOCK_N"] = min(INTERPRET_BLOCK_N, block_size)
-        _block_sparse_attn_fwd[grid(meta)](*args, **meta)
-    elif AUTOTUNE:
-        with torch.cuda.device(q.device):
-            _block_sparse_attn_fwd_autotuned[grid](*args, **meta)
+        meta.update(BLOCK_M=min(INTERPRET_BLOCK_M, block_size), BLOCK_N=min(INTERPRET_BLOCK_N, block_size))
+        _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
+        return (out, lse) if return_lse else out
+    with torch.cuda.device(q.device):
+        if _tma_eligible(k, v, approximation):
+            descriptors = tuple(
+                TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]) for t in (k, v)
+            )
+            try:
+                _launch(args[:3] + descriptors + args[5:], meta, grid, block_size, tma=True)
+                return (out, lse) if return_lse else out
+            except Exception as error:  # compile/launch failure of the TMA configs: pointer configs from now on
+                _disable_tma(error)
+        _launch(args, meta, grid, block_size, tma=False)
+    return (out, lse) if return_lse else out
+
+
+_tma_failure: str | None = None
+
+
+def _disable_tma(error: Exception) -> None:
+    global _tma_failure
+    _tma_failure = f"{type(error).__name__}: {error}"
+    warnings.warn(f"block_sparse_attention: TMA path disabled after a failure ({_tma_failure[:300]})", stacklevel=3)
+
+
+def _tma_eligible(k: torch.Tensor, v: torch.Tensor, approximation: str | None) -> bool:
+    """TMA descriptors are possible: Hopper or newer, 16-bit inputs, aligned, no approximation pass."""
+    if not (TMA and TensorDescriptor is not None and _tma_failure is None and approximation is None):
+        return False
+    head_dim = k.shape[-1]
+    if k.dtype not in (torch.float16, torch.bfloat16) or head_dim != triton.next_power_of_2(head_dim) or head_dim < 16:
+        return False  # 16-bit tiles whose box is the whole head dim
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    return all(
+        t.data_ptr() % TMA_ALIGNMENT == 0 and all(st * t.element_size() % TMA_ALIGNMENT == 0 for st in t.stride()[:-1])
+        for t in (k, v)
+    )
+
+
+def _launch(args: tuple, meta: dict, grid, block_size: int, *, tma: bool) -> None:
+    if AUTOTUNE:
+        tuner = _block_sparse_attn_fwd_tma_autotuned if tma else _block_sparse_attn_fwd_autotuned
+        tuner[grid](*args, **meta)
     else:
         block_m, block_n, warps, stages = default_config(block_size)
-        meta.update(BLOCK_M=block_m, BLOCK_N=block_n)
-        with torch.cuda.device(q.device):
-            _block_sparse_attn_fwd[grid(meta)](*args, **meta, num_warps=warps, num_stages=stages)
-    return (out, lse) if return_lse else out
+        meta = dict(meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma)
+        if tma:
+            _tma_block_shapes({**dict(zip(("DescK", "DescV"), args[3:5])), **meta})
+        _block_sparse_attn_fwd[grid(meta)](*args, **meta, num_warps=warps, num_stages=stages)

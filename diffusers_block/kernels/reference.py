@@ -15,7 +15,11 @@ __all__ = [
     "block_mask_from_index",
     "block_sparse_attention_reference",
     "block_statistics",
+    "antidiagonal_block_mass",
     "dense_block_index",
+    "gather_tokens_reference",
+    "pooled_block_mass",
+    "rotate_interleaved",
     "select_blocks_reference",
 ]
 
@@ -171,6 +175,48 @@ def block_statistics(
     return key_mean, value_sum, counts, first_order
 
 
+def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """(B, H, NQ, NK) block masses from mean pooling: the row softmax of ``scale * mean(q_i) . mean(k_j) +
+    log(n_j)`` (``n_j`` the tokens of key block j, so a short tail block counts for its size)."""
+    q_mean = block_means(q, block_size)
+    k_mean, counts = block_means(k, block_size, return_counts=True)
+    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts.to(q_mean.dtype))
+    return torch.softmax(scores, dim=-1)
+
+
+def antidiagonal_block_mass(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int, scale: float
+) -> torch.Tensor:
+    """(B, H, NQ, NK) block masses from antidiagonal scoring (XAttention, arXiv 2503.16428).
+
+    Cut each block into ``block_size / stride`` stride rows (queries) and stride columns (keys). The logit of stride
+    row a and column c is the mean along the antidiagonal of their ``stride x stride`` logit tile,
+    ``scale / stride * sum_t q[a*stride + t] . k[c*stride + stride-1-t]`` (tokens past the sequence are zero
+    vectors; columns that start past it are left out). Each stride row takes a softmax over all columns; a block's
+    mass is the sum over its columns, averaged over the query block's stride rows that start inside the sequence.
+    Rows of the mass sum to one. Computed in fp32 (fp64 for fp64 inputs).
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, heads, s_q, dim = q.shape
+    s_k = k.shape[2]
+    num_q, num_k = math.ceil(s_q / block_size), math.ceil(s_k / block_size)
+    rows = block_size // stride
+
+    def padded(x: torch.Tensor, blocks: int) -> torch.Tensor:
+        out = x.new_zeros(batch, heads, blocks * block_size, dim, dtype=compute)
+        out[:, :, : x.shape[2]] = x.to(compute)
+        return out.view(batch, heads, blocks * rows, stride, dim)
+
+    qs = padded(q, num_q)
+    ks = padded(k, num_k).flip(-2)  # offset stride-1-t against the query's t: the antidiagonal
+    logits = torch.einsum("bhatd,bhctd->bhac", qs, ks) * (scale / stride)
+    col_valid = torch.arange(num_k * rows, device=q.device) * stride < s_k
+    logits = logits.masked_fill(~col_valid, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).view(batch, heads, num_q, rows, num_k, rows).sum(-1)
+    row_valid = (torch.arange(num_q * rows, device=q.device) * stride < s_q).view(num_q, rows).to(compute)
+    return (probs * row_valid[:, :, None]).sum(-2) / row_valid.sum(-1).clamp_min(1)[:, None]
+
+
 def select_blocks_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -184,22 +230,23 @@ def select_blocks_reference(
     local: int,
     force: tuple[int, int],
     dense: tuple[int, int],
+    scoring: str = "mean",
+    stride: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection rule of :mod:`.block_selection`, by sorting (see there for the arguments, already resolved to
     block ranges and clamped counts by :func:`~diffusers_block.kernels.block_selection.select_blocks`).
 
-    Block masses are the row softmax of ``scale * mean(q_i) . mean(k_j) + log(n_j)``; each row keeps the shortest
+    Block masses come from :func:`pooled_block_mass` or :func:`antidiagonal_block_mass` (``scoring``); each row keeps the shortest
     prefix of the ranking (forced blocks first, then by mass) whose mass reaches the head's threshold (everything for
     ``dense`` rows), clamped to [min_blocks, max_blocks] and to at least the forced blocks; written in ascending
     block order into ``width`` slots (unused slots hold 0).
     """
-    q_mean = block_means(q, block_size)
-    k_mean, counts = block_means(k, block_size, return_counts=True)
-    compute = q_mean.dtype
-    batch, heads, num_q, _ = q_mean.shape
-    num_k = k_mean.shape[2]
-    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts.to(compute))
-    mass = torch.softmax(scores, dim=-1)
+    if scoring == "antidiagonal":
+        mass = antidiagonal_block_mass(q, k, block_size, stride, scale)
+    else:
+        mass = pooled_block_mass(q, k, block_size, scale)
+    compute = mass.dtype
+    batch, heads, num_q, num_k = mass.shape
     qb = torch.arange(num_q, device=q.device)[:, None]
     kb = torch.arange(num_k, device=q.device)[None, :]
     forced = ((kb >= force[0]) & (kb < force[1])) | ((kb - qb).abs() <= local)
@@ -222,3 +269,33 @@ def select_blocks_reference(
     slot = torch.arange(width, device=q.device)
     index = torch.where(slot < count[..., None], positions, torch.zeros_like(positions))
     return index.to(torch.int32).contiguous(), count.to(torch.int32)
+
+
+def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' Wan rotary embedding (``apply_rotary_emb`` in ``transformer_wan.py``), on (..., S, D) with
+    (S, D) fp32 tables: interleaved pairs, fp32 arithmetic, one rounding to x's dtype."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out
+
+
+def gather_tokens_reference(
+    x: torch.Tensor,
+    perm: torch.Tensor | None = None,
+    *,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``rotate(x)[:, :, perm]`` contiguous (B, H, S, D), and with ``block_size`` the fp32 (fp64 for fp64) per-block
+    sums of the result (see :func:`~diffusers_block.kernels.token_gather.gather_tokens`); ``rotary`` tables are
+    (S, D) in the original token order."""
+    if rotary is not None:
+        x = rotate_interleaved(x, *rotary)
+    out = (x if perm is None else x.index_select(2, perm.long())).contiguous()
+    if block_size is None:
+        return out
+    means, counts = block_means(out, block_size, return_counts=True)
+    return out, means * counts.to(means.dtype)[:, None]

@@ -1,0 +1,278 @@
+"""The pieces the sparse-attention hook adds around the two main kernels: the token gather with the rotary embedding
+fused in, the attention kernel's scattered store (inverse permutation fused into the store), the selection from
+handed-over key sums, the antidiagonal scoring's reference, and the rotary hand-over in the hook.
+
+Triton kernels run under TRITON_INTERPRET=1 in a subprocess (Triton reads the variable at import), as in
+tests/test_block_sparse_attention.py; the rest runs in-process on the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import build_transformer, make_inputs, timestep_for
+
+import diffusers_block as db
+from diffusers_block.attention.hooks import SPARSE_ATTENTION_HOOK
+from diffusers_block.kernels import (
+    antidiagonal_block_mass,
+    block_mask_from_index,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    gather_tokens,
+    gather_tokens_reference,
+    rotate_interleaved,
+    select_blocks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+bsa_module = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
+gather_module = importlib.import_module("diffusers_block.kernels.token_gather")
+sel_module = importlib.import_module("diffusers_block.kernels.block_selection")
+
+
+def _tables(seq, dim, seed=0):
+    """Rotary tables as diffusers builds Wan's: cos/sin of angles repeated per (2i, 2i+1) pair, fp32, (1, S, 1, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.rand(seq, dim // 2, generator=gen) * 6.0
+    cos = angles.cos().repeat_interleave(2, dim=1)
+    sin = angles.sin().repeat_interleave(2, dim=1)
+    return cos[None, :, None], sin[None, :, None]
+
+
+def _bshd(batch, seq, heads, dim, dtype, seed=0):
+    """(B, H, S, D) transposed view of a (B, S, H, D) tensor: the layout a processor hands to SDPA."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, seq, heads, dim, generator=gen).to(dtype).transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Worker (TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------------------------
+def _worker() -> dict:
+    assert gather_module.INTERPRET and bsa_module.INTERPRET and sel_module.INTERPRET
+    results = {}
+    # Gather (+ rotation, + block sums) against the reference, fp32 and bf16, odd lengths, strided input.
+    for dtype in ("float32", "bfloat16"):
+        for seq, dim, bs in ((100, 32, 16), (77, 24, 32)):
+            x = _bshd(2, seq, 3, dim, getattr(torch, dtype), seed=seq)
+            perm = torch.randperm(seq, generator=torch.Generator().manual_seed(1))
+            cos, sin = _tables(seq, dim)
+            out, sums = gather_tokens(x, perm, rotary=(cos, sin), block_size=bs)
+            ref, ref_sums = gather_tokens_reference(
+                x, perm, rotary=(cos.reshape(seq, dim), sin.reshape(seq, dim)), block_size=bs
+            )
+            ulp = torch.finfo(x.dtype).eps * ref.float().abs().clamp_min(1.0)
+            plain = gather_tokens(x, perm)
+            results[f"gather_{dtype}_{seq}"] = {
+                "used_triton": gather_module._use_triton(x),
+                "contiguous": out.is_contiguous(),
+                "within_one_ulp": bool(((out.float() - ref.float()).abs() <= ulp).all()),
+                "sums_err": ((sums - ref_sums).abs().max() / ref_sums.abs().max()).item(),
+                "plain_equal": torch.equal(plain, x[:, :, perm]),
+                "identity_equal": torch.equal(gather_tokens(x, None), x.contiguous()),
+            }
+    # Scattered store: result row i lands on row perm[i] of a transposed (B, S, H, D) buffer; nothing else written.
+    for seq, bs in ((100, 16), (64, 32)):
+        q, k, v = (_bshd(1, seq, 2, 32, torch.float32, seed=s) for s in (1, 2, 3))
+        nb = math.ceil(seq / bs)
+        gen = torch.Generator().manual_seed(4)
+        index = torch.argsort(torch.rand(1, 2, nb, nb, generator=gen), dim=-1)[..., : max(1, nb // 2)]
+        index = index.to(torch.int32).contiguous()
+        count = torch.randint(1, index.shape[-1] + 1, (1, 2, nb), generator=gen, dtype=torch.int32)
+        perm = torch.randperm(seq, generator=gen)
+        buffer = torch.full((1, seq, 2, 32), float("nan"))
+        out = block_sparse_attention(q, k, v, index, count, block_size=bs, out=buffer.transpose(1, 2), out_rows=perm)
+        ref = block_sparse_attention_reference(q.double(), k.double(), v.double(), index, count, block_size=bs)
+        results[f"scatter_{seq}"] = {
+            "all_written": not bool(torch.isnan(buffer).any()),
+            "is_buffer": out.data_ptr() == buffer.data_ptr(),
+            "err": (out[:, :, perm].double() - ref).abs().max().item(),
+        }
+    # Selection from key sums handed over by the gather == selection computing them itself.
+    q, k = (_bshd(1, 130, 2, 32, torch.float32, seed=s) * 2 for s in (5, 6))
+    k_gathered, key_sums = gather_tokens(k, None, block_size=16)
+    a = select_blocks(q, k_gathered, block_size=16, threshold=0.6, key_sums=key_sums)
+    b = select_blocks(q, k_gathered, block_size=16, threshold=0.6)
+    results["key_sums"] = {"equal": torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])}
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"], cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "name", ["gather_float32_100", "gather_float32_77", "gather_bfloat16_100", "gather_bfloat16_77"]
+)
+def test_gather_kernel_matches_reference(interpreted, name):
+    res = interpreted[name]
+    assert res["used_triton"] and res["contiguous"], res
+    assert res["within_one_ulp"] and res["plain_equal"] and res["identity_equal"], res
+    assert res["sums_err"] < 1e-2 if "bfloat16" in name else res["sums_err"] < 1e-6, res
+
+
+@pytest.mark.parametrize("name", ["scatter_100", "scatter_64"])
+def test_attention_scatters_rows_into_the_given_buffer(interpreted, name):
+    res = interpreted[name]
+    assert res["all_written"] and res["is_buffer"], res
+    assert res["err"] < 1e-5, res
+
+
+def test_selection_from_handed_over_key_sums(interpreted):
+    assert interpreted["key_sums"]["equal"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# References and hook (in-process)
+# ------------------------------------------------------------------------------------------------------------------
+def test_rotation_is_diffusers_wan_rotation():
+    """rotate_interleaved is the rotation of diffusers' WanAttnProcessor: the q and k it hands to SDPA (caught by a
+    TorchFunctionMode) on a module whose projections are identities."""
+    from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
+    from torch.overrides import TorchFunctionMode
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                seen["q"], seen["k"] = kwargs.get("query", args[0] if args else None), kwargs.get("key")
+            return func(*args, **kwargs)
+
+    dim, heads, seq = 64, 2, 12
+    attn = WanAttention(dim=dim, heads=heads, dim_head=dim // heads, eps=1e-6, processor=WanAttnProcessor())
+    with torch.no_grad():
+        for linear in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]):
+            linear.weight.copy_(torch.eye(dim))
+            linear.bias.zero_()
+    attn.norm_q = attn.norm_k = torch.nn.Identity()
+    x = torch.randn(1, seq, dim)
+    cos, sin = _tables(seq, dim // heads)
+    seen = {}
+    with torch.no_grad(), Spy():
+        attn(x, None, None, (cos, sin))
+    q = x.unflatten(2, (heads, -1)).transpose(1, 2)
+    ours = rotate_interleaved(q, cos.reshape(seq, -1), sin.reshape(seq, -1))
+    torch.testing.assert_close(seen["q"], ours, rtol=0, atol=0)
+    torch.testing.assert_close(seen["k"], ours, rtol=0, atol=0)
+
+
+def test_antidiagonal_with_stride_one_is_the_exact_block_mass():
+    """With stride 1 every antidiagonal is a single logit: the block mass is the true softmax mass of each key
+    block, averaged over the block's queries."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 2, 70, 16, generator=gen, dtype=torch.float64)
+    bs, scale = 16, 0.25
+    mass = antidiagonal_block_mass(q, k, bs, 1, scale)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (1, 2, 70, 70)
+    nb = math.ceil(70 / bs)
+    pad = torch.zeros(1, 2, nb * bs, nb * bs, dtype=torch.float64)
+    pad[:, :, :70, :70] = probs
+    per_block = pad.view(1, 2, nb, bs, nb, bs).sum(-1)  # (1, 2, nq, rows, nk)
+    rows = torch.tensor([min(bs, 70 - i * bs) for i in range(nb)], dtype=torch.float64)
+    exact = per_block.sum(3) / rows[:, None]
+    torch.testing.assert_close(mass, exact, rtol=1e-10, atol=1e-12)
+
+
+def test_antidiagonal_mass_is_a_distribution_that_moves_with_its_key_blocks():
+    """Rows of block masses sum to one; permuting whole key blocks permutes the mass columns alike."""
+    gen = torch.Generator().manual_seed(1)
+    bs, seq, dim = 32, 256, 32
+    q, k = torch.randn(2, 1, 2, seq, dim, generator=gen, dtype=torch.float64) * 1.5
+    scale = 1 / math.sqrt(dim)
+    mass = antidiagonal_block_mass(q, k, bs, 4, scale)
+    torch.testing.assert_close(mass.sum(-1), torch.ones_like(mass.sum(-1)))
+    order = torch.randperm(seq // bs, generator=gen)
+    shuffled = k.view(1, 2, seq // bs, bs, dim)[:, :, order].reshape(1, 2, seq, dim)
+    torch.testing.assert_close(antidiagonal_block_mass(q, shuffled, bs, 4, scale), mass[..., order])
+
+
+def test_config_scoring_stride_and_rotary_fields():
+    with pytest.raises(ValueError, match="scoring"):
+        db.SparseAttentionConfig(scoring="max")
+    with pytest.raises(ValueError, match="stride"):
+        db.SparseAttentionConfig(scoring="antidiagonal", stride=3)
+    with pytest.raises(ValueError, match="stride"):
+        db.SparseAttentionConfig(scoring="antidiagonal", stride=32, block_size=16)
+    with pytest.raises(ValueError, match="fuse_rotary"):
+        db.SparseAttentionConfig(fuse_rotary=1)
+    assert db.SparseAttentionConfig(block_size=4).stride == 8  # the stride only matters for antidiagonal scoring
+
+
+def _wan_forward(config):
+    model = build_transformer("wan")
+    inputs = make_inputs("wan", batch_size=2, frames=3)
+    inputs.update(timestep_for("wan", 500.0, 2))
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        db.enable_sparse_attention(model, config)
+        sparse = model(**inputs)[0]
+        db.disable_sparse_attention(model)
+    return dense, sparse
+
+
+@pytest.mark.parametrize("scoring", ["mean", "antidiagonal"])
+def test_rotary_taken_over_from_wan_processor_changes_nothing(scoring):
+    """The sparse path applying Wan's rotary embedding itself (fuse_rotary) gives what the processor's own
+    rotation gives, at the same selection; all blocks kept, both equal dense attention."""
+    base = dict(dense_steps=0, block_size=8, min_tokens=0, scoring=scoring, stride=2)
+    _, fused = _wan_forward(db.SparseAttentionConfig(threshold=0.5, **base))
+    dense, unfused = _wan_forward(db.SparseAttentionConfig(threshold=0.5, fuse_rotary=False, **base))
+    assert not torch.equal(fused, dense)  # sparse indeed
+    torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
+    _, kept = _wan_forward(db.SparseAttentionConfig(threshold=1.0, **base))
+    torch.testing.assert_close(kept, dense, rtol=1e-4, atol=1e-4 * dense.abs().max().item())
+
+
+def test_fallback_call_gets_the_rotation_the_hook_took():
+    """A call the sparse path does not take (here: a causal mask) runs SDPA on q and k rotated as the processor
+    would have rotated them."""
+    model = build_transformer("wan")
+    db.enable_sparse_attention(model, db.SparseAttentionConfig(dense_steps=0, block_size=8, min_tokens=0))
+    hook = model.blocks[0].attn1._diffusers_hook.get_hook(SPARSE_ATTENTION_HOOK)
+    q, k, v = (torch.randn(1, 2, 16, 24) for _ in range(3))
+    cos, sin = _tables(16, 24)
+    hook._call = {"step": 0, "branch": 0, "image": 16, "mode": "select", "calls": 0, "rotary": (cos, sin)}
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()[None, None]
+    call = dict(query=q, key=k, value=v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
+    out = hook.attend(call)
+    rq, rk = (rotate_interleaved(t, cos.reshape(16, 24), sin.reshape(16, 24)) for t in (q, k))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(rq, rk, v, attn_mask=mask))
+    db.disable_sparse_attention(model)
+
+
+def test_cpu_path_writes_into_buffer_with_rows():
+    """The CPU fallback honours out= and out_rows= like the kernel."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen) for _ in range(3))
+    index = torch.arange(3, dtype=torch.int32).expand(1, 2, 3, 3).contiguous()
+    count = torch.full((1, 2, 3), 3, dtype=torch.int32)
+    perm = torch.randperm(40, generator=gen)
+    buffer = torch.zeros(1, 40, 2, 16)
+    out = block_sparse_attention(q, k, v, index, count, block_size=16, out=buffer.transpose(1, 2), out_rows=perm)
+    assert out.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(out[:, :, perm], F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out_rows must be"):
+        block_sparse_attention(q, k, v, index, count, block_size=16, out_rows=perm[:5])
+    assert block_mask_from_index(index, count, 3).all()
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    print(json.dumps(_worker()))
