@@ -1,5 +1,11 @@
 """The diffusion policy: model save/load, pipeline shapes and errors, block caching (BAC) on its sub-blocks."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +21,7 @@ from diffusers_block.pipelines.policy import (
     PolicyTransformer,
 )
 from diffusers_block.pipelines.policy.data import DemoDataset
+from diffusers_block.pipelines.policy.ddpm_step import DDPMStepCoefficients, ddpm_step
 from diffusers_block.train.policy import ddpm_scheduler, policy_loss
 
 TASKS = ("reach-v3", "push-v3")
@@ -238,29 +245,145 @@ def test_ddpm_default_is_100_steps():
     assert len(calls) == 100
 
 
+DDPM_VARIANTS = [
+    {},  # the policy's: epsilon, clip to [-1, 1], fixed_small
+    {"prediction_type": "sample"},
+    {"prediction_type": "v_prediction", "clip_sample": False},
+    {"variance_type": "fixed_large", "clip_sample_range": 0.5},
+]
+
+
+@pytest.mark.parametrize("variant", DDPM_VARIANTS)
+@pytest.mark.parametrize("steps", [100, 7])
+def test_fused_ddpm_step_matches_the_scheduler(variant, steps):
+    scheduler = DDPMScheduler.from_config(ddpm_scheduler().config, **variant)
+    assert all(scheduler.config[key] == value for key, value in variant.items())
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    coeffs = DDPMStepCoefficients.from_scheduler(scheduler, timesteps)
+    assert len(coeffs) == steps and coeffs.std[-1] == 0 and coeffs.noisy_steps() == steps - 1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 16, 4, generator=g)
+    for i, t in enumerate(timesteps):
+        e = torch.randn(4, 16, 4, generator=g) * 2  # large enough that the clip matters
+        state = g.get_state()
+        expected = scheduler.step(e, t, x, generator=g).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().set_state(state)) if coeffs.std[i] > 0 else None
+        fused = ddpm_step(e, x, noise, coeffs, i)
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+        x = expected
+
+
+def test_fused_step_covers_only_what_it_reproduces():
+    config = ddpm_scheduler().config
+    for scheduler in (
+        DDIMScheduler.from_config(config),
+        DDPMScheduler.from_config(config, variance_type="fixed_small_log"),
+        DDPMScheduler.from_config(config, thresholding=True),
+    ):
+        scheduler.set_timesteps(10)
+        assert DDPMStepCoefficients.from_scheduler(scheduler, scheduler.timesteps.tolist()) is None
+    scheduler = ddpm_scheduler()
+    scheduler.set_timesteps(4)
+    coeffs = DDPMStepCoefficients.from_scheduler(scheduler, scheduler.timesteps.tolist())
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="step 0 adds noise"):
+        ddpm_step(x, x, None, coeffs, 0)
+    with pytest.raises(ValueError, match="outside the schedule's 4 steps"):
+        ddpm_step(x, x, None, coeffs, 4)
+
+
+def test_pipeline_with_fused_steps_equals_the_scheduler_loop(monkeypatch):
+    # Per-step draws from one generator (no step_noise): the fused loop and diffusers' scheduler.step loop consume
+    # the same random numbers in the same order, so they must agree to rounding.
+    pipe = tiny_pipeline()
+    obs, t = observations(), pipe.set_timesteps(STEPS)
+    inputs, tokens = pipe.prepare_inputs(obs, "reach-v3"), pipe.time_tokens(t)
+    noise = pipe.initial_noise(3, torch.Generator().manual_seed(0))
+    fused = pipe.denoise(noise, inputs, t, tokens, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(pipe, "step_coefficients", lambda timesteps: None)
+    pipe.set_timesteps(STEPS)
+    stepped = pipe.denoise(noise, inputs, t, tokens, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fused, stepped, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_noise_is_one_draw_per_environment():
+    pipe = tiny_pipeline()
+    t = pipe.set_timesteps(STEPS)
+    coeffs = pipe.step_coefficients(t)
+    noise = pipe.chunk_noise(3, coeffs, torch.Generator().manual_seed(0))
+    assert noise.shape == (STEPS, 3, 16, 4) and noise.is_contiguous()  # initial + 11 noisy steps (the last adds none)
+    one = pipe.chunk_noise(1, coeffs, torch.Generator().manual_seed(0))
+    assert torch.equal(one[:, 0], noise[:, 0])  # environment 0 draws the same numbers in any batch size
+    per_env = pipe.chunk_noise(2, coeffs, [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)])
+    assert torch.equal(per_env[:, 0], per_env[:, 1]) and torch.equal(per_env[:, 0], one[:, 0])
+    seeded = [act(pipe, seed=5).actions for _ in range(2)]
+    assert torch.equal(*seeded) and not torch.equal(seeded[0], act(pipe, seed=6).actions)
+
+
+KERNEL_CHECK = """
+import json, torch
+from diffusers_block.pipelines.policy import ddpm_step as m
+from diffusers_block.train.policy import ddpm_scheduler
+s = ddpm_scheduler(); s.set_timesteps(100)
+c = m.DDPMStepCoefficients.from_scheduler(s, s.timesteps.tolist())
+g = torch.Generator().manual_seed(0)
+errors = []
+for i in (0, 50, 99):
+    x, e, z = (torch.randn(3, 16, 4, generator=g) * 2 for _ in range(3))
+    errors.append((m.ddpm_step(e, x, z, c, i) - m.ddpm_step_reference(e, x, z, c, i)).abs().max().item())
+print(json.dumps({"used_triton": m._use_triton(x), "errors": errors}))
+"""
+
+
+def test_ddpm_step_kernel_matches_reference_interpreted():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECK], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["used_triton"] and max(result["errors"]) < 1e-5, result
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cached", [False, True])
 def test_cuda_graph_replays_the_eager_chunk(cached):
     from diffusers_block.pipelines.policy.graph import CUDAGraphPolicy
 
-    pipe = tiny_pipeline().to("cuda")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # no per-step noise: outputs comparable
+    pipe = tiny_pipeline().to("cuda")  # DDPM: fused steps with per-step noise, all drawn in the graph
     if cached:
         pipe.enable_block_cache(db.StaticScheduleConfig(interval=3, granularity="sub_block"))
     obs = observations()
-    eager = pipe(
-        obs,
-        task="reach-v3",
-        num_inference_steps=STEPS,
-        output_type="pt",
-        generator=torch.Generator("cuda").manual_seed(0),
-    ).actions
+
+    def eager(generator=None):
+        return pipe(obs, task="reach-v3", num_inference_steps=STEPS, output_type="pt", generator=generator).actions
+
+    reference = eager(torch.Generator("cuda").manual_seed(0))
     runner = CUDAGraphPolicy(pipe, 3, STEPS)
-    for _ in range(2):  # replays are repeatable
+    assert runner.noise_in_graph  # PyTorch >= 2.5 registers the graph's generator
+    for _ in range(2):  # replays are repeatable, and draw what the eager call drew from the same seed
         graphed = runner(obs, "reach-v3", generator=torch.Generator("cuda").manual_seed(0), output_type="pt").actions
-        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(graphed, reference, rtol=1e-4, atol=1e-5)
+    generator = torch.Generator("cuda").manual_seed(0)
+    first, second = (runner(obs, "reach-v3", generator=generator, output_type="pt").actions for _ in range(2))
+    generator.manual_seed(0)
+    eager(generator)
+    eager_second = eager(generator)  # the generator advances as in the two replays
+    torch.testing.assert_close(second, eager_second, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first, second)
+    torch.cuda.manual_seed(7)  # no generator: the default CUDA generator, as the eager pipeline
+    unseeded = runner(obs, "reach-v3", output_type="pt").actions
+    torch.cuda.manual_seed(7)
+    torch.testing.assert_close(unseeded, eager(), rtol=1e-4, atol=1e-5)
     other = runner(observations(seed=3), "reach-v3", generator=torch.Generator("cuda").manual_seed(0)).actions
-    assert not np.allclose(other, eager.cpu().numpy())  # new observations flow into the graph
+    assert not np.allclose(other, reference.cpu().numpy())  # new observations flow into the graph
+    push = runner(obs, ["push-v3"] * 3, generator=torch.Generator("cuda").manual_seed(0)).actions
+    assert not np.allclose(push, reference.cpu().numpy())  # and new tasks
     if cached:
         pipe.enable_block_cache(db.BWCacheConfig(granularity="sub_block"))
         with pytest.raises(ValueError, match="cannot capture"):

@@ -126,3 +126,19 @@ def test_calibrated_policy_schedule_round_trips(tmp_path):
     pipe.enable_block_cache(schedule)
     assert torch.equal(act(pipe, obs).actions, cached)
     pipe.disable_block_cache()
+
+
+def test_default_bac_schedule_is_the_validated_choice():
+    from diffusers_block.pipelines.policy.calibrate import default_bac_schedule
+
+    pipe = tiny_pipeline()
+    candidates = (("cosine", 1, 1), ("error", 2, 0))
+    schedule, report = default_bac_schedule(pipe, ["reach-v3"], updates=4, steps=STEPS, candidates=candidates)
+    assert set(report["errors"]) == {"cosine-kl1-u1", "error-kl2-u0"} and report["validation_histories"] == 6
+    assert report["chosen"] == min(report["errors"], key=report["errors"].get)
+    kept = {"cosine-kl1-u1": 1, "error-kl2-u0": 2}[report["chosen"]]
+    assert all(set(range(STEPS - kept, STEPS)) <= set(steps) for steps in schedule.update_steps.values())
+    pipe.enable_block_cache(schedule)  # the chosen schedule runs, and its error is the one reported
+    cached = act(pipe).actions
+    pipe.disable_block_cache()
+    assert cached.shape == (3, 8, 4) and report["errors"][report["chosen"]] > 0

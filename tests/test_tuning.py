@@ -40,3 +40,12 @@ def test_the_chosen_schedule_is_the_closest_candidate_and_reproduces_its_error(w
 def test_bad_grid_is_refused(wan):
     with pytest.raises(ValueError, match="grid keys"):
         db.tune_schedule(wan, lambda m: None, lambda m: None, updates=3, grid={"threshold": (0.1,)})
+
+
+def test_combinations_the_budget_cannot_hold_are_left_out(wan):
+    steps = 10
+    run = lambda m: sample(m, "wan", steps=steps, seed=1)  # noqa: E731
+    tuned = db.tune_schedule(wan, run, run, updates=3, grid={"keep_first": (0, 1, 5)})  # keep 5 of 3 updates: no
+    assert set(tuned.distances) == {"keep_first=0", "keep_first=1"}
+    with pytest.raises(ValueError, match="no option combination"):
+        db.tune_schedule(wan, run, run, updates=3, grid={"keep_first": (4, 5)})

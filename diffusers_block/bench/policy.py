@@ -4,14 +4,22 @@ On the shipped multi-task policy (``models/policy-metaworld``), with the same ev
 for every run:
 
   uncached     100-step DDPM (Diffusion Policy's default), the reference;
-  bac          BAC: each sub-block updates on its own calibrated steps (--updates per sub-block, Adaptive
-               Caching Scheduler) plus Bubbling Union on the --bubbling-union most variable sub-blocks;
+  bac          BAC as calibrated by default (``pipelines/policy/calibrate.py`` says why): each sub-block updates on
+               its own steps (--updates per sub-block, Adaptive Caching Scheduler, the last 3 steps always) plus
+               Bubbling Union; the objective and union size are the validated choice among --bac-candidates;
   uniform      every sub-block updates on the same --updates evenly spaced steps;
   bwcache      BWCache's runtime indicator per sub-block (threshold 0.1);
   skip-steps   the whole denoiser runs on --updates evenly spaced steps, the others reuse its last prediction;
   ddim         DDIM with --updates steps (fewer steps instead of caching; same weights);
+  bac-paper    (not run by default) BAC as the paper: cosine similarity, no kept steps, Bubbling Union on
+               --bubbling-union sub-blocks;
   bac-taylor1  (not run by default) the BAC schedule, reused outputs extrapolated from their last two updates;
   bac-no-union (not run by default) BAC's per-sub-block steps without Bubbling Union.
+
+--bac-variants OBJECTIVE:KEEP_LAST:UNION ... adds runs of other calibrations (from the same recording), and
+--schedules adds runs of saved schedules. --validate reports, for every static schedule, the relative error of its
+executed actions against the uncached policy's on held-out observation histories from the same noise (what
+``select_schedule`` ranks by). Choose among variants on other episodes (--seed) than the ones you report.
 
 Success is over --episodes episodes of each task (Meta-World MT1 seed 1000, goal variations 0..episodes-1,
 episodes end at the first success or after --max-steps steps). FLOPs are counted per environment (see
@@ -33,7 +41,17 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..pipelines.policy.calibrate import calibrate_policy, calibration_observations
+from ..cache.bac import schedule_from_features
+from ..cache.static import StaticScheduleConfig
+from ..pipelines.policy.calibrate import (
+    DEFAULT_CANDIDATES,
+    VALIDATION_SEED,
+    calibration_observations,
+    candidate_name,
+    default_bac_schedule,
+    record_policy_features,
+    select_policy_schedule,
+)
 from ..pipelines.policy.envs import EnvPool
 from ..pipelines.policy.flops import DenoiserFlops, computed_per_unit
 from ..pipelines.policy.rollout import (
@@ -46,7 +64,7 @@ from ..pipelines.policy.rollout import (
 )
 from . import report
 
-RUNS = ("uncached", "bac", "uniform", "bwcache", "skip-steps", "ddim", "bac-taylor1", "bac-no-union")
+RUNS = ("uncached", "bac", "uniform", "bwcache", "skip-steps", "ddim", "bac-paper", "bac-taylor1", "bac-no-union")
 STEPS = 100
 
 
@@ -57,7 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=200, help="environment steps before an episode fails")
     parser.add_argument("--updates", type=int, default=10, help="updates per sub-block / denoiser calls / DDIM steps")
     parser.add_argument("--bubbling-union", type=int, default=5, help="BAC's top-n variable sub-blocks")
+    parser.add_argument(
+        "--bac-candidates",
+        nargs="+",
+        default=[":".join(map(str, c)) for c in DEFAULT_CANDIDATES],
+        metavar="OBJ:KEEP_LAST:UNION",
+        help="the calibrations the bac run's validated choice picks from (default: the policy default)",
+    )
+    parser.add_argument(
+        "--bac-variants", nargs="+", default=[], metavar="OBJ:KEEP_LAST:UNION", help="extra BAC calibrations to run"
+    )
+    parser.add_argument("--validate", action="store_true", help="action error of each schedule on held-out histories")
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS[:6]))
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="extra runs: saved StaticScheduleConfig files (e.g. other calibrations), each run named by its file stem",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=EVAL_SEED, help="Meta-World MT1 seed of the episodes (choose on others than 1000)"
+    )
     parser.add_argument("--no-latency", action="store_true", help="rollouts only")
     parser.add_argument("--no-rollouts", action="store_true", help="latency and FLOPs only")
     parser.add_argument("--latency-repeats", type=int, default=30)
@@ -93,10 +132,14 @@ class _Actor:
         return out.actions
 
 
-def configure(pipe, run: str, bac, updates: int, scheduler_config, bac_no_union=None):
-    """Set ``pipe`` up for one run; returns (steps, denoiser_steps, cache config or None)."""
+def configure(pipe, run: str, schedules: dict, updates: int, scheduler_config):
+    """Set ``pipe`` up for one run; returns (steps, denoiser_steps, cache config or None). ``schedules``: the
+    static schedules by run name (bac, bac-paper, variants, saved schedules)."""
     pipe.disable_block_cache()
     pipe.scheduler = type(pipe.scheduler).from_config(scheduler_config)  # a fresh DDPM scheduler
+    if run in schedules:
+        pipe.enable_block_cache(schedules[run])
+        return STEPS, None, schedules[run]
     if run == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(scheduler_config)
         return updates, None, None
@@ -104,10 +147,7 @@ def configure(pipe, run: str, bac, updates: int, scheduler_config, bac_no_union=
         return STEPS, None, None
     if run == "skip-steps":
         return STEPS, evenly_spaced(STEPS, updates), None
-    if run.startswith("bac"):
-        config = {"bac": bac, "bac-taylor1": replace(bac, forecast="taylor1"), "bac-no-union": bac_no_union}[run]
-    else:
-        config = cache_config(run, pipe, STEPS, updates, None)
+    config = cache_config(run, pipe, STEPS, updates, None)
     pipe.enable_block_cache(config)
     return STEPS, None, config
 
@@ -135,8 +175,9 @@ def time_chunks(call, repeats: int, device: torch.device, warmup: int = 3) -> di
     }
 
 
-def measure_latency(pipe, bac, uniform, obs, task: str, repeats: int, graphs: bool) -> dict:
-    """One 100-step chunk for one environment, eager and (on a GPU) as one CUDA graph."""
+def measure_latency(pipe, bac, uniform, obs, task: str, repeats: int, graphs: bool, variants=None) -> dict:
+    """One 100-step chunk for one environment, eager and (on a GPU) as one CUDA graph (also for each of
+    ``variants``, name -> static schedule)."""
     device = pipe._execution_device
     results = {}
 
@@ -158,6 +199,7 @@ def measure_latency(pipe, bac, uniform, obs, task: str, repeats: int, graphs: bo
             ("graph-bac", bac, STEPS),
             ("graph-uniform", uniform, STEPS),
             ("graph-ddim10", None, 10),
+            *((f"graph-{name}", config, STEPS) for name, config in (variants or {}).items()),
         )
         for name, config, steps in runs:
             pipe.disable_block_cache()
@@ -203,10 +245,51 @@ def run(args) -> dict:
 
     start = time.perf_counter()
     calib_obs, calib_tasks = calibration_observations(pipe, tasks, workers=min(args.workers, 2 * len(tasks)))
-    bac = calibrate_policy(pipe, calib_obs, calib_tasks, args.updates, args.bubbling_union, STEPS)
+    features = record_policy_features(pipe, calib_obs, calib_tasks, STEPS)
+
+    def bac_schedule(objective: str, keep_last: int, union: int) -> StaticScheduleConfig:
+        return schedule_from_features(
+            features,
+            args.updates,
+            granularity="sub_block",
+            objective=objective,
+            keep_last=keep_last,
+            bubbling_union_top=union,
+        )
+
+    def parse(spec: str) -> tuple[str, int, int]:
+        try:
+            objective, keep_last, union = spec.split(":")
+            return objective, int(keep_last), int(union)
+        except ValueError as error:
+            raise ValueError(
+                f"a BAC calibration is OBJECTIVE:KEEP_LAST:UNION (e.g. error:3:12), got {spec!r}"
+            ) from error
+
+    candidates = [parse(spec) for spec in args.bac_candidates]
+    bac, choice = default_bac_schedule(
+        pipe, tasks, args.updates, STEPS, candidates, min(args.workers, 2 * len(tasks)), (calib_obs, calib_tasks)
+    )
+    objective, keep_last, _ = candidates[[candidate_name(*c) for c in candidates].index(choice["chosen"])]
+    print(f"BAC default: {choice['chosen']} (validated choice; action errors {choice['errors']})")
+    schedules = {
+        "bac": bac,
+        "bac-paper": bac_schedule("cosine", 0, args.bubbling_union),
+        "bac-taylor1": replace(bac, forecast="taylor1"),
+        "bac-no-union": bac_schedule(objective, keep_last, 0),
+    }
+    variants = []
+    for spec in args.bac_variants:
+        name = "bac-" + candidate_name(*parse(spec))
+        schedules[name] = bac_schedule(*parse(spec))
+        variants.append(name)
+    for path in args.schedules:
+        schedules[Path(path).stem] = StaticScheduleConfig.load(path)
+        variants.append(Path(path).stem)
     uniform = cache_config("uniform", pipe, STEPS, args.updates, None)
     payload["bac_schedule"] = bac.to_dict()
-    payload["calibration"] = {"histories": len(calib_obs), "seconds": time.perf_counter() - start}
+    payload["schedules"] = {name: config.to_dict() for name, config in schedules.items() if name != "bac-taylor1"}
+    payload["calibration"] = {"histories": len(calib_obs), "seconds": time.perf_counter() - start, **choice}
     flops = DenoiserFlops(pipe)
     reference_flops = flops.chunk(STEPS)
     payload["flops"] = {
@@ -215,17 +298,31 @@ def run(args) -> dict:
         "outside_units": flops.outside_units,
         "uncached_chunk": reference_flops,
     }
+    if args.validate:
+        valid_obs, valid_tasks = calibration_observations(
+            pipe, tasks, chunks=(1, 4, 8), seed=VALIDATION_SEED, workers=min(args.workers, 2 * len(tasks))
+        )
+        checked = {n: c for n, c in schedules.items() if n != "bac-taylor1"} | {"uniform": uniform}
+        best, errors = select_policy_schedule(pipe, checked, valid_obs, valid_tasks, STEPS)
+        payload["validation"] = {"histories": len(valid_obs), "seed": VALIDATION_SEED, "best": best, "errors": errors}
+        print(
+            "action error against uncached on held-out histories: "
+            + ", ".join(f"{n} {e:.3f}" for n, e in errors.items())
+        )
 
-    bac_no_union = None
-    if "bac-no-union" in args.runs:
-        bac_no_union = calibrate_policy(pipe, calib_obs, calib_tasks, args.updates, 0, STEPS)
-        payload["bac_no_union_schedule"] = bac_no_union.to_dict()
     obs, task = calib_obs[:1], calib_tasks[0]
     latency = {}
     if not args.no_latency:
         print("latency of one 100-step chunk, batch 1:")
         latency[report.device_name(device)] = measure_latency(
-            pipe, bac, uniform, obs, task, args.latency_repeats, graphs=device.type == "cuda"
+            pipe,
+            bac,
+            uniform,
+            obs,
+            task,
+            args.latency_repeats,
+            graphs=device.type == "cuda",
+            variants={name: schedules[name] for name in ["bac-paper", *variants]},
         )
     payload["latency_batch1"] = latency
     report.write_json(path, payload)
@@ -235,9 +332,9 @@ def run(args) -> dict:
         env_tasks = [task for task in tasks for _ in range(args.episodes)]
         variations = [episode for _ in tasks for episode in range(args.episodes)]
         n_obs = pipe.transformer.config.n_obs_steps
-        with EnvPool(env_tasks, EVAL_SEED, args.workers) as pool:
-            for name in args.runs:
-                steps, denoiser_steps, config = configure(pipe, name, bac, args.updates, scheduler_config, bac_no_union)
+        with EnvPool(env_tasks, args.seed, args.workers) as pool:
+            for name in [*args.runs, *variants]:
+                steps, denoiser_steps, config = configure(pipe, name, schedules, args.updates, scheduler_config)
                 actor = _Actor(pipe, flops, steps, denoiser_steps, cached=config is not None)
                 torch.manual_seed(0)  # the same DDPM noise stream for every run
                 with torch.no_grad():

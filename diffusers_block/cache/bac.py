@@ -13,7 +13,10 @@ than by direction: S[a, t] = -||R_t - R_a|| / mean_t ||R_t||, with R the unit's 
 sum of all units' (the whole stack's residual, what a step that skips every block gets wrong). Cosine similarity
 ignores magnitude, so it spends updates on steps whose features turn but are too small to matter. ``bubbling_union=n`` applies BAC's fix for FFN error
 amplification with ``granularity="sub_block"``: the n most variable units also update whenever an FFN at or after
-their layer does.
+their layer does. ``keep_first`` / ``keep_last`` always update the first / last steps and let the DP place the rest
+around them (optimal among the schedules that contain them). :func:`select_schedule` is the validated choice: it runs
+several candidate schedules (e.g. calibrated from one recording by :func:`schedule_from_features`) on held-out
+inputs and keeps the one whose output is closest to the uncached one.
 """
 
 from __future__ import annotations

@@ -63,18 +63,24 @@ def tune_schedule(
             f"grid keys must be calibrate options keep_first, keep_last, objective, forecast; got {unknown}"
         )
     features = record_features(target, calibrate, granularity, max_samples)
-    candidates, options = {}, {}
+    candidates, options, infeasible = {}, {}, {}
     for values in itertools.product(*grid.values()):
         choice = dict(zip(grid, values))
         name = candidate_name(choice)
+        try:
+            candidates[name] = schedule_from_features(
+                features,
+                updates,
+                granularity=granularity,
+                shared=shared,
+                bubbling_union_top=bubbling_union_top,
+                **choice,
+            )
+        except ValueError as error:  # e.g. more kept steps than the budget has updates: no candidate at this budget
+            infeasible[name] = str(error)
+            continue
         options[name] = choice
-        candidates[name] = schedule_from_features(
-            features,
-            updates,
-            granularity=granularity,
-            shared=shared,
-            bubbling_union_top=bubbling_union_top,
-            **choice,
-        )
+    if not candidates:
+        raise ValueError(f"no option combination of the grid is feasible for updates={updates}: {infeasible}")
     best, distances = select_schedule(target, validate, candidates, distance)
     return TunedSchedule(candidates[best], options[best], distances)

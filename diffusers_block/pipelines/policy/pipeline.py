@@ -11,6 +11,11 @@ FlowMatchEulerDiscreteScheduler for a policy trained with flow matching (``predi
 The denoising loop (:meth:`DiffusionPolicyPipeline.denoise`) reads only tensors already on the device and Python
 numbers: the timesteps stay on the CPU, so the scheduler's arithmetic uses host scalars and nothing in the loop waits
 for the GPU. That is what lets :mod:`.graph` capture the whole loop, block cache included, in one CUDA graph.
+
+With DDPM (the default) a step is one fused kernel (:mod:`.ddpm_step`) and all of a chunk's random numbers, the
+initial noise and every step's noise, come from one draw (:meth:`DiffusionPolicyPipeline.chunk_noise`): a chunk
+launches fewer kernels, and a CUDA graph replay of it draws exactly what the eager call draws from the same seed.
+The condition tokens of every step are built in one batch too (observations are encoded once per chunk).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ...state import TRACKER_HOOK
+from .ddpm_step import DDPMStepCoefficients, ddpm_step
 from .model import PolicyTransformer
 from .normalizer import PolicyNormalizer
 
@@ -80,9 +87,10 @@ class DiffusionPolicyPipeline(DiffusionPipeline):
             )
         return torch.tensor([names.index(t) for t in tasks], device=self._execution_device)
 
-    def prepare_inputs(self, observations, task: str | Sequence[str] | None = None) -> PreparedInputs:
-        """``observations``: (n_obs_steps, obs_dim) for one environment or (B, n_obs_steps, obs_dim), array or tensor;
-        a longer history is cut to its last ``n_obs_steps`` steps."""
+    def check_observations(self, observations) -> torch.Tensor:
+        """Raw observations as a float32 (B, n_obs_steps, obs_dim) tensor, on the device they came from; a clear error
+        for a wrong shape. ``observations``: (n_obs_steps, obs_dim) for one environment or (B, n_obs_steps,
+        obs_dim), array or tensor; a longer history is cut to its last ``n_obs_steps`` steps."""
         config = self.transformer.config
         obs = torch.as_tensor(np.asarray(observations) if not torch.is_tensor(observations) else observations)
         if obs.ndim == 2:
@@ -102,7 +110,11 @@ class DiffusionPolicyPipeline(DiffusionPipeline):
                 f"the policy needs the last {config.n_obs_steps} observations, got {obs.shape[1]}; repeat the first "
                 f"observation to pad the history at the start of an episode"
             )
-        obs = obs[:, -config.n_obs_steps :].to(self._execution_device, torch.float32)
+        return obs[:, -config.n_obs_steps :].to(torch.float32)
+
+    def prepare_inputs(self, observations, task: str | Sequence[str] | None = None) -> PreparedInputs:
+        """Normalised observations and task indices on the policy's device (see :meth:`check_observations`)."""
+        obs = self.check_observations(observations).to(self._execution_device)
         return PreparedInputs(self.normalizer.normalize_obs(obs), self.task_ids(task, len(obs)))
 
     def check_scheduler(self) -> None:
@@ -133,15 +145,46 @@ class DiffusionPolicyPipeline(DiffusionPipeline):
         t = torch.tensor(timesteps, dtype=torch.float32, device=self._execution_device)
         return self.transformer.encode_time(t)
 
-    def initial_noise(self, batch_size: int, generator=None) -> torch.Tensor:
+    def step_coefficients(self, timesteps: Sequence[float]) -> DDPMStepCoefficients | None:
+        """The fused DDPM step's coefficients for ``timesteps``, or None for a scheduler it does not cover (then the
+        loop calls ``scheduler.step``)."""
+        return DDPMStepCoefficients.from_scheduler(self.scheduler, timesteps)
+
+    def chunk_noise(
+        self, batch_size: int, coefficients: DDPMStepCoefficients | None = None, generator=None
+    ) -> torch.Tensor:
+        """All random numbers of one chunk in one draw, (1 + noisy steps, B, horizon, action_dim): row 0 is the
+        initial noise (times the scheduler's ``init_noise_sigma``), row 1 + i the noise of fused DDPM step i."""
         config = self.transformer.config
+        rows = 1 + (coefficients.noisy_steps() if coefficients is not None else 0)
+        # Drawn environment-major (as a list of per-environment generators needs), so environment b gets the same
+        # numbers in any batch size; then one copy makes every row contiguous for the step kernel.
         noise = randn_tensor(
-            (batch_size, config.horizon, config.action_dim),
+            (batch_size, rows, config.horizon, config.action_dim),
             generator=generator,
             device=self._execution_device,
             dtype=self.transformer.dtype,
         )
-        return noise * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        noise = noise.transpose(0, 1).contiguous()
+        sigma = getattr(self.scheduler, "init_noise_sigma", 1.0)
+        if sigma != 1.0:
+            noise[0] *= sigma
+        return noise
+
+    def initial_noise(self, batch_size: int, generator=None) -> torch.Tensor:
+        """Initial noise only, (B, horizon, action_dim)."""
+        return self.chunk_noise(batch_size, None, generator)[0]
+
+    def condition_tokens(self, inputs: PreparedInputs, time_tokens: torch.Tensor) -> torch.Tensor:
+        """The condition tokens of every step, (K, B, 1 + n_obs_steps [+ 1], hidden_size): the observations are
+        encoded once and joined to each step's time token in one op."""
+        model = self.transformer
+        obs_tokens = model.encode_observation(inputs.obs.to(model.dtype), inputs.task_ids)
+        steps, (batch, tokens, dim) = time_tokens.shape[0], obs_tokens.shape
+        return torch.cat(
+            [time_tokens[:, None, None].expand(steps, batch, 1, dim), obs_tokens.expand(steps, batch, tokens, dim)],
+            dim=2,
+        )
 
     def denoise(
         self,
@@ -151,24 +194,42 @@ class DiffusionPolicyPipeline(DiffusionPipeline):
         time_tokens: torch.Tensor,
         denoiser_steps: Sequence[int] | None = None,
         generator=None,
+        step_noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The denoising loop over normalised actions; returns the normalised predicted horizon (B, horizon, A).
 
         ``denoiser_steps``: if given, the transformer runs only at these step indices and every other step reuses
         the last prediction (skipping whole steps, as a baseline for block caching).
+        ``step_noise``: the fused DDPM steps' noise, rows 1: of :meth:`chunk_noise`; without it each noisy step
+        draws its own from ``generator`` (as ``DDPMScheduler.step`` does).
         """
         model = self.transformer
-        obs_tokens = model.encode_observation(inputs.obs.to(model.dtype), inputs.task_ids)
-        batch, dim = latents.shape[0], time_tokens.shape[-1]
+        conds = self.condition_tokens(inputs, time_tokens)
+        coefficients = self.step_coefficients(timesteps)
+        # The fused step bypasses scheduler.step, which is how a block cache counts steps: tell its tracker instead.
+        registry = getattr(model, "_diffusers_hook", None)
+        hook = registry.get_hook(TRACKER_HOOK) if coefficients is not None and registry is not None else None
+        tracker = getattr(hook, "tracker", None)
         run = None if denoiser_steps is None else set(denoiser_steps)
         prediction = None
         for i, t in enumerate(timesteps):
             if run is None or i in run or prediction is None:
-                cond = torch.cat([time_tokens[i].expand(batch, 1, dim), obs_tokens], dim=1)
                 scale = getattr(self.scheduler, "scale_model_input", None)  # FlowMatchEuler has none
                 model_input = latents if scale is None else scale(latents, t)
-                prediction = model(model_input, t, encoder_hidden_states=cond, return_dict=False)[0]
-            latents = self.scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+                if tracker is not None and i > 0:
+                    tracker.on_step_start(i)
+                prediction = model(model_input, t, encoder_hidden_states=conds[i], return_dict=False)[0]
+            if coefficients is None:
+                latents = self.scheduler.step(prediction, t, latents, generator=generator, return_dict=False)[0]
+                continue
+            noise = None
+            if coefficients.std[i] > 0:
+                noise = (
+                    step_noise[i]
+                    if step_noise is not None
+                    else randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                )
+            latents = ddpm_step(prediction, latents, noise, coefficients, i)
         return latents
 
     def postprocess(self, action_pred: torch.Tensor, output_type: str) -> PolicyPipelineOutput:
@@ -204,8 +265,10 @@ class DiffusionPolicyPipeline(DiffusionPipeline):
         inputs = self.prepare_inputs(observations, task)
         steps = num_inference_steps or self.scheduler.config.num_train_timesteps
         timesteps = self.set_timesteps(steps)
-        latents = self.initial_noise(len(inputs.obs), generator)
-        action_pred = self.denoise(latents, inputs, timesteps, self.time_tokens(timesteps), denoiser_steps, generator)
+        noise = self.chunk_noise(len(inputs.obs), self.step_coefficients(timesteps), generator)
+        action_pred = self.denoise(
+            noise[0], inputs, timesteps, self.time_tokens(timesteps), denoiser_steps, generator, noise[1:]
+        )
         output = self.postprocess(action_pred, output_type)
         self.maybe_free_model_hooks()
         return output if return_dict else (output.actions, output.action_pred)

@@ -13,7 +13,8 @@ per tick, and the next chunk is planned when the current one runs out; a chunk w
 one period misses its deadline: the robot would hold its last command for the ticks it missed (counted; the
 simulation waits for the chunk).
 
-``--cache``: none; bac (a schedule JSON from ``python -m diffusers_block.pipelines.policy.calibrate``); uniform
+``--cache``: none; bac (``--schedule``, a JSON from ``python -m diffusers_block.pipelines.policy.calibrate``, or
+without it a default calibration first, on the policy's own rollouts); uniform
 (each sub-block updates on evenly spaced steps, as many as ``--updates``); bwcache (runtime indicator); skip-steps
 (the denoiser runs on ``--updates`` evenly spaced steps and the others reuse its last prediction).
 """
@@ -62,9 +63,12 @@ def uniform_schedule(pipe: DiffusionPolicyPipeline, steps: int, updates: int) ->
 def cache_config(name: str, pipe, steps: int, updates: int, schedule: str | None):
     """The block-cache config of a ``--cache`` choice (None for none and skip-steps, which need no block cache)."""
     if name == "bac":
-        if schedule is None:
-            raise ValueError("--cache bac needs --schedule PATH, a JSON made by ...policy.calibrate")
-        return StaticScheduleConfig.load(schedule)
+        if schedule is not None:
+            return StaticScheduleConfig.load(schedule)
+        from .calibrate import calibrate_policy, calibration_observations  # calibrate imports this module
+
+        obs, tasks = calibration_observations(pipe, pipe.task_names, steps=steps)  # the default calibration
+        return calibrate_policy(pipe, obs, tasks, updates, steps=steps)
     if name == "uniform":
         return uniform_schedule(pipe, steps, updates)
     if name == "bwcache":
@@ -201,7 +205,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task (all run as one batch)")
     parser.add_argument("--policy", default=DEFAULT_POLICY)
     parser.add_argument("--cache", choices=CACHES, default="none")
-    parser.add_argument("--schedule", help="BAC schedule JSON (--cache bac)")
+    parser.add_argument("--schedule", help="BAC schedule JSON (--cache bac; default: calibrate now)")
     parser.add_argument(
         "--updates", type=int, default=10, help="updates per sub-block (uniform) or denoiser calls (skip-steps)"
     )
