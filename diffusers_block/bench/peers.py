@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import io
 
 from diffusers.hooks import HookRegistry
@@ -60,13 +61,36 @@ def first_block_cache(threshold: float) -> Acceleration:
     )
 
 
+# diffusers' default TaylorSeer patterns are re.fullmatch'ed against module names ("^blocks.*attn"), so attention
+# modules named attn1 / attn2 (Wan) match none of them and TaylorSeerCache silently does nothing. Where the defaults
+# hook nothing, name every attention module of the block lists explicitly.
+_TAYLORSEER_ATTENTION = (
+    r"^(blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)\.\d+\.attn\d*"
+)
+
+
 def taylorseer_cache(interval: int, warmup: int) -> Acceleration:
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
-    config = TaylorSeerCacheConfig(
-        cache_interval=interval, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=None
-    )
-    return diffusers_cache(f"diffusers-taylorseer-{interval}", apply_taylorseer_cache, config)
+    def enable(pipe) -> None:
+        config = TaylorSeerCacheConfig(
+            cache_interval=interval, disable_cache_before_step=warmup, max_order=1, taylor_factors_dtype=None
+        )
+        _apply(apply_taylorseer_cache, config)(pipe)
+        if not hooked_modules(pipe.transformer, "taylorseer_cache"):
+            config = dataclasses.replace(config, cache_identifiers=[_TAYLORSEER_ATTENTION])
+            _apply(apply_taylorseer_cache, config)(pipe)
+
+    return Acceleration(f"diffusers-taylorseer-{interval}", enable, _remove_diffusers_hooks)
+
+
+def hooked_modules(model, hook_name: str) -> list[str]:
+    """Names of the submodules of ``model`` carrying diffusers hook ``hook_name``."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hook_name in getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+    ]
 
 
 def calibrate_mag_ratios(pipe, generate, steps: int) -> list[float]:
