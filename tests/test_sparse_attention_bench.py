@@ -71,5 +71,9 @@ def test_attention_quality_benchmark_on_the_shipped_video_model(tmp_path):
     everything, half = payload["results"]
     assert everything["sparse_density"] == 1.0 and everything["psnr_db"] > 60  # all blocks kept: dense output
     assert half["sparse_density"] < 0.6 and half["psnr_db"] < everything["psnr_db"]
+    layers = len(payload["layer_names"])
+    assert layers == 8 and all(len(row["attention_error_per_layer"]) == layers for row in payload["results"])
+    assert everything["attention_error_mean"] < 1e-5  # all blocks kept: exact attention, layer by layer
+    assert min(half["attention_error_per_layer"]) > 1e-3 and half["attention_error_mean"] > 1e-3
     written = json.loads(next(tmp_path.glob("attention-quality-*.json")).read_text())
     assert written["results"] == payload["results"]

@@ -121,7 +121,8 @@ class SparseAttention:
         self.hooks: list[SparseAttentionHook] = []
         self._modules: list[torch.nn.Module] = []
         self.last_selection: dict = {}
-        self._records: list[tuple] = []  # (step, branch, layer, mode, density (H,) tensor or None)
+        # (step, branch, layer, mode, density (H,) tensor or None, relative error 0-d tensor or None)
+        self._records: list[tuple] = []
         self._key_length_cache: dict = {}
         text_first = JOINT_TEXT_FIRST.get(self.family)
         for ref in adapter.blocks:
@@ -159,10 +160,14 @@ class SparseAttention:
         self.text_tokens = 0
         self._key_length_cache.clear()
 
-    def record(self, layer: int, step: int, branch, mode: str, density: torch.Tensor | None) -> None:
+    def record(
+        self, layer: int, step: int, branch, mode: str, density: torch.Tensor | None, error: torch.Tensor | None = None
+    ) -> None:
+        """One attention call: its mode, kept fraction per head (None: dense) and, with ``measure_error``, its
+        relative error against dense attention."""
         if torch.compiler.is_compiling():
             return
-        self._records.append((step, branch, layer, mode, density))
+        self._records.append((step, branch, layer, mode, density, error))
 
     def key_lengths(self, mask: torch.Tensor, batch: int, image: int):
         """Valid key count per sample of a key-padding mask (B or 1, 1, 1, S), or False if its valid keys are not a
@@ -191,14 +196,16 @@ class SparseAttention:
         records = self._records
         branches = list(dict.fromkeys(branch for _, branch, *_ in records))
         steps = 1 + max((step for step, *_ in records), default=-1)
-        measured = [d for *_, d in records if d is not None]
+        measured = [d for *_, d, _ in records if d is not None]
         values = torch.stack([d.float().cpu() for d in measured]).numpy() if measured else np.zeros((0, 1))
         heads = values.shape[-1] if len(values) else 1
         mode = np.full((len(branches), steps, len(self.hooks)), NOT_RUN, dtype=np.int8)
         density = np.full((len(branches), steps, len(self.hooks), heads), np.nan)
-        sums = {}
-        it = iter(values)
-        for step, branch, layer, kind, d in records:
+        errors = [float(e) for *_, e in records if e is not None]  # one host sync per call, at summary time only
+        error = np.full(mode.shape, np.nan)
+        sums, error_sums = {}, {}
+        it, error_it = iter(values), iter(errors)
+        for step, branch, layer, kind, d, e in records:
             index = (branches.index(branch), step, layer)
             mode[index] = max(mode[index], MODES[kind]) if kind != "dense" else MODES[kind]
             if d is None:
@@ -206,12 +213,17 @@ class SparseAttention:
             else:
                 total, n = sums.get(index, (0.0, 0))
                 sums[index] = (total + next(it), n + 1)  # several SDPA calls of one layer (Mochi: per sample)
+            if e is not None:
+                total, n = error_sums.get(index, (0.0, 0))
+                error_sums[index] = (total + next(error_it), n + 1)
         for index, (total, n) in sums.items():
             density[index] = total / n
+        for index, (total, n) in error_sums.items():
+            error[index] = total / n
         masks = {}
         for layer, selection in self.last_selection.items():
             masks[self.layer_names[layer]] = functools.partial(_mask_of, selection)
-        return SparseAttentionSummary(list(self.layer_names), branches, mode, density, masks)
+        return SparseAttentionSummary(list(self.layer_names), branches, mode, density, error, masks)
 
     def remove(self) -> None:
         for module in self._modules:

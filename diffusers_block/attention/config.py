@@ -38,6 +38,11 @@ class SparseAttentionConfig:
         stride: antidiagonal stride, a power of two dividing ``block_size`` (``block_size / stride >= 16`` on GPU).
         fuse_rotary: where the processor applies a rotary embedding the kernels know (Wan's), skip it there and
             apply it inside the token gather instead (one pass instead of several fp32 ones; same rounding).
+        measure_error: diagnostic: each sparse call also computes exact dense attention on the same inputs (q, k, v,
+            scale, mask, rotary) and records the relative L2 error ||sparse - dense|| / ||dense|| of its output, in
+            fp32 over the whole call (``SparseAttentionSummary.attention_error``). The sparse output is still what
+            is returned, so each layer's error is that of the attention approximation alone, on the inputs the
+            layer actually got, not the drift carried from earlier layers. Costs one dense attention per call.
     """
 
     threshold: float = 0.9
@@ -55,6 +60,7 @@ class SparseAttentionConfig:
     scoring: str = "mean"
     stride: int = 8
     fuse_rotary: bool = True
+    measure_error: bool = False
 
     def __post_init__(self):
         def fail(field: str, value, allowed: str):
@@ -97,6 +103,8 @@ class SparseAttentionConfig:
             fail("stride", st, f"a power of two <= block_size ({bs})")
         if not isinstance(self.fuse_rotary, bool):
             fail("fuse_rotary", self.fuse_rotary, "a bool")
+        if not isinstance(self.measure_error, bool):
+            fail("measure_error", self.measure_error, "a bool")
 
     def thresholds(self, heads: int) -> tuple[float, ...]:
         """The threshold of each of ``heads`` heads."""

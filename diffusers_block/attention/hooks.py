@@ -237,19 +237,32 @@ class SparseAttentionHook(ModelHook):
             densities.append(selection.density())
         mode = "reuse" if reused else "select"
         density = densities[0] if len(densities) == 1 else torch.stack(densities).mean(0)
-        controller.record(self.layer, frame["step"], frame["branch"], mode, density)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        error = self._relative_error(out, call, rotary) if config.measure_error else None
+        controller.record(self.layer, frame["step"], frame["branch"], mode, density, error)
         controller.last_selection[self.layer] = self.selections[(frame["branch"], call_index, groups[0][2])]
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return out
+
+    @classmethod
+    def _relative_error(cls, out: torch.Tensor, call: dict, rotary) -> torch.Tensor:
+        """||out - dense|| / ||dense|| (fp32, 0-d tensor) against exact attention of the same call; diagnostic only
+        (``SparseAttentionConfig.measure_error``): one dense attention more, no host sync."""
+        with torch.no_grad():
+            dense = cls._dense(call, rotary, always=True).float()
+            return (out.detach().float() - dense).norm() / dense.norm().clamp_min(torch.finfo(torch.float32).tiny)
 
     @staticmethod
-    def _dense(call: dict, rotary) -> torch.Tensor | None:
+    def _dense(call: dict, rotary, always: bool = False) -> torch.Tensor | None:
         """The original SDPA for a call the sparse path does not take: None (run it as it came) unless the hook
-        took the rotary embedding away from the processor, which is then applied here first."""
-        if rotary is None:
+        took the rotary embedding away from the processor, which is then applied here first. ``always``: compute
+        it here in any case (the exact reference of ``measure_error``)."""
+        if rotary is None and not always:
             return None
-        seq, head_dim = call["query"].shape[-2:]
-        cos, sin = (t.reshape(seq, head_dim) for t in rotary)
-        q, k = (rotate_interleaved(t, cos, sin) for t in (call["query"], call["key"]))
+        q, k = call["query"], call["key"]
+        if rotary is not None:
+            seq, head_dim = q.shape[-2:]
+            cos, sin = (t.reshape(seq, head_dim) for t in rotary)
+            q, k = (rotate_interleaved(t, cos, sin) for t in (q, k))
         return F.scaled_dot_product_attention(
             q,
             k,

@@ -18,12 +18,16 @@ class SparseAttentionSummary:
     branches: CFG branches seen. mode: int8 (branch, step, layer): -1 not run, 0 dense step, 1 masks selected,
     2 masks reused, 3 ran dense because the call could not be made sparse (e.g. an attention mask).
     density: float (branch, step, layer, head): kept fraction of key blocks (1.0 for dense calls, NaN not run).
+    attention_error: float (branch, step, layer): relative L2 error ||sparse - dense|| / ||dense|| of the layer's
+    attention output against exact attention on the same inputs (mean over its calls), with
+    ``SparseAttentionConfig(measure_error=True)``; NaN where not measured (off, dense steps and calls, not run).
     """
 
     layer_names: list[str]
     branches: list[Hashable]
     mode: np.ndarray
     density: np.ndarray
+    attention_error: np.ndarray
     _masks: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -47,6 +51,13 @@ class SparseAttentionSummary:
         sparse = ((self.mode == SELECTED) | (self.mode == REUSED))[..., None] & ~np.isnan(self.density)
         values = np.where(sparse, self.density, 0.0).sum(axis=(0, 1, 3))
         counts = sparse.sum(axis=(0, 1, 3))
+        return np.divide(values, counts, out=np.full(values.shape, np.nan), where=counts > 0)
+
+    def error_per_layer(self) -> np.ndarray:
+        """(layer,) mean relative attention error over branches and measured steps (NaN where none was measured)."""
+        measured = ~np.isnan(self.attention_error)
+        values = np.where(measured, self.attention_error, 0.0).sum(axis=(0, 1))
+        counts = measured.sum(axis=(0, 1))
         return np.divide(values, counts, out=np.full(values.shape, np.nan), where=counts > 0)
 
     def density_per_step(self) -> np.ndarray:
@@ -106,16 +117,26 @@ def merge(summaries: dict[str, SparseAttentionSummary]) -> SparseAttentionSummar
     branches = list(dict.fromkeys(b for s in summaries.values() for b in s.branches))
     steps = max((s.num_steps for s in summaries.values()), default=0)
     heads = max((s.density.shape[-1] for s in summaries.values()), default=1)
-    names, modes, densities, masks = [], [], [], {}
+    names, modes, densities, errors, masks = [], [], [], [], {}
     for prefix, s in summaries.items():
         mode = np.full((len(branches), steps, len(s.layer_names)), NOT_RUN, dtype=np.int8)
         density = np.full((len(branches), steps, len(s.layer_names), heads), np.nan)
+        error = np.full(mode.shape, np.nan)
         for i, branch in enumerate(s.branches):
             j = branches.index(branch)
             mode[j, : s.num_steps] = s.mode[i]
             density[j, : s.num_steps, :, : s.density.shape[-1]] = s.density[i]
+            error[j, : s.num_steps] = s.attention_error[i]
         names += [f"{prefix}/{n}" for n in s.layer_names]
         masks.update({f"{prefix}/{n}": fn for n, fn in s._masks.items()})
         modes.append(mode)
         densities.append(density)
-    return SparseAttentionSummary(names, branches, np.concatenate(modes, 2), np.concatenate(densities, 2), masks)
+        errors.append(error)
+    return SparseAttentionSummary(
+        names,
+        branches,
+        np.concatenate(modes, 2),
+        np.concatenate(densities, 2),
+        np.concatenate(errors, 2),
+        masks,
+    )
