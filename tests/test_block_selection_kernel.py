@@ -10,17 +10,15 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_worker
 
 from diffusers_block.kernels import block_mask_from_index, select_blocks
 
 sel_module = importlib.import_module("diffusers_block.kernels.block_selection")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def structured_qk(batch, heads, seq, dim, block_size, seed=0, dtype=torch.float32):
@@ -100,14 +98,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])

@@ -15,13 +15,12 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_worker
 
 from diffusers_block.kernels import (
     block_mask_from_index,
@@ -33,7 +32,6 @@ from diffusers_block.kernels import (
 # The package re-exports the function under the module's name, so fetch the module itself.
 bsa_module = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
 
-ROOT = Path(__file__).resolve().parents[1]
 OUT_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 LSE_TOL = 1e-4
 
@@ -178,14 +176,7 @@ def _worker() -> dict:
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in SPARSE_CASES])

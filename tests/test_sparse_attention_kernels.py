@@ -11,15 +11,13 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny_models import build_transformer, make_inputs, timestep_for
+from triton_interpreter import run_worker
 
 import diffusers_block as db
 from diffusers_block.attention.hooks import SPARSE_ATTENTION_HOOK
@@ -34,7 +32,6 @@ from diffusers_block.kernels import (
     select_blocks,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 bsa_module = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
 gather_module = importlib.import_module("diffusers_block.kernels.token_gather")
 sel_module = importlib.import_module("diffusers_block.kernels.block_selection")
@@ -109,14 +106,7 @@ def _worker() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"], cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__)
 
 
 @pytest.mark.parametrize(
