@@ -20,7 +20,7 @@ import torch
 
 from .. import BWCacheConfig, StaticScheduleConfig, cache_context
 from ..cache.bac import record_features, schedule_from_features
-from ..cache.tuning import candidate_name, tune_schedule
+from ..cache.tuning import candidate_name, tune_schedule_from_features
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits
@@ -96,13 +96,13 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
         updates = max(1, round(fraction * args.steps))
         names = [f"{variant}-{updates}" for variant in BAC_VARIANTS]
         validated = f"bac-validated-{updates}" if validation_run is not None else None
-        if features is None and any(map(wanted, names)):
+        if features is None and any(wanted(name) for name in names + [validated] if name):
             features = record_features(pipe, calibration_run)
         for variant, options in BAC_VARIANTS.items():
             if wanted(f"{variant}-{updates}"):
                 runs.append(peers.ours(f"{variant}-{updates}", schedule_from_features(features, updates, **options)))
         if validated and wanted(validated):
-            tuned = tune_schedule(pipe, calibration_run, validation_run, updates)
+            tuned = tune_schedule_from_features(pipe, features, validation_run, updates)
             print(f"{validated}: chose {candidate_name(tuned.options)}")
             if choices is not None:
                 choices[validated] = {"chosen": tuned.options, "relative_errors": tuned.distances}

@@ -57,12 +57,36 @@ def tune_schedule(
     ``calibrate(target)`` is run once, uncached, to record features; ``validate(target)`` once uncached and once per
     candidate, so it must be deterministic (seeded) and should use other inputs than ``calibrate``.
     """
-    unknown = set(grid) - {"keep_first", "keep_last", "objective", "forecast"}
-    if unknown:
-        raise ValueError(
-            f"grid keys must be calibrate options keep_first, keep_last, objective, forecast; got {unknown}"
-        )
+    _check_grid(grid)  # before the recording, which is the expensive part
     features = record_features(target, calibrate, granularity, max_samples)
+    return tune_schedule_from_features(
+        target,
+        features,
+        validate,
+        updates,
+        grid=grid,
+        granularity=granularity,
+        shared=shared,
+        bubbling_union_top=bubbling_union_top,
+        distance=distance,
+    )
+
+
+def tune_schedule_from_features(
+    target,
+    features: dict,
+    validate: Callable[[object], object],
+    updates: int | float,
+    *,
+    grid: Mapping[str, Sequence] = DEFAULT_GRID,
+    granularity: str = "block",
+    shared: bool = True,
+    bubbling_union_top: int = 0,
+    distance: Callable[[object, object], float] = relative_error,
+) -> TunedSchedule:
+    """:func:`tune_schedule` on a recording already made (:func:`~diffusers_block.cache.bac.record_features` with the
+    same ``granularity``), so that one recording serves several budgets."""
+    _check_grid(grid)
     candidates, options, infeasible = {}, {}, {}
     for values in itertools.product(*grid.values()):
         choice = dict(zip(grid, values))
@@ -84,3 +108,11 @@ def tune_schedule(
         raise ValueError(f"no option combination of the grid is feasible for updates={updates}: {infeasible}")
     best, distances = select_schedule(target, validate, candidates, distance)
     return TunedSchedule(candidates[best], options[best], distances)
+
+
+def _check_grid(grid: Mapping[str, Sequence]) -> None:
+    unknown = set(grid) - {"keep_first", "keep_last", "objective", "forecast"}
+    if unknown:
+        raise ValueError(
+            f"grid keys must be calibrate options keep_first, keep_last, objective, forecast; got {unknown}"
+        )
