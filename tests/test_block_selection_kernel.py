@@ -19,6 +19,7 @@ from triton_interpreter import run_worker
 from diffusers_block.kernels import block_mask_from_index, select_blocks
 
 sel_module = importlib.import_module("diffusers_block.kernels.block_selection")
+from diffusers_block.kernels import runtime  # noqa: E402
 
 
 def structured_qk(batch, heads, seq, dim, block_size, seed=0, dtype=torch.float32):
@@ -73,16 +74,16 @@ def _run_case(b, h, s_q, s_k, d, bs, kwargs):
 
 
 def _worker() -> dict:
-    assert sel_module.INTERPRET, "worker must run with TRITON_INTERPRET=1"
+    assert runtime.INTERPRET, "worker must run with TRITON_INTERPRET=1"
     results = {}
     for name, b, h, s_q, s_k, d, bs, kwargs in CASES:
         q, k, (index, count), kw = _run_case(b, h, s_q, s_k, d, bs, kwargs)
-        sel_module.INTERPRET = False  # the same call through the reference
+        runtime.INTERPRET = False  # the same call through the reference
         ref_index, ref_count = select_blocks(q, k, block_size=bs, **kw)
-        sel_module.INTERPRET = True
+        runtime.INTERPRET = True
         nk = math.ceil(s_k / bs)
         results[name] = {
-            "used_triton": sel_module._use_triton(q),
+            "used_triton": runtime.use_triton(q),
             "count_equal": torch.equal(count, ref_count),
             "index_equal": torch.equal(
                 torch.where(torch.arange(index.shape[-1]) < count[..., None].long(), index, -1),

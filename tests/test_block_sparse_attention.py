@@ -11,7 +11,6 @@ fp32 1e-5, fp16 2e-3, bf16 2e-2; lse (always accumulated in fp32) 1e-4 for every
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -22,15 +21,14 @@ import torch
 import torch.nn.functional as F
 from triton_interpreter import run_worker
 
+# The package re-exports the function under the module's name, so fetch the module itself.
 from diffusers_block.kernels import (
     block_mask_from_index,
     block_sparse_attention,
     block_sparse_attention_reference,
     dense_block_index,
+    runtime,
 )
-
-# The package re-exports the function under the module's name, so fetch the module itself.
-bsa_module = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
 
 OUT_TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}
 LSE_TOL = 1e-4
@@ -108,7 +106,7 @@ SPARSE_CASES = [
 
 def _worker() -> dict:
     """Runs in a subprocess with TRITON_INTERPRET=1: every kernel check, returned as a JSON-able dict."""
-    assert bsa_module.INTERPRET, "worker must run with TRITON_INTERPRET=1"
+    assert runtime.INTERPRET, "worker must run with TRITON_INTERPRET=1"
     results = {}
     for name, b, h, s_q, s_k, d, bs, dtype, max_kv in SPARSE_CASES:
         q, k, v = make_qkv(b, h, s_q, s_k, d, getattr(torch, dtype))
@@ -116,7 +114,7 @@ def _worker() -> dict:
         out, lse = block_sparse_attention(q, k, v, index, count, block_size=bs, return_lse=True)
         ref_out, ref_lse = reference64(q, k, v, index, count, block_size=bs)
         res = compare(out, lse, ref_out, ref_lse)
-        res.update(dtype=dtype, out_dtype_ok=out.dtype == q.dtype, used_triton=bsa_module._use_triton(q))
+        res.update(dtype=dtype, out_dtype_ok=out.dtype == q.dtype, used_triton=runtime.use_triton(q))
         results[name] = res
 
     # All blocks kept == dense attention (SDPA), lse == logsumexp of the scaled logits; custom scale and a
@@ -131,7 +129,7 @@ def _worker() -> dict:
     results["dense_vs_sdpa"] = {
         "out_err": (out.double() - sdpa).abs().max().item(),
         "lse_err": (lse.double() - torch.logsumexp(logits, -1)).abs().max().item(),
-        "used_triton": bsa_module._use_triton(q),
+        "used_triton": runtime.use_triton(q),
     }
 
     # Triton-only constraints raise clear errors.
@@ -161,7 +159,7 @@ def _worker() -> dict:
             )
             ref_out, ref_lse = reference64(q, k, v, index, count, block_size=bs, approximation=order)
             res = compare(out, lse, ref_out, ref_lse)
-            res.update(dtype=dtype, used_triton=bsa_module._use_triton(q))
+            res.update(dtype=dtype, used_triton=runtime.use_triton(q))
             results[f"approx_{order}_{dtype}"] = res
         q, k, v = smooth_kv(1, 2, 100, 32, 16)
         index, count = dense_block_index(1, 2, 7, 7)
@@ -242,7 +240,7 @@ def test_block_mask_from_index():
 def test_cpu_fallback_matches_reference():
     q, k, v = make_qkv(1, 2, 100, 100, 64, torch.float16)
     index, count = random_block_lists(1, 2, 4, 4)
-    assert not bsa_module._use_triton(q)
+    assert not runtime.use_triton(q)
     out, lse = block_sparse_attention(q, k, v, index, count, block_size=32, return_lse=True)
     assert out.dtype == torch.float16 and lse.dtype == torch.float32
     res = compare(out, lse, *reference64(q, k, v, index, count, block_size=32))

@@ -324,6 +324,7 @@ def test_chunk_noise_is_one_draw_per_environment():
 KERNEL_CHECK = """
 import json, torch
 from diffusers_block.pipelines.policy import ddpm_step as m
+from diffusers_block.kernels import runtime
 from diffusers_block.train.policy import ddpm_scheduler
 s = ddpm_scheduler(); s.set_timesteps(100)
 c = m.DDPMStepCoefficients.from_scheduler(s, s.timesteps.tolist())
@@ -332,7 +333,7 @@ errors = []
 for i in (0, 50, 99):
     x, e, z = (torch.randn(3, 16, 4, generator=g) * 2 for _ in range(3))
     errors.append((m.ddpm_step(e, x, z, c, i) - m.ddpm_step_reference(e, x, z, c, i)).abs().max().item())
-print(json.dumps({"used_triton": m._use_triton(x), "errors": errors}))
+print(json.dumps({"used_triton": runtime.use_triton(x), "errors": errors}))
 """
 
 

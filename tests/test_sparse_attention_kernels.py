@@ -8,7 +8,6 @@ tests/test_block_sparse_attention.py; the rest runs in-process on the PyTorch re
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -29,12 +28,9 @@ from diffusers_block.kernels import (
     gather_tokens,
     gather_tokens_reference,
     rotate_interleaved,
+    runtime,
     select_blocks,
 )
-
-bsa_module = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
-gather_module = importlib.import_module("diffusers_block.kernels.token_gather")
-sel_module = importlib.import_module("diffusers_block.kernels.block_selection")
 
 
 def _tables(seq, dim, seed=0):
@@ -56,7 +52,7 @@ def _bshd(batch, seq, heads, dim, dtype, seed=0):
 # Worker (TRITON_INTERPRET=1)
 # ------------------------------------------------------------------------------------------------------------------
 def _worker() -> dict:
-    assert gather_module.INTERPRET and bsa_module.INTERPRET and sel_module.INTERPRET
+    assert runtime.INTERPRET
     results = {}
     # Gather (+ rotation, + block sums) against the reference, fp32 and bf16, odd lengths, strided input.
     for dtype in ("float32", "bfloat16"):
@@ -71,7 +67,7 @@ def _worker() -> dict:
             ulp = torch.finfo(x.dtype).eps * ref.float().abs().clamp_min(1.0)
             plain = gather_tokens(x, perm)
             results[f"gather_{dtype}_{seq}"] = {
-                "used_triton": gather_module._use_triton(x),
+                "used_triton": runtime.use_triton(x),
                 "contiguous": out.is_contiguous(),
                 "within_one_ulp": bool(((out.float() - ref.float()).abs() <= ulp).all()),
                 "sums_err": ((sums - ref_sums).abs().max() / ref_sums.abs().max()).item(),

@@ -38,18 +38,12 @@ import os
 
 import torch
 
+from . import runtime
 from .reference import select_blocks_reference
-
-try:  # Triton is Linux-only; the CPU fallback works without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from .runtime import tl, triton
 
 __all__ = ["select_blocks", "MAX_KEY_BLOCKS", "SCORINGS"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Most key blocks per row the kernel holds in registers (4096 blocks of 64 = 262,144 tokens).
 MAX_KEY_BLOCKS = 4096
 #: Forced blocks get priority 2.0 (masses are <= 1); the bisection runs over the bit patterns [0, bits(2.0)) = [0, 2^30),
@@ -400,10 +394,6 @@ if triton is not None:
     )(_block_selection_fwd)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or INTERPRET)
-
-
 def _block_range(token_range: tuple[int, int] | None, block_size: int, num_blocks: int) -> tuple[int, int]:
     """Blocks overlapping the token range [start, end) (empty range -> (0, 0))."""
     if token_range is None or token_range[1] <= token_range[0]:
@@ -514,13 +504,13 @@ def select_blocks(
         scoring=scoring,
         stride=stride,
     )
-    if not _use_triton(q):
+    if not runtime.use_triton(q):
         return select_blocks_reference(q, k, tau, **kwargs)
     if num_kv_blocks > MAX_KEY_BLOCKS:
         raise ValueError(
             f"{num_kv_blocks} key blocks > {MAX_KEY_BLOCKS} supported by the selection kernel; use a larger block_size"
         )
-    if scoring == "antidiagonal" and not INTERPRET and block_size // stride < MIN_DOT:
+    if scoring == "antidiagonal" and not runtime.INTERPRET and block_size // stride < MIN_DOT:
         raise ValueError(
             f"antidiagonal scoring on the GPU needs block_size / stride >= {MIN_DOT}; got {block_size} / {stride}"
         )
@@ -576,13 +566,13 @@ def select_blocks(
         "NK_PAD": nk_pad,
         # Means are fp32 (exact products); antidiagonal logits take q and k as they are, like attention does.
         "INPUT_PRECISION": "ieee" if scoring == "mean" or q.dtype == torch.float32 else "tf32",
-        "DOT_FP32": INTERPRET and q.dtype == torch.bfloat16,
+        "DOT_FP32": runtime.INTERPRET and q.dtype == torch.bfloat16,
     }
 
     def grid(kw):
         return (triton.cdiv(num_q_blocks, kw["BLOCK_Q"]), batch * heads)
 
-    if INTERPRET:
+    if runtime.INTERPRET:
         meta.update(BLOCK_Q=INTERPRET_BLOCK_Q, BLOCK_K=INTERPRET_BLOCK_K)
         _block_selection_fwd[grid(meta)](*args, **meta)
     elif AUTOTUNE:

@@ -33,14 +33,10 @@ import warnings
 
 import torch
 
+from . import runtime
 from .reference import block_mask_from_index, block_sparse_attention_reference, block_statistics
+from .runtime import tl, triton
 
-try:  # Triton is Linux-only; the CPU fallback works without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
 try:  # host-side TMA descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton
@@ -51,8 +47,6 @@ __all__ = ["APPROXIMATIONS", "block_sparse_attention", "kept_block_mask", "MAX_H
 # ---------------------------------------------------------------------------------------------------------------
 # Tile configuration
 # ---------------------------------------------------------------------------------------------------------------
-#: Interpreter mode (Triton kernels run on CPU tensors through numpy): read once at import, like Triton does.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Largest supported head dim (register budget of one program).
 MAX_HEAD_DIM = 128
 #: Smallest supported ``block_size`` (``tl.dot`` needs tiles of at least 16); block sizes must be powers of two.
@@ -392,11 +386,6 @@ def default_config(block_size: int) -> tuple[int, int, int, int]:
     return block_m, block_n, 8 if block_m == 128 else 4, 3 if block_n >= 32 else 2
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    """Whether the launcher runs the Triton kernel (CUDA tensors, or any tensors under TRITON_INTERPRET=1)."""
-    return triton is not None and (q.is_cuda or INTERPRET)
-
-
 def _check_inputs(q, k, v, block_index, block_count, block_size) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("block_index", block_index), ("block_count", block_count)):
         if not isinstance(t, torch.Tensor):
@@ -528,7 +517,7 @@ def block_sparse_attention(
 
     _check_output(q, out, out_rows)
 
-    if not _use_triton(q):
+    if not runtime.use_triton(q):
         if q.is_cuda:
             raise RuntimeError("block_sparse_attention on CUDA tensors needs triton")
         result, lse = block_sparse_attention_reference(
@@ -618,7 +607,7 @@ def block_sparse_attention(
         "EVEN_Q": s_q % block_size == 0,
         "INPUT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's interpreter computes bf16 tl.dot wrongly (triton 3.9); upcast there. Never on the GPU.
-        "DOT_FP32": INTERPRET and q.dtype == torch.bfloat16,
+        "DOT_FP32": runtime.INTERPRET and q.dtype == torch.bfloat16,
         "APPROX": APPROXIMATIONS[approximation],
         "SCATTER_OUT": out_rows is not None,
     }
@@ -626,7 +615,7 @@ def block_sparse_attention(
     def grid(kw):
         return (triton.cdiv(s_q, kw["BLOCK_M"]), batch * heads)
 
-    if INTERPRET:
+    if runtime.INTERPRET:
         meta.update(BLOCK_M=min(INTERPRET_BLOCK_M, block_size), BLOCK_N=min(INTERPRET_BLOCK_N, block_size))
         _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
         return (out, lse) if return_lse else out

@@ -24,22 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 
+from . import runtime
 from .reference import gather_tokens_reference
-
-try:  # Triton is Linux-only; the CPU fallback works without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from .runtime import tl, triton
 
 __all__ = ["gather_tokens"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Rows per program when no block sums are asked for (any block size works; 128 rows x 128 dims = 32 KB of bf16).
 DEFAULT_ROWS = 128
 #: Rows loaded at once inside a program: CHUNK x BLOCK_D elements stay <= this (registers of 4 warps).
@@ -108,10 +101,6 @@ if triton is not None:
             tl.store(Sums + (bh * NUM_BLOCKS + pid_s) * HEAD_DIM + offs_d, total, mask=d_mask)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or INTERPRET)
-
-
 def _rotary_tables(rotary, seq: int, head_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) as fp32 (S, D) views (Wan passes (1, S, 1, D)); raises if they do not fit the sequence."""
     cos, sin = rotary
@@ -156,7 +145,7 @@ def gather_tokens(
         rotary = _rotary_tables(rotary, seq, head_dim, x.device)
         if head_dim % 2:
             raise ValueError(f"the rotary embedding needs an even head dim; got {head_dim}")
-    if not _use_triton(x):
+    if not runtime.use_triton(x):
         return gather_tokens_reference(x, perm, rotary=rotary, block_size=block_size)
 
     if x.stride(-1) != 1:

@@ -23,23 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 
-try:  # Triton is Linux-only; the CPU fallback works without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from ...kernels import runtime
+from ...kernels.runtime import tl, triton
 
 __all__ = ["DDPMStepCoefficients", "ddpm_step", "ddpm_step_reference"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Elements per program: a chunk of 256 environments x 16 x 4 actions is 16 programs; one environment is one.
 BLOCK = 1024
 #: An element-wise op on a few KB: one warp group is plenty.
@@ -146,10 +140,6 @@ if triton is not None:
         tl.store(Out + offs, prev.to(Out.dtype.element_ty), mask=mask)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and (x.is_cuda or INTERPRET)
-
-
 def ddpm_step(
     model_output: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None, coeffs: DDPMStepCoefficients, i: int
 ) -> torch.Tensor:
@@ -167,7 +157,7 @@ def ddpm_step(
     with_noise = coeffs.std[i] > 0
     if with_noise and (noise is None or noise.shape != sample.shape):
         raise ValueError(f"step {i} adds noise: pass a noise tensor of shape {tuple(sample.shape)}")
-    if not _use_triton(sample):
+    if not runtime.use_triton(sample):
         return ddpm_step_reference(model_output, sample, noise, coeffs, i)
     x, e = sample.contiguous(), model_output.contiguous()
     z = noise.contiguous() if with_noise else x  # never read without NOISE

@@ -1,0 +1,29 @@
+"""Which path a launcher takes: its Triton kernel, or the PyTorch reference beside it.
+
+Triton is Linux-only, and it reads ``TRITON_INTERPRET`` once, at import. Every launcher runs its kernel on CUDA
+tensors, or on any tensors in interpreter mode (kernels run through numpy on the CPU: how CI tests them), and its
+reference otherwise. Read ``runtime.INTERPRET`` at call time rather than copying it, so that one flag decides for all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is Linux-only; the CPU fallback works without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["INTERPRET", "tl", "triton", "use_triton"]
+
+#: Interpreter mode (Triton kernels run on CPU tensors through numpy): read once at import, like Triton does.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether a launcher runs its Triton kernel on ``x`` (a CUDA tensor, or any tensor under TRITON_INTERPRET=1)."""
+    return triton is not None and (x.is_cuda or INTERPRET)
