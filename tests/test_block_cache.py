@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sampling import relative_l2, sample
-from tiny_models import FAMILIES, build_transformer
+from tiny_models import FAMILIES, build_transformer, build_unet
 
 import diffusers_block as db
 from diffusers_block.eval.harness import BlockWorkCounter
@@ -217,16 +217,8 @@ def test_schedule_for_units_the_model_lacks():
 
 
 def test_unsupported_models_get_a_clear_error():
-    from diffusers import UNet2DModel
 
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = build_unet()
     for model in (unet, torch.nn.Linear(2, 2)):
         with pytest.raises(db.UnsupportedModelError, match=rf"{type(model).__name__}.*Supported families: dit, pixart"):
             db.enable_block_cache(model)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import build_unet
 from tiny_pipelines import PIPELINES, build_pipeline, call_kwargs
 from torch._dynamo.utils import counters
 
@@ -108,16 +109,9 @@ def test_lora_loaded_transformer():
 
 
 def test_unet_pipeline_is_refused():
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler
 
-    unet = UNet2DModel(
-        sample_size=8,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = build_unet()
     pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
     with pytest.raises(db.UnsupportedModelError, match="DDPMPipeline has no transformer component.*not UNets"):
         pipe.enable_block_cache()

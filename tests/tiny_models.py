@@ -275,6 +275,20 @@ def build_transformer(family: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()  # built in fp32 (the default dtype)
 
 
+def build_unet() -> torch.nn.Module:
+    """A tiny UNet2DModel: the model family the block cache and sparse attention refuse (no transformer blocks)."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+
+
 def _sampler(batch_size: int, seed: int) -> Callable[..., torch.Tensor]:
     """rand(*shape) -> (batch_size, *shape); sample i is the same whatever batch_size is."""
     calls = itertools.count()
