@@ -108,11 +108,16 @@ def make_moving_digits(
     """Moving-digit video clips, fully determined by the arguments (``seed`` drives a numpy ``default_rng``).
 
     Each clip takes ``digits_per_clip`` digits of ``split`` (drawn with replacement), resized to
-    ``digit_size`` px (default ``round(size * 7 / 16)``: 14 px on a 32 px canvas), at uniformly random integer
-    start positions. The clip's motion class (uniform over :data:`MOTIONS`) sets every digit's initial velocity:
-    ``speed`` px per frame along each moving axis (default ``max(1, size // 16)``: 2 px at 32). A digit reflects
-    off the canvas edges, so it always lies entirely inside the canvas; where two digits overlap the brighter
-    pixel wins (max).
+    ``digit_size`` px (default ``round(size * 7 / 16)``: 14 px on a 32 px canvas). The clip's motion class (uniform
+    over :data:`MOTIONS`) sets every digit's initial velocity: ``speed`` px per frame along each moving axis
+    (default ``max(1, size // 16)``: 2 px at 32). A digit reflects off the canvas edges, so it always lies entirely
+    inside the canvas; where two digits overlap the brighter pixel wins (max).
+
+    Start positions are random integers, uniform along an axis the digit does not move on and uniform over the
+    trailing half of the range along an axis it moves on (left half when moving right, and so on). So every digit
+    travels the labelled way for at least ``(size - digit_size) / (2 * speed)`` frames before its first bounce, and
+    the label can be read from the whole clip: with uniform starts, "left" and "right" clips would be the same
+    bouncing triangle wave in different phases, told apart by the first step alone, which a generator hardly learns.
 
     Returns ``clips`` float32 ``(n_clips, frames, 1, size, size)`` in [-1, 1] and a dict of labels:
     ``"digits"`` long ``(n_clips, digits_per_clip)``, ``"motion"`` long ``(n_clips,)`` indexing :data:`MOTIONS`,
@@ -130,8 +135,11 @@ def make_moving_digits(
     which = rng.integers(0, len(labels), size=(n_clips, digits_per_clip))
     motion = rng.integers(0, len(MOTIONS), size=n_clips)
     limit = size - digit_size
-    start = rng.integers(0, limit + 1, size=(n_clips, digits_per_clip, 2))
-    velocity = np.broadcast_to(speed * _DIRECTIONS[motion][:, None, :], start.shape)
+    direction = np.broadcast_to(_DIRECTIONS[motion][:, None, :], (n_clips, digits_per_clip, 2))
+    anywhere = rng.integers(0, limit + 1, size=direction.shape)
+    behind = rng.integers(0, limit // 2 + 1, size=direction.shape)  # distance from the wall the digit moves away from
+    start = np.select([direction > 0, direction < 0], [behind, limit - behind], anywhere)
+    velocity = speed * direction
     positions = torch.from_numpy(np.moveaxis(_bounce(start, velocity, frames, limit), 0, 1).copy())  # (N, T, k, 2)
 
     canvas = torch.zeros(n_clips, frames, size, size)

@@ -84,9 +84,7 @@ def estimate_motion(clips01: torch.Tensor, ink: float = 0.5) -> torch.Tensor:
     """The motion class of each clip (N, T, 1, H, W) in [0, 1] from its ink centroid: which axes move, and which way.
 
     An axis moves when the centroid travels on average more than half a pixel per frame along it; its direction is
-    the sign of the first frame-to-frame step. A digit that starts against a wall bounces on the first step, so even
-    real clips are not all classified right: compare against :func:`estimate_motion` on real clips. Clips with a
-    frame without ink get -1.
+    the sign of the first frame-to-frame step longer than half a pixel. Clips with a frame without ink get -1.
     """
     weights = (clips01[:, :, 0] - ink).clamp_min(0)  # (N, T, H, W)
     total = weights.sum(dim=(-2, -1))
@@ -95,9 +93,12 @@ def estimate_motion(clips01: torch.Tensor, ink: float = 0.5) -> torch.Tensor:
     centroid = torch.stack(
         [(weights.sum(-1) * rows).sum(-1), (weights.sum(-2) * cols).sum(-1)], dim=-1
     ) / total.clamp_min(1e-6).unsqueeze(-1)  # (N, T, 2) as (y, x)
-    steps = centroid.diff(dim=1)
+    steps = centroid.diff(dim=1)  # (N, T - 1, 2)
     moving = steps.abs().mean(dim=1) > 0.5
-    direction = torch.where(moving, steps[:, 0].sign(), torch.zeros_like(steps[:, 0])).long()  # (N, 2)
+    # The first clear step (more than half a pixel): a digit whose path folds at a wall stands still for one step.
+    clear = steps.abs() > 0.5
+    first = steps.gather(1, clear.float().argmax(dim=1, keepdim=True)).squeeze(1)  # (N, 2)
+    direction = torch.where(moving & clear.any(dim=1), first.sign(), torch.zeros_like(first)).long()  # (N, 2)
     table = motion_directions()  # (classes, 2) of -1/0/1
     match = (direction[:, None, :] == table[None]).all(-1)  # (N, classes)
     found = match.any(-1) & (total > 0).all(-1)
@@ -112,9 +113,8 @@ def motion_accuracy(clips01: torch.Tensor, motions: torch.Tensor) -> float:
 def motion_axes_accuracy(clips01: torch.Tensor, motions: torch.Tensor) -> float:
     """Fraction of clips moving along the axes their label asks for (horizontal, vertical or both), whatever the sign.
 
-    The sign of a bouncing digit's motion is only told by its first steps (label "left" and "right" clips differ in the
-    phase of the same triangle wave), so this separates "moves the right way along the right line" from "moves along
-    the right line": a model can learn the second long before the first.
+    This separates "moves the right way along the right line" from "moves along the right line": a model learns the
+    second long before the first.
     """
     table = motion_directions() != 0  # (classes, 2): which axes move
     estimated = estimate_motion(clips01)
