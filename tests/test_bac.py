@@ -9,14 +9,19 @@ from tiny_models import build_transformer
 
 import diffusers_block as db
 from diffusers_block.cache.bac import (
+    InfeasibleScheduleError,
     bubbling_union,
     calibrate,
+    candidate_schedules,
     cosine_similarity_matrix,
     negative_error_matrix,
     optimal_update_steps,
+    record_features,
     relative_error,
+    schedule_from_features,
     segment_scores,
     select_schedule,
+    uncached_output,
 )
 
 
@@ -158,3 +163,45 @@ def test_select_schedule_keeps_the_candidate_closest_to_uncached():
     assert relative_error((reference * 1.1,), reference) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="at least one candidate"):
         select_schedule(model, generate, {})
+
+
+def test_select_schedule_with_a_reference_made_once_gives_the_same_choice_and_errors():
+    model = build_transformer("wan")
+    calls = []
+
+    def generate(m):
+        calls.append(1)
+        return sample(m, "wan", steps=10)
+
+    candidates = {"every-2nd": db.StaticScheduleConfig(interval=2), "every-4th": db.StaticScheduleConfig(interval=4)}
+    best, errors = select_schedule(model, generate, candidates)
+    assert len(calls) == 3  # the uncached reference, then each candidate
+    reference = uncached_output(model, generate)
+    calls.clear()
+    for _ in range(2):  # e.g. two budgets' choices on the same validation inputs: no reference run again
+        assert select_schedule(model, generate, candidates, reference=reference) == (best, errors)
+    assert len(calls) == 4 and best == "every-2nd" and 0 < errors["every-2nd"] < errors["every-4th"]
+    assert torch.equal(generate(model), reference)  # no cache left attached
+
+
+def test_candidate_schedules_leave_out_what_the_budget_cannot_hold_and_refuse_bad_input():
+    model = build_transformer("wan")
+    features = record_features(model, lambda m: sample(m, "wan", steps=10))
+    candidates = {
+        "kf0": {"keep_first": 0},
+        "kf2-error": {"keep_first": 2, "objective": "error"},
+        "kf4": {"keep_first": 4},
+    }
+    schedules = candidate_schedules(features, 4, candidates, shared=True, objective="cosine")
+    assert list(schedules) == ["kf0", "kf2-error"]  # keep 4 of 4 updates: left out
+    for name in schedules:  # each is the calibration of its options over the common ones (options win)
+        assert schedules[name] == schedule_from_features(
+            features, 4, **{"shared": True, "objective": "cosine", **candidates[name]}
+        )
+    assert schedules["kf0"] != schedules["kf2-error"]
+    with pytest.raises(InfeasibleScheduleError, match="must be fewer than the updates"):
+        schedule_from_features(features, 4, keep_first=4)
+    with pytest.raises(ValueError, match=r"no option combination of the candidates is feasible for updates=2.*kf4"):
+        candidate_schedules(features, 2, {"kf4": {"keep_first": 4}})
+    with pytest.raises(ValueError, match="objective must be one of"):  # a typo is not an infeasible budget
+        candidate_schedules(features, 4, {"kf0": {}, "typo": {"objective": "cosin"}})

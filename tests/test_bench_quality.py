@@ -1,11 +1,16 @@
 """The quality benchmark on the shipped image model: a tiny sweep on CPU, checking what its JSON claims."""
 
+import argparse
 import json
 
 import pytest
+from sampling import sample
+from tiny_models import build_transformer
 
 from diffusers_block.bench.__main__ import main as bench
-from diffusers_block.cache.tuning import DEFAULT_GRID, candidate_name
+from diffusers_block.bench.quality import accelerations
+from diffusers_block.cache.bac import record_features
+from diffusers_block.cache.tuning import DEFAULT_GRID, candidate_name, tune_schedule_from_features
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +39,27 @@ def test_bac_validated_keeps_the_candidate_closest_to_the_uncached_output(result
     assert len(errors) == len(grid["keep_first"]) * len(grid["objective"]) * len(grid["forecast"])
     assert candidate_name(choice["chosen"]) == min(errors, key=errors.get)
     assert len(set(errors.values())) > 1  # the candidates differ: the choice is not a formality
+
+
+def test_bac_validated_runs_share_one_uncached_validation_run_and_choose_as_alone():
+    model = build_transformer("wan")
+    calibration_run = lambda m: sample(m, "wan", steps=10, seed=1)  # noqa: E731
+    validations = []
+
+    def validation_run(m):
+        validations.append(1)
+        return sample(m, "wan", steps=10, seed=2)
+
+    args = argparse.Namespace(
+        steps=10, thresholds=[], intervals=[], bac_fractions=[0.5, 0.3], only="bac-validated", no_peers=True
+    )
+    choices = {}
+    runs = accelerations(args, model, calibration_run, validation_run, choices)
+    assert [run.name for run in runs] == ["bac-validated-5", "bac-validated-3"]
+    measured = sum(len(choice["relative_errors"]) for choice in choices.values())
+    assert measured == 16 + 12  # at 3 updates, keep_first=0.3 (3 steps) leaves no room: those 4 are left out
+    assert len(validations) == 1 + measured  # one uncached reference for both budgets, then one run per candidate
+    features = record_features(model, calibration_run)
+    for updates in (5, 3):
+        alone = tune_schedule_from_features(model, features, validation_run, updates)  # its own reference run
+        assert choices[f"bac-validated-{updates}"] == {"chosen": alone.options, "relative_errors": alone.distances}

@@ -6,7 +6,13 @@ from sampling import sample
 from tiny_models import build_transformer
 
 import diffusers_block as db
-from diffusers_block.cache.bac import relative_error
+from diffusers_block.cache.bac import (
+    record_features,
+    relative_error,
+    schedule_from_features,
+    uncached_output,
+)
+from diffusers_block.cache.tuning import tune_schedule_from_features
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +55,34 @@ def test_combinations_the_budget_cannot_hold_are_left_out(wan):
     assert set(tuned.distances) == {"keep_first=0", "keep_first=1"}
     with pytest.raises(ValueError, match="no option combination"):
         db.tune_schedule(wan, run, run, updates=3, grid={"keep_first": (4, 5)})
+
+
+def test_a_given_reference_is_not_generated_again(wan):
+    calls = []
+
+    def validate(m):
+        calls.append(1)
+        return sample(m, "wan", steps=10, seed=2)
+
+    features = record_features(wan, lambda m: sample(m, "wan", steps=10, seed=1))
+    grid = {"keep_first": (0, 1, 2)}
+    tune_schedule_from_features(wan, features, validate, 4, grid=grid)
+    assert len(calls) == 1 + 3
+    reference = uncached_output(wan, validate)
+    calls.clear()
+    tune_schedule_from_features(wan, features, validate, 4, grid=grid, reference=reference)
+    assert len(calls) == 3
+
+
+def test_bubbling_union_is_a_grid_key():
+    model = build_transformer("wan")
+    calibrate = lambda m: sample(m, "wan", steps=10, seed=1)  # noqa: E731
+    validate = lambda m: sample(m, "wan", steps=10, seed=2)  # noqa: E731
+    grid = {"bubbling_union_top": (0, 3), "objective": ("cosine",)}
+    options = {"granularity": "sub_block", "shared": False}
+    tuned = db.tune_schedule(model, calibrate, validate, 4, grid=grid, bubbling_union_top=1, **options)
+    assert set(tuned.distances) == {"bubbling_union_top=0-objective=cosine", "bubbling_union_top=3-objective=cosine"}
+    assert len(set(tuned.distances.values())) == 2  # the union changes the schedule, and so the output
+    features = record_features(model, calibrate, "sub_block")
+    union = tuned.options["bubbling_union_top"]  # the grid's value, not the argument's
+    assert tuned.schedule == schedule_from_features(features, 4, bubbling_union_top=union, **options)

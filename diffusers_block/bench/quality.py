@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import BWCacheConfig, StaticScheduleConfig, cache_context
-from ..cache.bac import record_features, schedule_from_features
+from ..cache.bac import record_features, schedule_from_features, uncached_output
 from ..cache.tuning import candidate_name, tune_schedule_from_features
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
@@ -92,6 +92,7 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
     ]
 
     features = None  # one uncached calibration recording serves every BAC schedule
+    reference = None  # and one uncached validation run every bac-validated choice
     for fraction in args.bac_fractions:
         updates = max(1, round(fraction * args.steps))
         names = [f"{variant}-{updates}" for variant in BAC_VARIANTS]
@@ -102,7 +103,9 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
             if wanted(f"{variant}-{updates}"):
                 runs.append(peers.ours(f"{variant}-{updates}", schedule_from_features(features, updates, **options)))
         if validated and wanted(validated):
-            tuned = tune_schedule_from_features(pipe, features, validation_run, updates)
+            if reference is None:
+                reference = uncached_output(pipe, validation_run)
+            tuned = tune_schedule_from_features(pipe, features, validation_run, updates, reference=reference)
             print(f"{validated}: chose {candidate_name(tuned.options)}")
             if choices is not None:
                 choices[validated] = {"chosen": tuned.options, "relative_errors": tuned.distances}

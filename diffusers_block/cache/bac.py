@@ -15,8 +15,11 @@ ignores magnitude, so it spends updates on steps whose features turn but are too
 amplification with ``granularity="sub_block"``: the n most variable units also update whenever an FFN at or after
 their layer does. ``keep_first`` / ``keep_last`` always update the first / last steps and let the DP place the rest
 around them (optimal among the schedules that contain them). :func:`select_schedule` is the validated choice: it runs
-several candidate schedules (e.g. calibrated from one recording by :func:`schedule_from_features`) on held-out
-inputs and keeps the one whose output is closest to the uncached one.
+several candidate schedules (calibrated from one recording by :func:`candidate_schedules`) on held-out inputs and
+keeps the one whose output is closest to the uncached one. Those two are the one implementation of "calibrate
+candidates from one recording, then choose by measured error" that ``cache/tuning.py`` (a grid of options, judged on
+validation prompts) and the diffusion policy (named candidates, judged by action error on held-out histories: its
+own ``generate``) both use.
 """
 
 from __future__ import annotations
@@ -126,6 +129,13 @@ class _RecordPolicy(CachePolicy):
 OBJECTIVES = ("cosine", "error")
 
 
+class InfeasibleScheduleError(ValueError):
+    """The budget cannot hold the steps a calibration must keep (``keep_first + keep_last >= updates``).
+
+    Its own type so that a chooser among candidate calibrations can leave out the candidates a small budget cannot
+    hold while still failing on bad input (an unknown objective, a budget larger than the number of steps)."""
+
+
 def record_features(
     target, generate: Callable[[object], object], granularity: str = "block", max_samples: int = 8
 ) -> dict[str, torch.Tensor]:
@@ -200,7 +210,9 @@ def schedule_from_features(
     first = keep_first if isinstance(keep_first, int) else round(keep_first * steps)
     last = keep_last if isinstance(keep_last, int) else round(keep_last * steps)
     if first + last >= count:
-        raise ValueError(f"keep_first + keep_last ({first} + {last} steps) must be fewer than the updates ({count})")
+        raise InfeasibleScheduleError(
+            f"keep_first + keep_last ({first} + {last} steps) must be fewer than the updates ({count})"
+        )
     if shared and objective == "error":
         if len({f.shape for f in features.values()}) == 1:  # one stream: the units' residuals add up along the stack
             score = negative_error_matrix(torch.stack(list(features.values())).sum(0))
@@ -217,6 +229,27 @@ def schedule_from_features(
         variabilities = {name: variability(f) for name, f in features.items()}
         update_steps = bubbling_union(update_steps, variabilities, bubbling_union_top)
     return StaticScheduleConfig(update_steps=update_steps, granularity=granularity, forecast=forecast)
+
+
+def candidate_schedules(
+    features: dict[str, torch.Tensor], updates: int | float, candidates: Mapping[str, Mapping], **common
+) -> dict[str, StaticScheduleConfig]:
+    """Several candidate schedules from one recording, for :func:`select_schedule` to choose between.
+
+    ``candidates`` maps each candidate's name to its :func:`schedule_from_features` options, which take precedence
+    over ``common`` (the options all candidates share). A candidate the budget cannot hold (more kept steps than
+    updates: :class:`InfeasibleScheduleError`) is left out; if none is left, or on any other error (bad input), this
+    raises.
+    """
+    schedules, infeasible = {}, {}
+    for name, options in candidates.items():
+        try:
+            schedules[name] = schedule_from_features(features, updates, **{**common, **options})
+        except InfeasibleScheduleError as error:
+            infeasible[name] = str(error)
+    if not schedules:
+        raise ValueError(f"no option combination of the candidates is feasible for updates={updates}: {infeasible}")
+    return schedules
 
 
 def calibrate(
@@ -279,11 +312,19 @@ def relative_error(output, reference) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
+def uncached_output(target, generate: Callable[[object], object]):
+    """``generate(target)`` with no cache attached: the reference that cached runs are measured against."""
+    disable_block_cache(target)
+    return generate(target)
+
+
 def select_schedule(
     target,
     generate: Callable[[object], object],
     candidates: Mapping[str, StaticScheduleConfig],
     distance: Callable[[object, object], float] = relative_error,
+    *,
+    reference=None,
 ) -> tuple[str, dict[str, float]]:
     """The validated choice: which candidate schedule reproduces the uncached output best, measured.
 
@@ -291,12 +332,14 @@ def select_schedule(
     layers and sampling steps that follow; when several calibrations are plausible (keep the last steps or not,
     cosine or error, more Bubbling Union), run each on held-out inputs and keep the one closest to the uncached
     result. ``generate(target)`` must be deterministic (seed its noise) and should use other inputs than the
-    calibration did. Returns the best candidate's name and every candidate's ``distance`` to the uncached output.
+    calibration did. ``reference``: the uncached ``generate(target)`` (:func:`uncached_output`) if already made, e.g.
+    once for the choices at several budgets on the same inputs; by default it is generated here. Returns the best
+    candidate's name and every candidate's ``distance`` to the uncached output.
     """
     if not candidates:
         raise ValueError("select_schedule needs at least one candidate schedule")
-    disable_block_cache(target)
-    reference = generate(target)
+    if reference is None:
+        reference = uncached_output(target, generate)
     errors = {}
     for name, config in candidates.items():
         enable_block_cache(target, config)

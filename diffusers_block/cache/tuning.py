@@ -7,6 +7,8 @@ skipped steps extrapolate (``forecast="taylor1"``). Which combination is best de
 once, build one schedule per combination of :data:`DEFAULT_GRID`, run each on *validation* inputs (other prompts and
 seeds than the calibration's) and keep the one whose output is closest to the uncached output. The cost is one
 extra generation per candidate at calibration time; nothing changes at run time (the result is a static schedule).
+The two steps are :func:`~diffusers_block.cache.bac.candidate_schedules` and
+:func:`~diffusers_block.cache.bac.select_schedule`, which the diffusion policy's default calibration uses too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .bac import record_features, relative_error, schedule_from_features, select_schedule
+from .bac import candidate_schedules, record_features, relative_error, select_schedule
 from .static import StaticScheduleConfig
 
 DEFAULT_GRID: Mapping[str, Sequence] = {
@@ -23,6 +25,8 @@ DEFAULT_GRID: Mapping[str, Sequence] = {
     "objective": ("cosine", "error"),
     "forecast": ("none", "taylor1"),
 }
+#: The :func:`~diffusers_block.cache.bac.schedule_from_features` options a grid may vary.
+GRID_KEYS = ("keep_first", "keep_last", "objective", "forecast", "bubbling_union_top")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,13 @@ class TunedSchedule:
 
 def candidate_name(options: Mapping) -> str:
     return "-".join(f"{key}={value}" for key, value in options.items())
+
+
+def grid_candidates(grid: Mapping[str, Sequence]) -> dict[str, dict]:
+    """Every combination of ``grid``'s values (keys from :data:`GRID_KEYS`) as options, by :func:`candidate_name`."""
+    _check_grid(grid)
+    choices = (dict(zip(grid, values)) for values in itertools.product(*grid.values()))
+    return {candidate_name(choice): choice for choice in choices}
 
 
 def tune_schedule(
@@ -56,6 +67,7 @@ def tune_schedule(
 
     ``calibrate(target)`` is run once, uncached, to record features; ``validate(target)`` once uncached and once per
     candidate, so it must be deterministic (seeded) and should use other inputs than ``calibrate``.
+    ``bubbling_union_top`` (like ``granularity`` and ``shared``) applies to every candidate unless ``grid`` varies it.
     """
     _check_grid(grid)  # before the recording, which is the expensive part
     features = record_features(target, calibrate, granularity, max_samples)
@@ -83,36 +95,21 @@ def tune_schedule_from_features(
     shared: bool = True,
     bubbling_union_top: int = 0,
     distance: Callable[[object, object], float] = relative_error,
+    reference=None,
 ) -> TunedSchedule:
     """:func:`tune_schedule` on a recording already made (:func:`~diffusers_block.cache.bac.record_features` with the
-    same ``granularity``), so that one recording serves several budgets."""
-    _check_grid(grid)
-    candidates, options, infeasible = {}, {}, {}
-    for values in itertools.product(*grid.values()):
-        choice = dict(zip(grid, values))
-        name = candidate_name(choice)
-        try:
-            candidates[name] = schedule_from_features(
-                features,
-                updates,
-                granularity=granularity,
-                shared=shared,
-                bubbling_union_top=bubbling_union_top,
-                **choice,
-            )
-        except ValueError as error:  # e.g. more kept steps than the budget has updates: no candidate at this budget
-            infeasible[name] = str(error)
-            continue
-        options[name] = choice
-    if not candidates:
-        raise ValueError(f"no option combination of the grid is feasible for updates={updates}: {infeasible}")
-    best, distances = select_schedule(target, validate, candidates, distance)
-    return TunedSchedule(candidates[best], options[best], distances)
+    same ``granularity``), so that one recording serves several budgets. ``reference``: the uncached
+    ``validate(target)`` (:func:`~diffusers_block.cache.bac.uncached_output`) if already made, so that several budgets
+    share one reference run; by default it is generated here. Combinations the budget cannot hold are left out."""
+    candidates = grid_candidates(grid)
+    schedules = candidate_schedules(
+        features, updates, candidates, granularity=granularity, shared=shared, bubbling_union_top=bubbling_union_top
+    )
+    best, distances = select_schedule(target, validate, schedules, distance, reference=reference)
+    return TunedSchedule(schedules[best], candidates[best], distances)
 
 
 def _check_grid(grid: Mapping[str, Sequence]) -> None:
-    unknown = set(grid) - {"keep_first", "keep_last", "objective", "forecast"}
+    unknown = set(grid) - set(GRID_KEYS)
     if unknown:
-        raise ValueError(
-            f"grid keys must be calibrate options keep_first, keep_last, objective, forecast; got {unknown}"
-        )
+        raise ValueError(f"grid keys must be calibrate options {', '.join(GRID_KEYS)}; got {unknown}")

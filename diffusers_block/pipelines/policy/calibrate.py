@@ -17,6 +17,9 @@ from the paper's recipe (cosine similarity, Bubbling Union on 5) where measureme
 - cosine or error objective: which one is better varied with the union size in a CPU sweep, so both are
   calibrated from the same recording and the one whose executed actions are closer to the uncached policy's on
   held-out histories (MT1 seed 600, same noise) is kept (:func:`select_policy_schedule`, the validated choice).
+  The candidates are built and chosen between by the same two functions as ``cache/tuning.py``'s grid
+  (:func:`~diffusers_block.cache.bac.candidate_schedules`, :func:`~diffusers_block.cache.bac.select_schedule`); only
+  the candidates (:func:`candidate_options`) and what is generated to measure the error differ.
 
 ``benchmarks/results/policy-metaworld-nvidia-h100-80gb-hbm3-2026-11-22-2.json`` (250 evaluation episodes): the
 default (cosine chosen) scores 93.6% against 92.4% uncached at 5.6x fewer denoiser FLOPs, with a relative action
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from ... import StaticScheduleConfig
-from ...cache.bac import record_features, schedule_from_features, select_schedule
+from ...cache.bac import candidate_schedules, record_features, schedule_from_features, select_schedule
 from .envs import EnvPool
 from .pipeline import DiffusionPolicyPipeline
 from .rollout import DEFAULT_POLICY, load_policy, run_episodes
@@ -136,6 +139,15 @@ def candidate_name(objective: str, keep_last: int, bubbling_union: int) -> str:
     return f"{objective}-kl{keep_last}-u{bubbling_union}"
 
 
+def candidate_options(objective: str, keep_last: int, bubbling_union: int, updates: int) -> dict:
+    """:func:`~diffusers_block.cache.bac.schedule_from_features` options of a candidate at ``updates`` updates.
+
+    A small budget keeps fewer last steps than the candidate names (one update stays for the DP) rather than losing
+    the candidate, as the grid of ``cache/tuning.py`` does: the policy's candidates are few and named in its benchmark
+    JSON, so every one stays in the choice, under its name, at every budget."""
+    return {"objective": objective, "keep_last": min(keep_last, updates - 1), "bubbling_union_top": bubbling_union}
+
+
 def default_bac_schedule(
     pipe: DiffusionPolicyPipeline,
     tasks: Sequence[str],
@@ -150,17 +162,8 @@ def default_bac_schedule(
     held-out histories. Returns the schedule and a report (the chosen name, every candidate's action error)."""
     obs, obs_tasks = calibration or calibration_observations(pipe, tasks, steps=steps, workers=workers)
     features = record_policy_features(pipe, obs, obs_tasks, steps)
-    schedules = {
-        candidate_name(objective, keep_last, union): schedule_from_features(
-            features,
-            updates,
-            granularity="sub_block",
-            objective=objective,
-            keep_last=min(keep_last, updates - 1),  # a small budget keeps fewer (one update stays for the DP)
-            bubbling_union_top=union,
-        )
-        for objective, keep_last, union in candidates
-    }
+    options = {candidate_name(*c): candidate_options(*c, updates) for c in candidates}
+    schedules = candidate_schedules(features, updates, options, granularity="sub_block")
     report = {"calibration_histories": len(obs), "candidates": [list(c) for c in candidates]}
     if len(schedules) == 1:
         (chosen,) = schedules
