@@ -29,10 +29,11 @@ def video():
 
 def test_shipped_video_model_draws_the_requested_digits(video):
     pipe, encoder, classifier = video
-    digits, motions = torch.tensor([0, 3, 7, 8]), torch.tensor([0, 2, 4, 6])
+    digits, motions = torch.tensor([2, 9, 4, 6, 1, 5, 7, 8]), torch.arange(8)  # every motion once
     clips = generate_clips(pipe, encoder, digits, motions, steps=STEPS, guidance_scale=5.0)
-    assert clips.shape == (4, 17, 1, 32, 32) and 0 <= clips.min() and clips.max() <= 1
-    assert class_accuracy(classifier, clips, digits) >= 0.75  # per frame
+    assert clips.shape == (8, 17, 1, 32, 32) and 0 <= clips.min() and clips.max() <= 1
+    # Per frame; 10 steps (98% at 50 steps on the 160-clip eval) and single clips vary: well above chance (10%).
+    assert class_accuracy(classifier, clips, digits) >= 0.75
 
 
 def test_clip_labels_are_checked(video):

@@ -412,7 +412,9 @@ def _cudnn():
 # ------------------------------------------------------------------------------------------------------------------
 # kernel
 # ------------------------------------------------------------------------------------------------------------------
-def kernel(args, device: torch.device) -> dict:
+def kernel(args, device: torch.device, progress=None) -> dict:
+    """All kernel cases; ``progress`` gets the rows so far after each case (the run can checkpoint them: a long
+    multi-shape run that is stopped keeps its finished cases)."""
     cpu = device.type != "cuda"
     dtype = DTYPES[args.dtype]
     bs = args.block_size if not cpu else 16
@@ -438,6 +440,8 @@ def kernel(args, device: torch.device) -> dict:
             gc.collect()
             if not cpu:
                 torch.cuda.empty_cache()
+            if progress is not None:
+                progress({"rows": rows, "partial": True})
     return {"rows": rows, "autotuned": _autotuned_configs()}
 
 
@@ -840,7 +844,17 @@ def run(args) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "environment": report.environment(device),
     }
-    parts = {"validate": validate, "kernel": kernel, "e2e": e2e, "profile": profile}
+
+    def checkpoint(partial: dict) -> None:
+        payload["kernel"] = partial
+        report.write_json(path, payload)
+
+    parts = {
+        "validate": validate,
+        "kernel": lambda args, device: kernel(args, device, progress=checkpoint),
+        "e2e": e2e,
+        "profile": profile,
+    }
     for part in args.parts:
         _capture(lambda part=part: parts[part](args, device), payload, part)
         report.write_json(path, payload)
