@@ -77,3 +77,15 @@ def test_attention_quality_benchmark_on_the_shipped_video_model(tmp_path):
     assert min(half["attention_error_per_layer"]) > 1e-3 and half["attention_error_mean"] > 1e-3
     written = json.loads(next(tmp_path.glob("attention-quality-*.json")).read_text())
     assert written["results"] == payload["results"]
+
+
+def test_attention_quality_benchmark_passes_the_block_scoring_on(tmp_path):
+    runs = {
+        scoring: main(
+            ["attention-quality", "--device", "cpu", "--clips", "1", "--steps", "3", "--dense-steps", "1"]
+            + ["--thresholds", "0.5", "--approximations", "none", "--scoring", scoring, "--out", str(tmp_path)]
+        )["results"][0]
+        for scoring in ("mean", "antidiagonal")
+    }
+    # The two scorings rank key blocks differently, so they keep different sets and the outputs differ.
+    assert runs["mean"]["psnr_db"] != runs["antidiagonal"]["psnr_db"]

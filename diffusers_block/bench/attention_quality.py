@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dense-steps", type=int, default=2)
     parser.add_argument("--refresh", type=int, default=2, help="mask refresh interval (steps)")
+    parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="block scoring")
+    parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 16 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", default="attention-quality-digits-video")
@@ -61,6 +63,8 @@ def run(args) -> dict:
                 approximation=None if approximation == "none" else approximation,
                 min_tokens=0,
                 measure_error=True,
+                scoring=args.scoring,
+                stride=args.stride,
             )
             enable_sparse_attention(pipe, config)
             try:
