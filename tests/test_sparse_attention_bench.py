@@ -3,6 +3,7 @@ the JSON it writes. Its timings on CPU mean nothing; the H100 numbers come from 
 
 import json
 
+import pytest
 import torch
 
 from diffusers_block.bench.__main__ import main
@@ -89,3 +90,12 @@ def test_attention_quality_benchmark_passes_the_block_scoring_on(tmp_path):
     }
     # The two scorings rank key blocks differently, so they keep different sets and the outputs differ.
     assert runs["mean"]["psnr_db"] != runs["antidiagonal"]["psnr_db"]
+
+
+def test_attention_quality_names_the_training_command_of_a_model_that_does_not_ship(tmp_path, monkeypatch):
+    from diffusers_block.bench import attention_quality
+
+    folder, size, command = attention_quality.MODELS["digits-video-64"]
+    monkeypatch.setitem(attention_quality.MODELS, "digits-video-64", (tmp_path / "absent", size, command))
+    with pytest.raises(FileNotFoundError, match="--canvas 64 --digit-size 14"):
+        main(["attention-quality", "--model", "digits-video-64", "--device", "cpu", "--out", str(tmp_path)])

@@ -104,3 +104,35 @@ def test_digits_video_stages_run_apart(tmp_path):
         torch.testing.assert_close(shipped[name].float(), tensor.to(torch.bfloat16).float())
     with pytest.raises(FileNotFoundError, match="--vae-only"):
         train_digits_video(str(tmp_path / "c"), vae_steps=1, steps=1, clips=8, vae_from=str(tmp_path / "missing"))
+
+
+def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
+    """A 64 px canvas with 14 px digits (4x the tokens) trains on the shipped 32 px autoencoder; shipped without vae/,
+    the loader attaches that autoencoder again."""
+    import shutil
+
+    from diffusers_block.train.digits_video import train_digits_video
+    from diffusers_block.zoo import DIGITS_VIDEO, load_digits_video_pipeline
+
+    out = train_digits_video(
+        str(tmp_path),
+        vae_steps=1,
+        steps=1,
+        clips=4,
+        flow_batch_size=2,
+        vae_from=str(DIGITS_VIDEO),
+        canvas=64,
+        digit_size=14,
+        width=128,
+        layers=2,
+    )
+    shutil.rmtree(out / "vae")
+    pipe, encoder = load_digits_video_pipeline(out)
+    assert pipe.transformer.config.num_layers == 2 and pipe.transformer.config.num_attention_heads == 2
+    shipped = safetensors_file(DIGITS_VIDEO / "vae" / "diffusion_pytorch_model.safetensors")
+    for name, tensor in pipe.vae.state_dict().items():
+        torch.testing.assert_close(tensor, shipped[name].float())
+    clips = pipe(
+        **encoder.prompt_kwargs([3], [0]), num_frames=17, height=64, width=64, num_inference_steps=2, output_type="pt"
+    ).frames
+    assert clips.shape == (1, 17, 1, 64, 64)

@@ -31,6 +31,10 @@ def main(argv=None) -> None:
     video.add_argument("--vae-minutes", type=float, help="wall-clock budget of the autoencoder stage")
     video.add_argument("--max-minutes", type=float, help="wall-clock budget of the transformer stage")
     video.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
+    video.add_argument("--canvas", type=int, default=32, help="clip height and width (px)")
+    video.add_argument("--digit-size", type=int, help="digit height and width (px; default 7/16 of the canvas)")
+    video.add_argument("--width", type=int, default=256, help="transformer width (heads of 64)")
+    video.add_argument("--layers", type=int, default=8, help="transformer blocks")
     stage = video.add_mutually_exclusive_group()
     stage.add_argument("--vae-only", action="store_true", help="train and save only the autoencoder (to OUT/vae)")
     stage.add_argument("--vae", help="reuse this trained autoencoder (what --vae-only saved) and skip stage 1")
@@ -67,6 +71,10 @@ def main(argv=None) -> None:
             args.compile,
             vae_from=args.vae,
             vae_only=args.vae_only,
+            canvas=args.canvas,
+            digit_size=args.digit_size,
+            width=args.width,
+            layers=args.layers,
         )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"saved {out} after {time.time() - start:.0f} s on {device}")

@@ -68,9 +68,11 @@ def build_transformer(width: int = 256, layers: int = 8, head_dim: int = 64, tex
     )
 
 
-def make_clips(n_clips: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_clips(
+    n_clips: int, seed: int, canvas: int = CANVAS, digit_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training clips (N, 1, F, H, W) in [-1, 1] (the layout AutoencoderKLWan takes), digit and motion labels."""
-    clips, labels = make_moving_digits(n_clips, "train", frames=FRAMES, size=CANVAS, seed=seed)
+    clips, labels = make_moving_digits(n_clips, "train", frames=FRAMES, size=canvas, seed=seed, digit_size=digit_size)
     return clips.transpose(1, 2).contiguous(), labels["digits"][:, 0], labels["motion"]
 
 
@@ -122,13 +124,15 @@ def latent_statistics(vae: AutoencoderKLWan, clips: torch.Tensor) -> tuple[torch
     return means.mean(dim=(0, 2, 3, 4)).cpu(), means.std(dim=(0, 2, 3, 4)).cpu()
 
 
-def train_flow_transformer(config: TrainConfig, vae, clips, digits, motions, compile: bool = False):
+def train_flow_transformer(
+    config: TrainConfig, vae, clips, digits, motions, compile: bool = False, width: int = 256, layers: int = 8
+):
     """``compile``: ``torch.compile`` the transformer in place (same state dict); training is bound by its many small
     elementwise kernels (modulation, norms, rotary embedding), which compilation fuses."""
     means, stds = encode_clips(vae, clips)
     shift = torch.tensor(vae.config.latents_mean, device=means.device).view(1, -1, 1, 1, 1)
     scale = torch.tensor(vae.config.latents_std, device=means.device).view(1, -1, 1, 1, 1)
-    transformer = build_transformer()
+    transformer = build_transformer(width=width, layers=layers)
     if compile:
         transformer.compile()
     encoder = ClipLabelEncoder(num_digits=10, num_motions=len(MOTIONS), dim=transformer.config.text_dim)
@@ -182,17 +186,25 @@ def train_digits_video(
     compile: bool = False,
     vae_from: str | None = None,
     vae_only: bool = False,
+    canvas: int = CANVAS,
+    digit_size: int | None = None,
+    width: int = 256,
+    layers: int = 8,
 ) -> Path:
     """Both stages; saves the pipeline (bf16 weights) to ``output_dir`` and returns the path.
 
     The stages can run apart (e.g. in two jobs of a time-limited machine): ``vae_only`` trains the autoencoder and
     saves it (float32) to ``output_dir/vae``; ``vae_from`` (that folder, or a pipeline folder holding ``vae/``) skips
     stage 1 and trains the transformer on it.
+
+    ``canvas`` / ``digit_size`` shape the clips (``make_moving_digits``), ``width`` / ``layers`` the transformer. The
+    autoencoder is convolutional, so one trained on 14 px digits on a 32 px canvas serves the same digits on a larger
+    canvas: that is how the long-sequence model (64 px canvas, 4x the tokens) reuses the shipped one.
     """
     if vae_only and vae_from:
         raise ValueError("vae_only trains the autoencoder and vae_from reuses one: pass one of them")
     out = Path(output_dir)
-    data, digits, motions = make_clips(clips, seed)
+    data, digits, motions = make_clips(clips, seed, canvas, digit_size)
     base = TrainConfig(
         output_dir=str(out / "runs" / "vae"),
         steps=vae_steps,
@@ -220,7 +232,7 @@ def train_digits_video(
         checkpoint_every=max(steps // 4, 1),
         max_minutes=max_minutes,
     )
-    transformer, encoder = train_flow_transformer(flow, vae, data, digits, motions, compile)
+    transformer, encoder = train_flow_transformer(flow, vae, data, digits, motions, compile, width, layers)
     pipe = WanPipeline(
         transformer=transformer.to("cpu", torch.bfloat16),
         vae=vae.to("cpu", torch.bfloat16),

@@ -30,18 +30,21 @@ def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "c
 
 
 def load_digits_video_pipeline(path: str | Path = DIGITS_VIDEO, device: str = "cpu", dtype: torch.dtype | None = None):
-    """The moving-digits WanPipeline (17 frames, 32x32) and its :class:`ClipLabelEncoder`.
+    """A moving-digits WanPipeline (17 frames, 32x32 for the shipped one) and its :class:`ClipLabelEncoder`.
 
     Generate with ``pipe(**encoder.prompt_kwargs(digits=[3], motions=[0]), num_frames=17, height=32, width=32,
     num_inference_steps=50, guidance_scale=3.0, output_type="pt")``; motions index ``data.digits.MOTIONS``.
     The autoencoder stays in float32 whatever ``dtype`` the transformer runs in (it is tiny, and WanPipeline
-    decodes in the autoencoder's own dtype).
+    decodes in the autoencoder's own dtype). A pipeline folder without ``vae/`` (e.g. one trained with ``--canvas 64
+    --digit-size 14 --vae models/digits-video``) gets the shipped model's autoencoder: it is convolutional, and the
+    digits have the same size on any canvas.
     """
-    from diffusers import WanPipeline
+    from diffusers import AutoencoderKLWan, WanPipeline
 
     path = _trained(path, "digits-video")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None).to(device)
+    shared = {} if (path / "vae").is_dir() else {"vae": AutoencoderKLWan.from_pretrained(DIGITS_VIDEO / "vae")}
+    pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None, **shared).to(device)
     pipe.vae.to(torch.float32)
     encoder = ClipLabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
     return pipe, encoder
