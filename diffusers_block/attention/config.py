@@ -35,7 +35,7 @@ class SparseAttentionConfig:
         scoring: how a (query block, key block) pair is scored for the selection: "mean" (logits of mean-pooled
             blocks; cheapest) or "antidiagonal" (XAttention's antidiagonal logit sums with ``stride``; costs about
             1 / (4 stride) of dense attention per selection, follows the true block masses more closely).
-        stride: antidiagonal stride, a power of two dividing ``block_size`` (``block_size / stride >= 16`` on GPU).
+        stride: antidiagonal stride, a power of two dividing ``block_size`` (``block_size / stride >= 4`` on GPU).
         fuse_rotary: where the processor applies a rotary embedding the kernels know (Wan's), skip it there and
             apply it inside the token gather instead (one pass instead of several fp32 ones; same rounding).
         measure_error: diagnostic: each sparse call also computes exact dense attention on the same inputs (q, k, v,

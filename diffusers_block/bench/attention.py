@@ -79,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", type=int, default=5, help="e2e: mask refresh interval (steps)")
     parser.add_argument("--cache-interval", type=int, default=2, help="e2e: block cache static interval")
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="e2e: block scoring")
+    parser.add_argument("--stride", type=int, default=8, help="antidiagonal stride (kernel timing, validation, e2e)")
     parser.add_argument("--repeats", type=int, default=2, help="e2e: timed schedules per run (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
@@ -283,7 +284,7 @@ def _validate(args, device: torch.device) -> dict:
             try:  # a failing case is recorded, the others still run
                 q, k, _ = smooth_qkv(1, 3, seq, head_dim, bs, device, DTYPES[dtype], seed=2)
                 nb = math.ceil(seq / bs)
-                stride = 8 if not cpu else 2
+                stride = args.stride if not cpu else 2
                 index, count = select_blocks(
                     q, k, block_size=bs, threshold=0.8, local_blocks=0, scoring=scoring, stride=stride
                 )
@@ -480,7 +481,7 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
             row["select_antidiagonal_ms"] = bench_ms(
                 lambda keep=keep: select_blocks(
                     q, k, block_size=bs, threshold=1.0, max_blocks=keep, local_blocks=0, scoring="antidiagonal",
-                    stride=8 if not cpu else 2,
+                    stride=args.stride if not cpu else 2,
                 ),
                 device,
             )  # fmt: skip
@@ -585,6 +586,7 @@ def e2e(args, device: torch.device) -> dict:
         max_blocks=max(1, round(args.e2e_density * nb)),
         min_tokens=0,
         scoring=args.scoring,
+        stride=args.stride,
     )
     cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
     latents = noise(arch, device, args.seed)
@@ -779,6 +781,7 @@ def profile(args, device: torch.device) -> dict:
         min_tokens=0,
         dense_steps=0,
         scoring=args.scoring,
+        stride=args.stride,
     )
     modes = {
         "dense": None,

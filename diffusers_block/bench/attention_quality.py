@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-steps", type=int, default=2)
     parser.add_argument("--refresh", type=int, default=2, help="mask refresh interval (steps)")
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="block scoring")
-    parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 16 on GPU)")
+    parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 4 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", help="result file stem (default: attention-quality-MODEL)")

@@ -63,8 +63,11 @@ SCORINGS = {"mean": 0, "antidiagonal": 1}
 #: blocks of 128 and stride 8, a full tensor-core tile). BLOCK_Q must be a multiple of QUERY_BLOCKS.
 ANTIDIAGONAL_KEY_BLOCKS = 4
 ANTIDIAGONAL_QUERY_BLOCKS = 4
-#: tl.dot needs every tile dim >= 16 on the GPU: block_size / stride stride rows per block at least.
+#: tl.dot needs every tile dim >= 16 on the GPU. The antidiagonal tiles stack the stride rows (block_size / stride
+#: per block) of ANTIDIAGONAL_QUERY_BLOCKS query and ANTIDIAGONAL_KEY_BLOCKS key blocks, so a block needs at least
+#: MIN_STRIDE_ROWS of them (4: stride <= 32 with blocks of 128).
 MIN_DOT = 16
+MIN_STRIDE_ROWS = MIN_DOT // min(ANTIDIAGONAL_QUERY_BLOCKS, ANTIDIAGONAL_KEY_BLOCKS)
 #: GPU autotune candidates (BLOCK_Q, BLOCK_K, num_warps). Mean scoring multiplies (BLOCK_Q, D) query means, so
 #: it needs BLOCK_Q >= 16 (tl.dot); antidiagonal scoring walks its query blocks one by one, and small BLOCK_Q
 #: spread the long sweeps over more programs.
@@ -446,7 +449,7 @@ def select_blocks(
         scoring: "mean" (softmax of mean-pooled block logits, one read of q and k) or "antidiagonal" (XAttention:
             per stride row, the softmax of antidiagonal means of ``stride`` x ``stride`` logit tiles, summed per key
             block; about 1 / (4 stride) of dense attention's work, closer to the true block masses).
-        stride: antidiagonal stride (a power of two dividing block_size; block_size / stride >= 16 on the GPU).
+        stride: antidiagonal stride (a power of two dividing block_size; block_size / stride >= 4 on the GPU).
         key_sums: fp32 (B, H, ceil(S_k / block_size), D) sums of k per block if already at hand (``gather_tokens``
             returns them), for mean scoring; computed from k otherwise.
 
@@ -510,9 +513,9 @@ def select_blocks(
         raise ValueError(
             f"{num_kv_blocks} key blocks > {MAX_KEY_BLOCKS} supported by the selection kernel; use a larger block_size"
         )
-    if scoring == "antidiagonal" and not runtime.INTERPRET and block_size // stride < MIN_DOT:
+    if scoring == "antidiagonal" and not runtime.INTERPRET and block_size // stride < MIN_STRIDE_ROWS:
         raise ValueError(
-            f"antidiagonal scoring on the GPU needs block_size / stride >= {MIN_DOT}; got {block_size} / {stride}"
+            f"antidiagonal scoring on the GPU needs block_size / stride >= {MIN_STRIDE_ROWS}; got {block_size} / {stride}"
         )
 
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
