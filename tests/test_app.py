@@ -216,6 +216,21 @@ def test_sparse_attention_alone(digits_tab):
 
 
 @needs_sparse
+def test_sparse_attention_approximates_and_scores_as_asked(digits_tab):
+    config = replace(SPARSE, skipped_blocks="first", scoring="antidiagonal").config()
+    assert (config.approximation, config.scoring, config.stride) == ("first", "antidiagonal", 4)  # 16 / 4 rows
+    assert replace(SPARSE, block_size=128, scoring="antidiagonal").config().stride == 8
+    assert SPARSE.config().approximation is None  # "drop"
+    dropped = digits_tab.generate(REQUEST, CacheSettings(policy="none"), sparse=SPARSE).comparison
+    approximated = digits_tab.generate(
+        REQUEST, CacheSettings(policy="none"), sparse=replace(SPARSE, skipped_blocks="first")
+    ).comparison
+    assert approximated.psnr_db != dropped.psnr_db  # the skipped blocks now contribute
+    with pytest.raises(gr.Error, match="approximation"):
+        replace(SPARSE, skipped_blocks="second").config()
+
+
+@needs_sparse
 def test_sparse_attention_with_a_cache(digits_tab):
     result = digits_tab.generate(REQUEST, STATIC, sparse=replace(SPARSE, layer=99))  # layer out of range: layer 0
     assert result.comparison.work_fraction == pytest.approx(STATIC_COMPUTED)

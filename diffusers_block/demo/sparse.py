@@ -19,6 +19,12 @@ import diffusers_block
 from .checks import number, whole
 
 BLOCK_SIZES = (16, 32, 64, 128)
+#: What happens to the key blocks left out: dropped, or approximated from per-block statistics (PISA-style).
+SKIPPED_BLOCKS = ("drop", "zeroth", "first")
+#: How blocks are scored for the selection: mean-pooled logits, or XAttention's antidiagonal sums.
+SCORINGS = ("mean", "antidiagonal")
+#: Antidiagonal stride: at most 8, and at least 4 stride rows per block (what the GPU kernel's tiles need).
+MAX_STRIDE, MIN_STRIDE_ROWS = 8, 4
 
 
 def sparse_available() -> bool:
@@ -34,6 +40,8 @@ class SparseSettings:
     block_size: int = 16
     dense_steps: int = 5
     refresh_interval: int = 5
+    skipped_blocks: str = "drop"
+    scoring: str = "mean"
     layer: int = 0  # which layer's and head's block mask to draw
     head: int = 0
 
@@ -49,6 +57,9 @@ class SparseSettings:
                 block_size=int(self.block_size),
                 dense_steps=whole(self.dense_steps, "Sparse attention dense steps"),
                 refresh_interval=whole(self.refresh_interval, "Sparse attention refresh interval"),
+                approximation=None if self.skipped_blocks == "drop" else self.skipped_blocks,
+                scoring=self.scoring,
+                stride=max(1, min(MAX_STRIDE, int(self.block_size) // MIN_STRIDE_ROWS)),
                 min_tokens=0,
             )
         except ValueError as error:  # the config's own check names the field and the allowed range
@@ -109,6 +120,15 @@ class SparseControls:
                 self.dense_steps = gr.Slider(0, 50, value=defaults.dense_steps, step=1, label="dense steps first")
                 self.refresh_interval = gr.Slider(
                     1, 20, value=defaults.refresh_interval, step=1, label="select masks every N steps"
+                )
+            with gr.Row():
+                self.skipped_blocks = gr.Radio(
+                    list(SKIPPED_BLOCKS),
+                    value=defaults.skipped_blocks,
+                    label="skipped key blocks: drop, or approximate (zeroth / first order)",
+                )
+                self.scoring = gr.Radio(
+                    list(SCORINGS), value=defaults.scoring, label="block scoring (antidiagonal: closer, dearer)"
                 )
             with gr.Row():
                 self.layer = gr.Number(defaults.layer, precision=0, label="mask picture: layer")
