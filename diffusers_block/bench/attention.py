@@ -569,6 +569,20 @@ def _print_kernel(result: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # end to end
 # ------------------------------------------------------------------------------------------------------------------
+def _model_sparse_options(args, tokens: int, cpu: bool) -> dict:
+    """The SparseAttentionConfig options of the command line that e2e and profile share (blocks of 8 on the CPU,
+    where the models are toy-sized); the caller adds when it runs dense and how often it selects."""
+    block_size = args.block_size if not cpu else 8
+    return {
+        "threshold": args.threshold,
+        "block_size": block_size,
+        "max_blocks": max(1, round(args.e2e_density * math.ceil(tokens / block_size))),
+        "min_tokens": 0,
+        "scoring": args.scoring,
+        "stride": args.stride,
+    }
+
+
 def e2e(args, device: torch.device) -> dict:
     cpu = device.type != "cuda"
     name = args.model
@@ -576,18 +590,9 @@ def e2e(args, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype] if not cpu else torch.float32
     model = build(arch, device, dtype, args.seed)
     tokens = num_tokens(arch)
-    block_size = args.block_size if not cpu else 8
-    nb = math.ceil(tokens / block_size)
-    config = SparseAttentionConfig(
-        threshold=args.threshold,
-        dense_steps=args.dense_steps,
-        refresh_interval=args.refresh,
-        block_size=block_size,
-        max_blocks=max(1, round(args.e2e_density * nb)),
-        min_tokens=0,
-        scoring=args.scoring,
-        stride=args.stride,
-    )
+    base = _model_sparse_options(args, tokens, cpu)
+    block_size = base["block_size"]
+    config = SparseAttentionConfig(**base, dense_steps=args.dense_steps, refresh_interval=args.refresh)
     cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
     latents = noise(arch, device, args.seed)
     prompts = {"cond": conditioning(arch, device, dtype, args.seed + 1)}
@@ -772,17 +777,8 @@ def profile(args, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype] if not cpu else torch.float32
     model = build(arch, device, dtype, args.seed)
     tokens = num_tokens(arch)
-    block_size = args.block_size if not cpu else 8
-    nb = math.ceil(tokens / block_size)
-    base = dict(
-        threshold=args.threshold,
-        block_size=block_size,
-        max_blocks=max(1, round(args.e2e_density * nb)),
-        min_tokens=0,
-        dense_steps=0,
-        scoring=args.scoring,
-        stride=args.stride,
-    )
+    base = _model_sparse_options(args, tokens, cpu) | {"dense_steps": 0}
+    block_size = base["block_size"]
     modes = {
         "dense": None,
         "sparse_reuse": SparseAttentionConfig(**base, refresh_interval=10**9),
