@@ -16,6 +16,7 @@ from PIL import Image
 
 import diffusers_block
 
+from ..kernels.block_selection import MIN_STRIDE_ROWS
 from .checks import number, whole
 
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -23,8 +24,9 @@ BLOCK_SIZES = (16, 32, 64, 128)
 SKIPPED_BLOCKS = ("drop", "zeroth", "first")
 #: How blocks are scored for the selection: mean-pooled logits, or XAttention's antidiagonal sums.
 SCORINGS = ("mean", "antidiagonal")
-#: Antidiagonal stride: at most 8, and at least 4 stride rows per block (what the GPU kernel's tiles need).
-MAX_STRIDE, MIN_STRIDE_ROWS = 8, 4
+#: Antidiagonal stride: at most 8, and at least MIN_STRIDE_ROWS stride rows per block (what the GPU kernel's tiles
+#: need).
+MAX_STRIDE = 8
 
 
 def sparse_available() -> bool:
