@@ -98,7 +98,7 @@ def estimate_motion(clips01: torch.Tensor, ink: float = 0.5) -> torch.Tensor:
     # The first clear step (more than half a pixel): a digit whose path folds at a wall stands still for one step.
     clear = steps.abs() > 0.5
     first = steps.gather(1, clear.float().argmax(dim=1, keepdim=True)).squeeze(1)  # (N, 2)
-    direction = torch.where(moving & clear.any(dim=1), first.sign(), torch.zeros_like(first)).long()  # (N, 2)
+    direction = torch.where(moving, first.sign(), torch.zeros_like(first)).long()  # moving: a clear step exists
     table = motion_directions()  # (classes, 2) of -1/0/1
     match = (direction[:, None, :] == table[None]).all(-1)  # (N, classes)
     found = match.any(-1) & (total > 0).all(-1)
