@@ -226,6 +226,11 @@ def test_sparse_attention_approximates_and_scores_as_asked(digits_tab):
         REQUEST, CacheSettings(policy="none"), sparse=replace(SPARSE, skipped_blocks="first")
     ).comparison
     assert approximated.psnr_db != dropped.psnr_db  # the skipped blocks now contribute
+    cached = digits_tab.generate(
+        REQUEST, CacheSettings(policy="none"), sparse=replace(SPARSE, skipped_blocks="cached")
+    ).comparison
+    assert replace(SPARSE, skipped_blocks="cached").config().approximation == "cached"
+    assert cached.psnr_db > dropped.psnr_db  # exact on selection steps, their skipped part reused in between
     with pytest.raises(gr.Error, match="approximation"):
         replace(SPARSE, skipped_blocks="second").config()
 

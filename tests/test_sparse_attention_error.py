@@ -1,14 +1,19 @@
 """SparseAttentionConfig(measure_error=True): the per-layer relative error of the sparse attention output against
-exact attention on the same inputs, on the tiny Wan pipeline (rotary embedding taken over by the hook) on CPU."""
+exact attention on the same inputs, on the tiny Wan pipeline (rotary embedding taken over by the hook) on CPU; and
+the cached skipped blocks (approximation="cached"), whose selection steps it shows to be exact."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_pipelines import build_pipeline, call_kwargs
 
 import diffusers_block as db
+from diffusers_block.attention.functional import sparse_self_attention
 from diffusers_block.attention.hooks import SparseAttentionHook
 from diffusers_block.attention.summary import DENSE, REUSED, SELECTED
 
@@ -101,6 +106,41 @@ def test_two_transformers_merge_their_errors():
     assert summary.attention_error.shape == summary.mode.shape
     assert sparse.any() and np.array_equal(~np.isnan(summary.attention_error), sparse)
     assert (summary.attention_error[sparse] > 0).all()
+
+
+def test_cached_skipped_blocks_are_exact_when_selected(pipe):
+    """approximation="cached" in a pipeline: a selection step attends to the lists and to their complement (exact
+    attention, a dense call's work in the summary); a reuse step computes the listed blocks only."""
+    _, summary = run(pipe, threshold=0.3, local_blocks=-1, approximation="cached", measure_error=True)
+    selected, reused = summary.mode == SELECTED, summary.mode == REUSED
+    assert selected.any() and reused.any()
+    assert summary.attention_error[selected].max() < 1e-5
+    assert (summary.attention_error[reused] > 1e-3).all()  # the skipped part is a step old
+    assert (summary.density[selected] == 1.0).all() and (summary.density[reused] < 1.0).all()
+
+
+def test_cached_skipped_part_follows_its_selection_step():
+    """Reused on the inputs it was selected on, the cached part gives exact attention again; on moved queries its
+    error is a fraction of dropping the same blocks (the skipped blocks' share and output change slowly)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 200, 16, generator=gen) for _ in range(3))
+    common = dict(thresholds=torch.full((3,), 0.5), scale=None, text=0, text_first=False, grid=(2, 10, 10))
+    cached = db.SparseAttentionConfig(
+        threshold=0.5, block_size=32, min_tokens=0, tile=(1, 4, 4), approximation="cached"
+    )
+    out, selection = sparse_self_attention(q, k, v, config=cached, **common)
+    dense = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, dense)
+    assert float(selection.density().mean()) < 0.75 and selection.skipped is not None
+    again, reused = sparse_self_attention(q, k, v, config=cached, selection=selection, **common)
+    assert reused is selection
+    torch.testing.assert_close(again, dense)
+    moved = q + 0.1 * torch.randn(q.shape, generator=gen)
+    dense = F.scaled_dot_product_attention(moved, k, v)
+    approximated = sparse_self_attention(moved, k, v, config=cached, selection=selection, **common)[0]
+    dropped_config = dataclasses.replace(cached, approximation=None)
+    dropped = sparse_self_attention(moved, k, v, config=dropped_config, selection=selection, **common)[0]
+    assert float((approximated - dense).norm()) < 0.2 * float((dropped - dense).norm())
 
 
 def test_config_measure_error_must_be_a_bool():

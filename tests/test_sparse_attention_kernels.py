@@ -30,6 +30,7 @@ from diffusers_block.kernels import (
     rotate_interleaved,
     runtime,
     select_blocks,
+    skipped_block_lists,
 )
 
 
@@ -258,6 +259,24 @@ def test_cpu_path_writes_into_buffer_with_rows():
     with pytest.raises(ValueError, match="out_rows must be"):
         block_sparse_attention(q, k, v, index, count, block_size=16, out_rows=perm[:5])
     assert block_mask_from_index(index, count, 3).all()
+
+
+def test_skipped_lists_complement_the_lists_and_merge_into_dense_attention():
+    """Lists and their complement cover every key block once; the two attention results, weighted by their lse
+    (what approximation="cached" does on a selection step), are dense attention."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 72, 16, generator=gen) for _ in range(3))
+    index, count = select_blocks(q, k, block_size=16, threshold=0.5, min_blocks=1)
+    skipped, skipped_count = skipped_block_lists(index, count, 5)
+    kept, rest = block_mask_from_index(index, count, 5), block_mask_from_index(skipped, skipped_count, 5)
+    assert (kept ^ rest).all() and not (kept & rest).any() and (skipped_count + count == 5).all()
+    width = torch.arange(5) < skipped_count[..., None]
+    assert (skipped.diff(dim=-1)[..., : width.shape[-1] - 1][width[..., 1:]] > 0).all()  # ascending
+    out, lse = block_sparse_attention(q, k, v, index, count, block_size=16, return_lse=True)
+    out_skipped, lse_skipped = block_sparse_attention(q, k, v, skipped, skipped_count, block_size=16, return_lse=True)
+    share = torch.nan_to_num(torch.sigmoid(lse_skipped - lse))[..., None]
+    torch.testing.assert_close(torch.lerp(out, out_skipped, share), F.scaled_dot_product_attention(q, k, v))
+    assert 0.05 < float(share.mean()) < 0.95  # the threshold left a real part of the mass to the complement
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

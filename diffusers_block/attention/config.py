@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-APPROXIMATIONS = (None, "zeroth", "first")
+APPROXIMATIONS = (None, "zeroth", "first", "cached")
 SCORINGS = ("mean", "antidiagonal")
 
 
@@ -28,7 +28,10 @@ class SparseAttentionConfig:
         min_blocks / max_blocks: bounds on the kept key blocks per query block (``max_blocks=None``: no cap).
         local_blocks: neighbours (in block order, after reordering) always kept on each side of the own block.
         approximation: None drops the skipped blocks; "zeroth" / "first" approximate them around their mean key
-            (PISA-style, see kernels.reference.block_sparse_attention_reference).
+            (PISA-style, see kernels.reference.block_sparse_attention_reference); "cached" computes their exact
+            contribution on the step the block lists are selected (that step costs one dense attention: the kernel
+            runs on the lists and on their complement) and reuses it, with its share of the softmax mass, on the
+            steps that reuse the lists (Re-ttention-style). Needs one output-sized buffer per hooked call.
         reorder: attend in 3D-tile order for video (2D for images) so that blocks are compact in space and time.
         tile: (frames, rows, cols) of a tile; ``block_size`` tokens per tile works best.
         min_tokens: sequences shorter than this stay dense (selection would cost more than it saves).

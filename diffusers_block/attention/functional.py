@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import block_sparse_attention, gather_tokens, select_blocks
+from ..kernels import block_sparse_attention, gather_tokens, select_blocks, skipped_block_lists
 from .config import SparseAttentionConfig
 from .layout import token_permutation
 
@@ -32,6 +32,9 @@ class Selection:
     num_kv_blocks: int
     step: int
     shape: tuple  # (q shape, key length) they were selected for
+    #: approximation="cached": the skipped blocks' share of the softmax mass (B, H, S) fp32 and their normalised
+    #: output (B, H, S, D), both in the original token order, from the step the lists were selected.
+    skipped: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _density: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def density(self) -> torch.Tensor:
@@ -75,6 +78,11 @@ def sparse_self_attention(
     Returns:
         ``(out, selection)``: out (B, H, S, D) in the original token order (a transposed view of a contiguous
         (B, S, H, D) buffer); the selection used.
+
+    With ``config.approximation == "cached"`` a new selection also runs the kernel on its complement and merges the
+    two results by their log-sum-exp (exact attention); the complement's output and its share of the softmax mass
+    stay on the selection, and calls that reuse it blend them with the listed blocks' output:
+    ``(1 - share) * out_listed + share * out_skipped``.
     """
     batch, heads, seq, head_dim = q.shape
     image = seq - text
@@ -115,17 +123,35 @@ def sparse_self_attention(
             key_sums=key_sums,
         )
         selection = Selection(index, count, math.ceil(k.shape[2] / bs), step, shape)
-    out = torch.empty((batch, seq, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
-    block_sparse_attention(
-        q,
-        k,
-        v,
-        selection.index,
-        selection.count,
-        block_size=bs,
-        scale=scale,
-        approximation=config.approximation,
-        out=out,
-        out_rows=perm,
-    )
-    return out, selection
+
+    def attend(index: torch.Tensor, count: torch.Tensor, approximation: str | None = None):
+        out = torch.empty((batch, seq, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
+        _, lse = block_sparse_attention(
+            q,
+            k,
+            v,
+            index,
+            count,
+            block_size=bs,
+            scale=scale,
+            approximation=approximation,
+            out=out,
+            out_rows=perm,
+            return_lse=True,
+        )
+        return out, lse
+
+    if config.approximation != "cached":
+        return attend(selection.index, selection.count, config.approximation)[0], selection
+    out, lse = attend(selection.index, selection.count)
+    if select:
+        # The complement of the lists: both results together are dense attention; keep the skipped part for reuse.
+        skipped_out, skipped_lse = attend(
+            *skipped_block_lists(selection.index, selection.count, selection.num_kv_blocks)
+        )
+        share = torch.nan_to_num(torch.sigmoid(skipped_lse - lse))  # in the kernel's (permuted) order
+        if perm is not None:
+            share = torch.empty_like(share).index_copy_(-1, perm, share)
+        selection.skipped = (share, skipped_out)
+    share, skipped_out = selection.skipped
+    return torch.lerp(out, skipped_out, share[..., None].to(out.dtype)), selection

@@ -234,7 +234,10 @@ class SparseAttentionHook(ModelHook):
             reused = reused and selection is previous
             self.selections[key] = selection
             outs.append(out)
-            densities.append(selection.density())
+            density = selection.density()
+            if config.approximation == "cached" and selection is not previous:
+                density = torch.ones_like(density)  # the lists and their complement: a dense attention's work
+            densities.append(density)
         mode = "reuse" if reused else "select"
         density = densities[0] if len(densities) == 1 else torch.stack(densities).mean(0)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

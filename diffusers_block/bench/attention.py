@@ -79,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", type=int, default=5, help="e2e: mask refresh interval (steps)")
     parser.add_argument("--cache-interval", type=int, default=2, help="e2e: block cache static interval")
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="e2e: block scoring")
+    parser.add_argument(
+        "--approximation",
+        choices=["none", "zeroth", "first", "cached"],
+        default="none",
+        help="e2e: what stands in for the skipped key blocks (none: dropped)",
+    )
     parser.add_argument("--stride", type=int, default=8, help="antidiagonal stride (kernel timing, validation, e2e)")
     parser.add_argument("--repeats", type=int, default=2, help="e2e: timed schedules per run (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -580,6 +586,7 @@ def _model_sparse_options(args, tokens: int, cpu: bool) -> dict:
         "min_tokens": 0,
         "scoring": args.scoring,
         "stride": args.stride,
+        "approximation": None if args.approximation == "none" else args.approximation,
     }
 
 

@@ -20,8 +20,9 @@ from ..kernels.block_selection import MIN_STRIDE_ROWS
 from .checks import number, whole
 
 BLOCK_SIZES = (16, 32, 64, 128)
-#: What happens to the key blocks left out: dropped, or approximated from per-block statistics (PISA-style).
-SKIPPED_BLOCKS = ("drop", "zeroth", "first")
+#: What happens to the key blocks left out: dropped, approximated from per-block statistics (PISA-style), or their
+#: exact part from the step the masks were selected ("cached").
+SKIPPED_BLOCKS = ("drop", "zeroth", "first", "cached")
 #: How blocks are scored for the selection: mean-pooled logits, or XAttention's antidiagonal sums.
 SCORINGS = ("mean", "antidiagonal")
 #: Antidiagonal stride: at most 8, and at least MIN_STRIDE_ROWS stride rows per block (what the GPU kernel's tiles
@@ -127,7 +128,7 @@ class SparseControls:
                 self.skipped_blocks = gr.Radio(
                     list(SKIPPED_BLOCKS),
                     value=defaults.skipped_blocks,
-                    label="skipped key blocks: drop, or approximate (zeroth / first order)",
+                    label="skipped key blocks: drop, approximate (zeroth / first order) or cached",
                 )
                 self.scoring = gr.Radio(
                     list(SCORINGS), value=defaults.scoring, label="block scoring (antidiagonal: closer, dearer)"

@@ -1,7 +1,7 @@
 """Triton kernels (with plain PyTorch references and CPU fallbacks)."""
 
 from .block_selection import select_blocks
-from .block_sparse_attention import block_sparse_attention, kept_block_mask
+from .block_sparse_attention import block_sparse_attention, kept_block_mask, skipped_block_lists
 from .reference import (
     antidiagonal_block_mass,
     block_mask_from_index,
@@ -31,4 +31,5 @@ __all__ = [
     "rotate_interleaved",
     "select_blocks",
     "select_blocks_reference",
+    "skipped_block_lists",
 ]
