@@ -92,6 +92,25 @@ def test_attention_quality_benchmark_passes_the_block_scoring_on(tmp_path):
     assert runs["mean"]["psnr_db"] != runs["antidiagonal"]["psnr_db"]
 
 
+def test_attention_quality_sweeps_refresh_intervals_with_cached_skipped_blocks(tmp_path):
+    """Each (approximation, refresh, threshold) is a row; cached skipped blocks make every selection step exact,
+    so they beat dropping the same blocks, and selection steps count as computing every block."""
+    rows = main(
+        ["attention-quality", "--device", "cpu", "--clips", "1", "--steps", "5", "--dense-steps", "1"]
+        + ["--thresholds", "0.3", "--approximations", "none", "cached", "--refresh", "1", "2", "--out", str(tmp_path)]
+    )["results"]
+    assert [(r["approximation"], r["refresh"]) for r in rows] == [
+        ("none", 1),
+        ("none", 2),
+        ("cached", 1),
+        ("cached", 2),
+    ]
+    dropped, _, every_step, every_other = rows
+    assert every_step["sparse_density"] == 1.0 and every_step["psnr_db"] > 60  # selected at every step: exact
+    assert dropped["sparse_density"] < every_other["sparse_density"] < 1.0
+    assert every_other["psnr_db"] > dropped["psnr_db"]
+
+
 def test_attention_quality_names_the_training_command_of_a_model_that_does_not_ship(tmp_path, monkeypatch):
     from diffusers_block.bench import attention_quality
 

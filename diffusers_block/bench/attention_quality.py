@@ -2,8 +2,10 @@
 
 The shipped moving-digits Wan model (models/digits-video) generates the same clips with dense attention and with
 sparse attention at each threshold, dropping the skipped key blocks or approximating them (``approximation``).
-For each run: the kept fraction of key blocks on sparse steps, PSNR / SSIM against the dense clips, and the digit
-classifier's per-frame accuracy, and the relative L2 error of each hooked layer's attention output against exact
+For each run (approximation x refresh interval x threshold): the fraction of key blocks computed on sparse steps
+(with ``approximation="cached"`` a selection step computes all of them: the lists and their complement), PSNR /
+SSIM against the dense clips, the digit classifier's per-frame accuracy, and the relative L2 error of each hooked
+layer's attention output against exact
 attention on the same inputs (``measure_error``: the approximation alone, not the drift from earlier layers; mean
 over branches and sparse steps). The model has 576 tokens, so blocks are small (``--block-size``, default 32: 18
 key blocks per query block) and ``min_tokens=0`` lets the sparse path run at all.
@@ -12,6 +14,7 @@ key blocks per query block) and ``min_tokens=0`` lets the sparse path run at all
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import numpy as np
@@ -47,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approximations", nargs="+", default=["none", "zeroth"], help="none = drop-only")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dense-steps", type=int, default=2)
-    parser.add_argument("--refresh", type=int, default=2, help="mask refresh interval (steps)")
+    parser.add_argument("--refresh", nargs="+", type=int, default=[2], help="mask refresh intervals (steps)")
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="block scoring")
     parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 4 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,44 +73,45 @@ def run(args) -> dict:
 
     reference = generate()
     rows, layer_names = [], None
-    for approximation in args.approximations:
-        for threshold in args.thresholds:
-            config = SparseAttentionConfig(
-                threshold=threshold,
-                block_size=args.block_size,
-                dense_steps=args.dense_steps,
-                refresh_interval=args.refresh,
-                approximation=None if approximation == "none" else approximation,
-                min_tokens=0,
-                measure_error=True,
-                scoring=args.scoring,
-                stride=args.stride,
-            )
-            enable_sparse_attention(pipe, config)
-            try:
-                clips = generate()
-                summary = sparse_attention_summary(pipe)
-            finally:
-                disable_sparse_attention(pipe)
-            layer_names = summary.layer_names
-            measured = summary.attention_error[~np.isnan(summary.attention_error)]
-            rows.append(
-                {
-                    "approximation": approximation,
-                    "threshold": threshold,
-                    "sparse_density": summary.sparse_density,
-                    "overall_density": summary.overall_density,
-                    "psnr_db": psnr(clips, reference, data_range=1.0, reduction="mean").item(),
-                    "ssim": ssim(clips.flatten(0, 1), reference.flatten(0, 1), data_range=1.0, reduction="mean").item(),
-                    "accuracy": class_accuracy(classifier, clips, digits),
-                    "attention_error_mean": float(measured.mean()) if measured.size else None,
-                    "attention_error_per_layer": [_number(e) for e in summary.error_per_layer()],
-                }
-            )
+    for approximation, refresh, threshold in itertools.product(args.approximations, args.refresh, args.thresholds):
+        config = SparseAttentionConfig(
+            threshold=threshold,
+            block_size=args.block_size,
+            dense_steps=args.dense_steps,
+            refresh_interval=refresh,
+            approximation=None if approximation == "none" else approximation,
+            min_tokens=0,
+            measure_error=True,
+            scoring=args.scoring,
+            stride=args.stride,
+        )
+        enable_sparse_attention(pipe, config)
+        try:
+            clips = generate()
+            summary = sparse_attention_summary(pipe)
+        finally:
+            disable_sparse_attention(pipe)
+        layer_names = summary.layer_names
+        measured = summary.attention_error[~np.isnan(summary.attention_error)]
+        rows.append(
+            {
+                "approximation": approximation,
+                "refresh": refresh,
+                "threshold": threshold,
+                "sparse_density": summary.sparse_density,
+                "overall_density": summary.overall_density,
+                "psnr_db": psnr(clips, reference, data_range=1.0, reduction="mean").item(),
+                "ssim": ssim(clips.flatten(0, 1), reference.flatten(0, 1), data_range=1.0, reduction="mean").item(),
+                "accuracy": class_accuracy(classifier, clips, digits),
+                "attention_error_mean": float(measured.mean()) if measured.size else None,
+                "attention_error_per_layer": [_number(e) for e in summary.error_per_layer()],
+            }
+        )
     report.print_table(
         rows,
         [
             ("approximation", "skipped blocks", str),
+            ("refresh", "refresh", str),
             ("threshold", "threshold", "{:g}".format),
             ("sparse_density", "kept (sparse steps)", "{:.1%}".format),
             ("overall_density", "kept (all steps)", "{:.1%}".format),
