@@ -3,6 +3,8 @@ PyTorch references run), plus the config, the token layout and the summary."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ import diffusers_block as db
 from diffusers_block.attention import token_grid, token_permutation
 from diffusers_block.attention.apply import JOINT_TEXT_FIRST
 from diffusers_block.attention.hooks import SPARSE_ATTENTION_HOOK
+from diffusers_block.attention.summary import DENSE, REUSED, SELECTED
 
 # Tiny models have 32-128 tokens: blocks of 8 tokens, nothing too short to be sparse.
 ALL_KEPT = db.SparseAttentionConfig(threshold=1.0, dense_steps=0, block_size=8, min_tokens=0)
@@ -96,6 +99,16 @@ def test_composes_with_block_cache_in_either_order(name, first):
     assert torch.equal(generate(pipe, name), cached_only)
     pipe.disable_block_cache()
     assert torch.equal(generate(pipe, name), reference)
+
+
+def test_refresh_schedule_follows_the_pipeline_steps():
+    """The pipeline's step count places the schedule's stages: a selection every step in the first half, then every
+    third step."""
+    pipe = build_pipeline("wan")
+    pipe.enable_sparse_attention(dataclasses.replace(SPARSE, refresh_schedule=((0.0, 1), (0.5, 3))))
+    generate(pipe, "wan")
+    mode = pipe.sparse_attention_summary().mode[0, :, 0]  # branch cond, layer 0, over the 6 steps
+    assert mode.tolist() == [DENSE, SELECTED, SELECTED, REUSED, REUSED, SELECTED]
 
 
 def test_summary_density_and_mask_picture(tmp_path):
@@ -260,6 +273,11 @@ def test_key_padding_mask_with_per_sample_lengths():
         (dict(approximation="second"), "approximation"),
         (dict(tile=(2, 8)), "tile"),
         (dict(local_blocks=-2), "local_blocks"),
+        (dict(refresh_schedule=((0.1, 2),)), "refresh_schedule"),  # must start at 0.0
+        (dict(refresh_schedule=((0.0, 2), (0.5, 0))), "refresh_schedule"),
+        (dict(refresh_schedule=((0.0, 2), (0.5, 4), (0.5, 8))), "refresh_schedule"),
+        (dict(refresh_schedule=((0.0, 2), (1.0, 4))), "refresh_schedule"),
+        (dict(refresh_schedule=4), "refresh_schedule"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, field):
@@ -275,6 +293,14 @@ def test_config_step_modes_and_head_thresholds():
         last = step if mode == "select" else last
         modes.append(mode)
     assert modes == ["dense", "dense", "select", "reuse", "reuse", "select", "reuse", "reuse"]
+    schedule = db.SparseAttentionConfig(dense_steps=2, refresh_schedule=[(0, 2), (0.5, 4)])
+    assert schedule.refresh_schedule == ((0.0, 2), (0.5, 4))
+    selected, last = [], None
+    for step in range(20):
+        if schedule.step_mode(step, last, num_steps=20) == "select":
+            selected.append(last := step)
+    assert selected == [2, 4, 6, 8, 12, 16]  # every 2nd step in the first half, every 4th after
+    assert schedule.interval_at(15) == 2  # step count unknown: the first interval
     assert db.SparseAttentionConfig(head_thresholds=(0.5, 0.9)).thresholds(2) == (0.5, 0.9)
     with pytest.raises(ValueError, match="one threshold per head"):
         db.SparseAttentionConfig(head_thresholds=(0.5, 0.9)).thresholds(3)

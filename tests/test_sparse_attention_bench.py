@@ -97,15 +97,14 @@ def test_attention_quality_sweeps_refresh_intervals_with_cached_skipped_blocks(t
     so they beat dropping the same blocks, and selection steps count as computing every block."""
     rows = main(
         ["attention-quality", "--device", "cpu", "--clips", "1", "--steps", "5", "--dense-steps", "1"]
-        + ["--thresholds", "0.3", "--approximations", "none", "cached", "--refresh", "1", "2", "--out", str(tmp_path)]
+        + ["--thresholds", "0.3", "--approximations", "none", "cached", "--out", str(tmp_path)]
+        + ["--refresh", "1", "2", "0:1,0.7:3"]
     )["results"]
     assert [(r["approximation"], r["refresh"]) for r in rows] == [
-        ("none", 1),
-        ("none", 2),
-        ("cached", 1),
-        ("cached", 2),
+        (approximation, refresh) for approximation in ("none", "cached") for refresh in (1, 2, "0:1,0.7:3")
     ]
-    dropped, _, every_step, every_other = rows
+    dropped, _, _, every_step, every_other, scheduled = rows
+    assert every_other["sparse_density"] < scheduled["sparse_density"] < 1.0  # selects at steps 1-3 (R2: 1, 3)
     assert every_step["sparse_density"] == 1.0 and every_step["psnr_db"] > 60  # selected at every step: exact
     assert dropped["sparse_density"] < every_other["sparse_density"] < 1.0
     assert every_other["psnr_db"] > dropped["psnr_db"]

@@ -24,6 +24,11 @@ class SparseAttentionConfig:
         dense_steps: the first steps run exact dense attention (the layout of the image forms early).
         refresh_interval: masks are selected at the first sparse step and then every ``refresh_interval`` steps,
             and reused in between (sparse patterns change little from step to step); 1 selects at every step.
+        refresh_schedule: instead, ``(fraction of the steps, interval)`` pairs, fractions ascending from 0.0: from
+            that point of the generation on, masks are selected every ``interval`` steps. Attention changes most
+            in the early, noisy steps, so e.g. ``((0.0, 2), (0.25, 8))`` spends its selections there (with
+            ``approximation="cached"`` each selection is a dense call). Where the step count is unknown (a bare
+            transformer called without a scheduler) the first interval holds throughout.
         block_size: tokens per query/key block; a power of two (the GPU kernel needs >= 16).
         min_blocks / max_blocks: bounds on the kept key blocks per query block (``max_blocks=None``: no cap).
         local_blocks: neighbours (in block order, after reordering) always kept on each side of the own block.
@@ -52,6 +57,7 @@ class SparseAttentionConfig:
     head_thresholds: tuple[float, ...] | None = None
     dense_steps: int = 5
     refresh_interval: int = 5
+    refresh_schedule: tuple[tuple[float, int], ...] | None = None
     block_size: int = 128
     min_blocks: int = 1
     max_blocks: int | None = None
@@ -80,6 +86,22 @@ class SparseAttentionConfig:
             fail("dense_steps", self.dense_steps, "an int >= 0")
         if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
             fail("refresh_interval", self.refresh_interval, "an int >= 1")
+        if self.refresh_schedule is not None:
+            allowed = "(fraction, interval) pairs, fractions ascending from 0.0 and below 1, intervals ints >= 1"
+            try:
+                schedule = tuple((float(start), interval) for start, interval in self.refresh_schedule)
+            except (TypeError, ValueError):
+                fail("refresh_schedule", self.refresh_schedule, allowed)
+            starts = [start for start, _ in schedule]
+            if (
+                not schedule
+                or starts[0] != 0.0
+                or any(b <= a for a, b in zip(starts, starts[1:]))
+                or starts[-1] >= 1.0
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for _, i in schedule)
+            ):
+                fail("refresh_schedule", self.refresh_schedule, allowed)
+            object.__setattr__(self, "refresh_schedule", schedule)
         bs = self.block_size
         if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
             fail("block_size", bs, "a power of two (>= 16 on GPU)")
@@ -120,10 +142,25 @@ class SparseAttentionConfig:
             )
         return self.head_thresholds
 
-    def step_mode(self, step: int, last_selection: int | None) -> str:
+    def interval_at(self, step: int, num_steps: int | None = None) -> int:
+        """The refresh interval in force at ``step`` of ``num_steps``."""
+        if self.refresh_schedule is None:
+            return self.refresh_interval
+        interval = self.refresh_schedule[0][1]
+        if num_steps:
+            for start, value in self.refresh_schedule:
+                if step >= start * num_steps:
+                    interval = value
+        return interval
+
+    def step_mode(self, step: int, last_selection: int | None, num_steps: int | None = None) -> str:
         """ "dense", "select" (compute new masks) or "reuse" (the masks selected at step ``last_selection``)."""
         if step < self.dense_steps:
             return "dense"
-        if last_selection is None or last_selection > step or step - last_selection >= self.refresh_interval:
+        if (
+            last_selection is None
+            or last_selection > step
+            or step - last_selection >= self.interval_at(step, num_steps)
+        ):
             return "select"
         return "reuse"

@@ -146,7 +146,7 @@ class SparseAttentionHook(ModelHook):
             image = hidden.shape[1] - controller.text_tokens
         step, branch = tracker.step, tracker.branch
         last = self._last_selection_step(branch)
-        mode = controller.config.step_mode(step, last)
+        mode = controller.config.step_mode(step, last, tracker.num_steps)
         if mode == "dense" or hidden.shape[1] < controller.config.min_tokens:
             controller.record(self.layer, step, branch, "dense", None)
             return self.fn_ref.original_forward(*args, **kwargs)

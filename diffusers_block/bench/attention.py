@@ -51,6 +51,7 @@ from ..kernels import (
     select_blocks,
     select_blocks_reference,
 )
+from . import refresh as refresh_option
 from . import report
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
 from .cache import sample
@@ -76,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-density", type=float, default=0.125, help="e2e: max kept fraction of key blocks")
     parser.add_argument("--threshold", type=float, default=0.9, help="e2e: cumulative mass threshold")
     parser.add_argument("--dense-steps", type=int, default=2, help="e2e: dense steps at the start")
-    parser.add_argument("--refresh", type=int, default=5, help="e2e: mask refresh interval (steps)")
+    parser.add_argument("--refresh", type=refresh_option.parse, default=5, help="e2e: " + refresh_option.HELP)
     parser.add_argument("--cache-interval", type=int, default=2, help="e2e: block cache static interval")
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="e2e: block scoring")
     parser.add_argument(
@@ -599,7 +600,7 @@ def e2e(args, device: torch.device) -> dict:
     tokens = num_tokens(arch)
     base = _model_sparse_options(args, tokens, cpu)
     block_size = base["block_size"]
-    config = SparseAttentionConfig(**base, dense_steps=args.dense_steps, refresh_interval=args.refresh)
+    config = SparseAttentionConfig(**base, dense_steps=args.dense_steps, **refresh_option.config_options(args.refresh))
     cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
     latents = noise(arch, device, args.seed)
     prompts = {"cond": conditioning(arch, device, dtype, args.seed + 1)}
@@ -730,18 +731,30 @@ def _forward_times(model, arch, latents, prompts, config, device, cpu) -> dict:
     with _cudnn() if not cpu else nullcontext():
         times["dense"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
         enable_sparse_attention(
-            model, SparseAttentionConfig(**{**config.__dict__, "dense_steps": 0, "refresh_interval": 1})
+            model,
+            SparseAttentionConfig(
+                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 1, "refresh_schedule": None}
+            ),
         )
         times["sparse_select"] = bench_ms(lambda: call(next(counter)), device, warmup=2, min_time_ms=0, max_iters=5)
         enable_sparse_attention(
-            model, SparseAttentionConfig(**{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9})
+            model,
+            SparseAttentionConfig(
+                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9, "refresh_schedule": None}
+            ),
         )
         times["sparse_reuse"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
         # The same, with the rotary embedding left to the processor (what the fused gather saves).
         enable_sparse_attention(
             model,
             SparseAttentionConfig(
-                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9, "fuse_rotary": False}
+                **{
+                    **config.__dict__,
+                    "dense_steps": 0,
+                    "refresh_interval": 10**9,
+                    "refresh_schedule": None,
+                    "fuse_rotary": False,
+                }
             ),
         )
         times["sparse_reuse_unfused_rotary"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)

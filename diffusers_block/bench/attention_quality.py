@@ -25,6 +25,7 @@ from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, class_accuracy, generate_clips
 from ..eval.metrics import psnr, ssim
 from ..zoo import DIGIT_CLASSIFIER, DIGITS_VIDEO, MODELS_DIR, load_digits_video_pipeline
+from . import refresh as refresh_option
 from . import report
 
 #: Video models: folder, canvas size (px), and how to train it where it does not ship. "digits-video-64" is a
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--approximations", nargs="+", default=["none", "zeroth"], help="none = drop-only")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--dense-steps", type=int, default=2)
-    parser.add_argument("--refresh", nargs="+", type=int, default=[2], help="mask refresh intervals (steps)")
+    parser.add_argument("--refresh", nargs="+", type=refresh_option.parse, default=[2], help=refresh_option.HELP)
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="block scoring")
     parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 4 on GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +79,7 @@ def run(args) -> dict:
             threshold=threshold,
             block_size=args.block_size,
             dense_steps=args.dense_steps,
-            refresh_interval=refresh,
+            **refresh_option.config_options(refresh),
             approximation=None if approximation == "none" else approximation,
             min_tokens=0,
             measure_error=True,
@@ -96,7 +97,7 @@ def run(args) -> dict:
         rows.append(
             {
                 "approximation": approximation,
-                "refresh": refresh,
+                "refresh": refresh_option.label(refresh),
                 "threshold": threshold,
                 "sparse_density": summary.sparse_density,
                 "overall_density": summary.overall_density,
