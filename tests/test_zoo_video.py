@@ -63,3 +63,12 @@ def test_motion_axes_ignore_the_sign():
     assert motion_accuracy(mirrored, labels["motion"]) == 0.0
     still = clips01[:, :1].expand_as(clips01)
     assert motion_axes_accuracy(still, labels["motion"]) == 0.0
+
+
+def test_a_missing_model_names_how_to_train_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m diffusers_block.train digits-video --out"):
+        load_digits_video_pipeline(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="train digits-video --canvas 64"):
+        load_digits_video_pipeline(
+            tmp_path / "absent", train_command="python -m diffusers_block.train digits-video --canvas 64"
+        )

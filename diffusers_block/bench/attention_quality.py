@@ -62,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     path, size, train_command = MODELS[args.model]
-    if train_command and not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"{args.model} does not ship: train it first with `{train_command}`")
-    pipe, encoder = load_digits_video_pipeline(path, device=args.device)
+    pipe, encoder = load_digits_video_pipeline(path, device=args.device, train_command=train_command)
     pipe.set_progress_bar_config(disable=True)
     classifier = DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).to(device).eval()
     digits, motions = (labels[: args.clips] for labels in balanced_clip_labels(-(-args.clips // 80)))

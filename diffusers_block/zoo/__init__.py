@@ -29,7 +29,12 @@ def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "c
     return pipe, encoder
 
 
-def load_digits_video_pipeline(path: str | Path = DIGITS_VIDEO, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_digits_video_pipeline(
+    path: str | Path = DIGITS_VIDEO,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    train_command: str | None = None,
+):
     """A moving-digits WanPipeline (17 frames, 32x32 for the shipped one) and its :class:`ClipLabelEncoder`.
 
     Generate with ``pipe(**encoder.prompt_kwargs(digits=[3], motions=[0]), num_frames=17, height=32, width=32,
@@ -37,11 +42,12 @@ def load_digits_video_pipeline(path: str | Path = DIGITS_VIDEO, device: str = "c
     The autoencoder stays in float32 whatever ``dtype`` the transformer runs in (it is tiny, and WanPipeline
     decodes in the autoencoder's own dtype). A pipeline folder without ``vae/`` (e.g. one trained with ``--canvas 64
     --digit-size 14 --vae models/digits-video``) gets the shipped model's autoencoder: it is convolutional, and the
-    digits have the same size on any canvas.
+    digits have the same size on any canvas. ``train_command``: what the error for a missing folder should suggest
+    (default: the shipped recipe).
     """
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    path = _trained(path, "digits-video")
+    path = _trained(path, "digits-video", train_command)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     shared = {} if (path / "vae").is_dir() else {"vae": AutoencoderKLWan.from_pretrained(DIGITS_VIDEO / "vae")}
     pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None, **shared).to(device)
@@ -50,12 +56,11 @@ def load_digits_video_pipeline(path: str | Path = DIGITS_VIDEO, device: str = "c
     return pipe, encoder
 
 
-def _trained(path: str | Path, command: str) -> Path:
+def _trained(path: str | Path, recipe: str, train_command: str | None = None) -> Path:
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"No trained pipeline at {path}; train one with `python -m diffusers_block.train {command} --out {path}`"
-        )
+        command = train_command or f"python -m diffusers_block.train {recipe} --out {path}"
+        raise FileNotFoundError(f"No trained pipeline at {path}; train one with `{command}`")
     return path
 
 
