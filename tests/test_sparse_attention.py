@@ -152,6 +152,25 @@ def test_family_all_kept_equals_dense_and_sparse_differs(family):
     assert torch.equal(forward(model, family), reference)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_cached_skipped_blocks_are_exact_on_the_selection_call(family):
+    """approximation="cached" on every family (text tokens, padded prompts, rotary, both processor routes): the call
+    that selects the lists also attends to their complement, so it returns exact attention; a later call on the same
+    inputs reuses the lists and the cached part and is exact again."""
+    model = build_transformer(family)
+    reference = forward(model, family)
+    config = db.SparseAttentionConfig(
+        threshold=0.3, dense_steps=0, block_size=8, min_tokens=0, local_blocks=-1, approximation="cached"
+    )
+    db.enable_sparse_attention(model, config)
+    torch.testing.assert_close(forward(model, family), reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(forward(model, family), reference, rtol=1e-4, atol=1e-4)
+    summary = db.sparse_attention_summary(model)
+    assert (summary.mode[:, 0] == SELECTED).all() and (summary.mode[:, 1] == REUSED).all()
+    assert (summary.density[:, 0] == 1.0).all() and (summary.density[:, 1] < 0.6).all()  # blocks really skipped
+    db.disable_sparse_attention(model)
+
+
 @pytest.mark.parametrize("family", sorted(JOINT_TEXT_FIRST))
 def test_joint_attention_keeps_text(family):
     """Joint families: the text tokens are found in the sequence (the right count), every query block keeps the text
