@@ -167,7 +167,7 @@ def test_family_cached_skipped_blocks_are_exact_on_the_selection_call(family):
     torch.testing.assert_close(forward(model, family), reference, rtol=1e-4, atol=1e-4)
     summary = db.sparse_attention_summary(model)
     assert (summary.mode[:, 0] == SELECTED).all() and (summary.mode[:, 1] == REUSED).all()
-    assert (summary.density[:, 0] == 1.0).all() and (summary.density[:, 1] < 0.6).all()  # blocks really skipped
+    assert (summary.density[:, 0] == 1.0).all() and (summary.density[:, 1] < 0.8).all()  # blocks really skipped
     db.disable_sparse_attention(model)
 
 
