@@ -43,6 +43,7 @@ from .. import (
     enable_sparse_attention,
     sparse_attention_summary,
 )
+from ..attention.functional import sparse_self_attention
 from ..kernels import (
     block_mask_from_index,
     block_sparse_attention,
@@ -228,11 +229,36 @@ def validate(args, device: torch.device) -> dict:
         return _validate(args, device)
 
 
+#: Relative L2 error against fp64 dense attention that the cached-skipped-blocks path must stay under (about 5x the
+#: kernel's own rounding in that dtype: two kernel calls, an lse merge and the inverse permutation's scatter).
+CACHED_REL_TOL = {"bf16": 1e-2, "fp16": 2e-3}
+
+
+def _validate_cached(q, k, v, block_size: int, dtype: str) -> dict:
+    """approximation="cached" through the attention layer's call (reordering, lists + complement, lse merge): on
+    its selection call and on a reuse with the same inputs it is exact attention."""
+    heads = q.shape[1]
+    config = SparseAttentionConfig(threshold=0.5, block_size=block_size, min_tokens=0, approximation="cached")
+    common = dict(config=config, thresholds=torch.full((heads,), 0.5, device=q.device), scale=None, text=0)
+    out, selection = sparse_self_attention(q, k, v, text_first=False, grid=None, **common)
+    again, _ = sparse_self_attention(q, k, v, text_first=False, grid=None, selection=selection, **common)
+    dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    return {
+        "dtype": dtype,
+        "head_dim": q.shape[-1],
+        "seq": q.shape[2],
+        "kept": float(selection.density().mean()),
+        "rel_err_vs_dense": rel_err(out, dense),
+        "reuse_rel_err_vs_dense": rel_err(again, dense),
+    }
+
+
 def _validate(args, device: torch.device) -> dict:
     cpu = device.type != "cuda"
     out: dict = {
         "attention": [],
         "approximation": [],
+        "cached": [],
         "selection": [],
         "dense_vs_sdpa": [],
         "gather": [],
@@ -261,6 +287,7 @@ def _validate(args, device: torch.device) -> dict:
                     "empty_rows_zero": bool((o[~finite] == 0).all()),
                 }
             )
+            out["cached"].append(_validate_cached(q, k, v, bs, dtype))
             for order in ("zeroth", "first") if bs == 64 or cpu else ():
                 keep = max(1, nb // 4)
                 index4, count4 = random_lists(1, 3, nb, nb, keep, device, seed=1)
@@ -358,13 +385,16 @@ def _validate(args, device: torch.device) -> dict:
             for r in out["attention"]
         )
         and all(r["kernel_vs_reference_max_abs_err"] <= 5e-2 for r in out["approximation"])
+        and all(
+            max(r["rel_err_vs_dense"], r["reuse_rel_err_vs_dense"]) <= CACHED_REL_TOL[r["dtype"]] for r in out["cached"]
+        )
         and all(r.get("mask_mismatch_fraction", 1.0) <= 1e-3 and r.get("ascending") for r in out["selection"])
         and all(r["ours_rel_err_vs_fp32"] <= 2 * r["cudnn_rel_err_vs_fp32"] + 1e-3 for r in out["dense_vs_sdpa"])
         and all(r["within_one_ulp"] and r["sums_rel_err"] <= 1e-2 for r in out["gather"])
         and all(r["all_written"] and r["max_abs_err"] == 0.0 for r in out["scatter"])
     )
     print(f"validate: {'passed' if out['passed'] else 'FAILED'}")
-    for group in ("attention", "approximation", "selection", "dense_vs_sdpa", "gather", "scatter"):
+    for group in ("attention", "approximation", "cached", "selection", "dense_vs_sdpa", "gather", "scatter"):
         for row in out[group]:
             print(
                 f"  {group}: "
