@@ -25,8 +25,9 @@ Layout of one program: ``BLOCK_Q`` query blocks of one (batch, head). Pass 1, me
 query blocks from q itself (no separate pass, no pooled copy of q), then scores them against the per-block key
 sums (one reduction over k, or handed over by ``gather_tokens``) in ``BLOCK_K``-wide tiles with ``tl.dot`` (fp32),
 keeping a running max/sum per row (online softmax); the scores go to an fp32 scratch row ``(NQ, NK)`` per head.
-Pass 1, antidiagonal scoring: per query block, one sweep over the keys for the stride rows' softmax normalisers
-and one for the block masses, which go to the scratch directly. Pass 2 reloads each row (``NK_PAD`` = next power
+Pass 1, antidiagonal scoring: per group of query blocks, one sweep over the keys: per stride row the running
+softmax max and normaliser, and each tile's exponential sums per key block into a scratch (with the max they were
+taken at); a pass over that scratch rescales them into block masses (no second sweep of logits). Pass 2 reloads each row (``NK_PAD`` = next power
 of two of the key blocks) in groups of rows, bisects all rows of a group at once and writes the index.
 On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`select_blocks_reference`.
 """
@@ -58,7 +59,7 @@ PASS2_ELEMENTS = 8192
 POOL_ELEMENTS = 8192
 #: Scorings of a (query block, key block) pair: mean pooling (cheap, default) or XAttention's antidiagonal sums.
 SCORINGS = {"mean": 0, "antidiagonal": 1}
-#: Antidiagonal scoring: key blocks per tile of the two sweeps (KEY_BLOCKS * block_size / stride columns), and
+#: Antidiagonal scoring: key blocks per tile of the sweep (KEY_BLOCKS * block_size / stride columns), and
 #: query blocks whose stride rows are stacked into one tile (QUERY_BLOCKS * block_size / stride rows: 64 rows with
 #: blocks of 128 and stride 8, a full tensor-core tile). BLOCK_Q must be a multiple of QUERY_BLOCKS. Measured on an
 #: H100 at 32K tokens (query x key blocks per tile): 4 x 8 takes 2.9 / 2.8 ms (head dim 64 / 128), 4 x 4 3.1 / 3.7,
@@ -193,6 +194,8 @@ if triton is not None:
     @triton.jit
     def _antidiagonal_masses(
         Scores,
+        Partial,
+        TileMax,
         q_base,
         k_base,
         stride_qs,
@@ -216,38 +219,52 @@ if triton is not None:
         """Antidiagonal scoring (XAttention): per stride row a softmax over every stride column of the sequence,
         summed per key block, averaged over the query block's stride rows that start inside the sequence; the block
         masses themselves go to the scratch rows. QUERY_BLOCKS query blocks at a time (their R stride rows stacked:
-        tensor-core tiles of QUERY_BLOCKS * R rows), two sweeps over the keys: row normalisers, then masses."""
+        tensor-core tiles of QUERY_BLOCKS * R rows), one sweep over the keys: each tile's exponentials, taken
+        against the row's running max, are summed per key block into ``Partial`` (with that max in ``TileMax``),
+        and a pass over that scratch rescales them to the final max and normaliser (no second sweep of logits)."""
         R: tl.constexpr = BLOCK_SIZE // STRIDE
         ROWS: tl.constexpr = QUERY_BLOCKS * R
         KEY_COLS: tl.constexpr = KEY_BLOCKS * R
         TILE: tl.constexpr = KEY_BLOCKS * BLOCK_SIZE
         NQ = tl.cdiv(SEQ_Q, BLOCK_SIZE)
+        NT = tl.cdiv(SEQ_K, TILE)
         a = tl.arange(0, ROWS)
         for g in range(0, BLOCK_Q, QUERY_BLOCKS):
             row_block = pid_q * BLOCK_Q + g + a // R
             q_rows = row_block * BLOCK_SIZE + (a % R) * STRIDE
+            row_ok = row_block < NQ
+            scratch_row = (bh * NQ + row_block) * R + a % R
             m_r = tl.full([ROWS], float("-inf"), dtype=tl.float32)
             l_r = tl.zeros([ROWS], dtype=tl.float32)
-            for key_start in range(0, SEQ_K, TILE):
+            for tile in range(0, NT):
                 x = _antidiagonal_logits(
-                    q_base, k_base, stride_qs, stride_ks, q_rows, key_start, qk_scale, SEQ_Q, SEQ_K,
+                    q_base, k_base, stride_qs, stride_ks, q_rows, tile * TILE, qk_scale, SEQ_Q, SEQ_K,
                     HEAD_DIM, BLOCK_D, STRIDE, KEY_COLS, INPUT_PRECISION, DOT_FP32,
                 )  # fmt: skip
-                m_new = tl.maximum(m_r, tl.max(x, 1))
-                l_r = l_r * tl.math.exp2(m_r - m_new) + tl.sum(tl.math.exp2(x - m_new[:, None]), 1)
+                m_new = tl.maximum(m_r, tl.max(x, 1))  # finite: every tile has a column inside the sequence
+                e = tl.math.exp2(x - m_new[:, None])
+                l_r = l_r * tl.math.exp2(m_r - m_new) + tl.sum(e, 1)
                 m_r = m_new
+                cols = tile * KEY_BLOCKS + tl.arange(0, KEY_BLOCKS)
+                part = tl.sum(tl.reshape(e, [ROWS, KEY_BLOCKS, R]), 2)
+                tl.store(
+                    Partial + scratch_row[:, None] * NK + cols[None, :],
+                    part,
+                    mask=row_ok[:, None] & (cols < NK)[None, :],
+                )
+                tl.store(TileMax + scratch_row * NT + tile, m_new, mask=row_ok)
             # Weight of a stride row: 1 / (its normaliser x the valid stride rows of its block); 0 past SEQ_Q.
             valid_rows = tl.minimum(tl.maximum(tl.cdiv(SEQ_Q - row_block * BLOCK_SIZE, STRIDE), 1), R)
             weight = tl.where(q_rows < SEQ_Q, 1.0 / (l_r * valid_rows.to(tl.float32)), 0.0)
             blocks = pid_q * BLOCK_Q + g + tl.arange(0, QUERY_BLOCKS)
-            for key_start in range(0, SEQ_K, TILE):
-                x = _antidiagonal_logits(
-                    q_base, k_base, stride_qs, stride_ks, q_rows, key_start, qk_scale, SEQ_Q, SEQ_K,
-                    HEAD_DIM, BLOCK_D, STRIDE, KEY_COLS, INPUT_PRECISION, DOT_FP32,
-                )  # fmt: skip
-                p = tl.math.exp2(x - m_r[:, None]) * weight[:, None]  # (QUERY_BLOCKS * R, KEY_BLOCKS * R)
-                per_block = tl.sum(tl.sum(tl.reshape(p, [QUERY_BLOCKS, R, KEY_BLOCKS, R]), 3), 1)
-                cols = key_start // BLOCK_SIZE + tl.arange(0, KEY_BLOCKS)
+            tl.debug_barrier()  # the scratch rows were written by other threads of this program
+            for tile in range(0, NT):
+                cols = tile * KEY_BLOCKS + tl.arange(0, KEY_BLOCKS)
+                valid = row_ok[:, None] & (cols < NK)[None, :]
+                part = tl.load(Partial + scratch_row[:, None] * NK + cols[None, :], mask=valid, other=0.0)
+                m_t = tl.load(TileMax + scratch_row * NT + tile, mask=row_ok, other=0.0)
+                scale = tl.where(row_ok, tl.math.exp2(m_t - m_r) * weight, 0.0)
+                per_block = tl.sum(tl.reshape(part * scale[:, None], [QUERY_BLOCKS, R, KEY_BLOCKS]), 1)
                 tl.store(
                     Scores + (bh * NQ + blocks[:, None]) * NK + cols[None, :],
                     per_block,
@@ -261,6 +278,8 @@ if triton is not None:
         KSum,
         Threshold,
         Scores,
+        Partial,
+        TileMax,
         RowStats,
         BlockIndex,
         BlockCount,
@@ -316,9 +335,9 @@ if triton is not None:
             )  # fmt: skip
         else:
             _antidiagonal_masses(
-                Scores, q_base, K + off_b * stride_kb + head * stride_kh, stride_qs, stride_ks, bh, pid_q, qk_scale,
-                SEQ_Q, SEQ_K, NK, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STRIDE, KEY_BLOCKS, QUERY_BLOCKS, INPUT_PRECISION,
-                DOT_FP32, BLOCK_Q,
+                Scores, Partial, TileMax, q_base, K + off_b * stride_kb + head * stride_kh, stride_qs, stride_ks, bh,
+                pid_q, qk_scale, SEQ_Q, SEQ_K, NK, HEAD_DIM, BLOCK_D, BLOCK_SIZE, STRIDE, KEY_BLOCKS, QUERY_BLOCKS,
+                INPUT_PRECISION, DOT_FP32, BLOCK_Q,
             )  # fmt: skip
             m_i = tl.zeros([BLOCK_Q], dtype=tl.float32)  # the scratch holds masses already
             l_i = tl.full([BLOCK_Q], 1.0, dtype=tl.float32)
@@ -526,6 +545,14 @@ def select_blocks(
     else:
         key_sums = tau  # never read
     scores = torch.empty((batch * heads, num_q_blocks, num_kv_blocks), device=q.device, dtype=torch.float32)
+    if scoring == "antidiagonal":  # per stride row: exponential sums per key block, and the max they were taken at
+        rows = (batch * heads, num_q_blocks, block_size // stride)
+        partial = torch.empty((*rows, num_kv_blocks), device=q.device, dtype=torch.float32)
+        tile_max = torch.empty(
+            (*rows, math.ceil(s_k / (ANTIDIAGONAL_KEY_BLOCKS * block_size))), device=q.device, dtype=torch.float32
+        )
+    else:
+        partial = tile_max = scores  # never read
     row_stats = torch.empty((batch * heads, num_q_blocks, 2), device=q.device, dtype=torch.float32)
     index = torch.zeros((batch, heads, num_q_blocks, width), device=q.device, dtype=torch.int32)
     count = torch.empty((batch, heads, num_q_blocks), device=q.device, dtype=torch.int32)
@@ -535,6 +562,8 @@ def select_blocks(
         key_sums,
         tau.contiguous(),
         scores,
+        partial,
+        tile_max,
         row_stats,
         index,
         count,
