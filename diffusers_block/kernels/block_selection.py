@@ -62,8 +62,8 @@ SCORINGS = {"mean": 0, "antidiagonal": 1}
 #: Antidiagonal scoring: key blocks per tile of the sweep (KEY_BLOCKS * block_size / stride columns), and
 #: query blocks whose stride rows are stacked into one tile (QUERY_BLOCKS * block_size / stride rows: 64 rows with
 #: blocks of 128 and stride 8, a full tensor-core tile). BLOCK_Q must be a multiple of QUERY_BLOCKS. Measured on an
-#: H100 at 32K tokens (query x key blocks per tile): 4 x 8 takes 2.9 / 2.8 ms (head dim 64 / 128), 4 x 4 3.1 / 3.7,
-#: 8 x 4 6.4 / 5.7, 8 x 8 4.5 / 6.6, 2 x 8 5.8 / 4.3.
+#: H100 at 32K tokens (query x key blocks per tile) with the earlier two sweeps: 4 x 8 took 2.9 / 2.8 ms (head dim
+#: 64 / 128), 4 x 4 3.1 / 3.7, 8 x 4 6.4 / 5.7, 8 x 8 4.5 / 6.6, 2 x 8 5.8 / 4.3; one sweep at 4 x 8: 1.8 / 1.5 ms.
 ANTIDIAGONAL_KEY_BLOCKS = 8
 ANTIDIAGONAL_QUERY_BLOCKS = 4
 #: tl.dot needs every tile dim >= 16 on the GPU. The antidiagonal tiles stack the stride rows (block_size / stride
