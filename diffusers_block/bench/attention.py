@@ -24,6 +24,7 @@ timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import statistics
@@ -760,33 +761,15 @@ def _forward_times(model, arch, latents, prompts, config, device, cpu) -> dict:
     times = {}
     with _cudnn() if not cpu else nullcontext():
         times["dense"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
-        enable_sparse_attention(
-            model,
-            SparseAttentionConfig(
-                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 1, "refresh_schedule": None}
-            ),
-        )
+        # Every call selects, or every call reuses the first call's lists (the stage-wise schedule is off).
+        selecting = dataclasses.replace(config, dense_steps=0, refresh_interval=1, refresh_schedule=None)
+        reusing = dataclasses.replace(selecting, refresh_interval=10**9)
+        enable_sparse_attention(model, selecting)
         times["sparse_select"] = bench_ms(lambda: call(next(counter)), device, warmup=2, min_time_ms=0, max_iters=5)
-        enable_sparse_attention(
-            model,
-            SparseAttentionConfig(
-                **{**config.__dict__, "dense_steps": 0, "refresh_interval": 10**9, "refresh_schedule": None}
-            ),
-        )
+        enable_sparse_attention(model, reusing)
         times["sparse_reuse"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
         # The same, with the rotary embedding left to the processor (what the fused gather saves).
-        enable_sparse_attention(
-            model,
-            SparseAttentionConfig(
-                **{
-                    **config.__dict__,
-                    "dense_steps": 0,
-                    "refresh_interval": 10**9,
-                    "refresh_schedule": None,
-                    "fuse_rotary": False,
-                }
-            ),
-        )
+        enable_sparse_attention(model, dataclasses.replace(reusing, fuse_rotary=False))
         times["sparse_reuse_unfused_rotary"] = bench_ms(lambda: call(0), device, warmup=2, min_time_ms=0, max_iters=5)
         disable_sparse_attention(model)
     return times
