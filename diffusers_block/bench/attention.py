@@ -53,6 +53,7 @@ from ..kernels import (
     select_blocks,
     select_blocks_reference,
 )
+from ..kernels import block_sparse_attention_hopper as hopper
 from . import refresh as refresh_option
 from . import report
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
@@ -497,9 +498,15 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
         with _cudnn():
             result["cudnn_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device)
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
+    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, None, full_index, bs, None) else "triton"
     result["ours_dense_ms"] = bench_ms(
         lambda: block_sparse_attention(q, k, v, full_index, full_count, block_size=bs), device
     )
+    if result["dense_kernel"] != "triton":  # the Triton-language kernel on the same lists, for comparison
+        with hopper.turned_off():
+            result["ours_dense_triton_ms"] = bench_ms(
+                lambda: block_sparse_attention(q, k, v, full_index, full_count, block_size=bs), device
+            )
     result["dense_config_ms"] = _last_tuning("block_sparse_attention", "_block_sparse_attn_fwd_tma_autotuned")
     if flex is not None:
         flex_fn, block_mask_cls = flex
@@ -547,11 +554,13 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
             if "flex_ms" in row:
                 row["flex_speedup_vs_cudnn"] = result["cudnn_ms"] / row["flex_ms"]
         result["densities"][str(density)] = row
-    for key in ("cudnn_ms", "ours_dense_ms", "flex_dense_ms"):
+    for key in ("cudnn_ms", "ours_dense_ms", "ours_dense_triton_ms", "flex_dense_ms"):
         if key in result:
             result[key.replace("_ms", "_tflops")] = flops / result[key] / 1e9
     if "cudnn_ms" in result:
         result["ours_dense_vs_cudnn_throughput"] = result["cudnn_ms"] / result["ours_dense_ms"]
+        if "ours_dense_triton_ms" in result:
+            result["ours_dense_triton_vs_cudnn_throughput"] = result["cudnn_ms"] / result["ours_dense_triton_ms"]
     return result
 
 
@@ -563,7 +572,12 @@ def _flex_mask(block_mask_cls, count, index, block_size):
 
 
 def _print_kernel(result: dict) -> None:
-    dense = [("cuDNN SDPA dense", "cudnn_ms"), ("ours dense mode", "ours_dense_ms"), ("Flex dense", "flex_dense_ms")]
+    dense = [
+        ("cuDNN SDPA dense", "cudnn_ms"),
+        (f"ours dense mode ({result.get('dense_kernel', 'triton')})", "ours_dense_ms"),
+        ("ours dense mode (triton)", "ours_dense_triton_ms"),
+        ("Flex dense", "flex_dense_ms"),
+    ]
     table = [
         {"what": label, "ms": result[key], "tflops": result.get(key.replace("_ms", "_tflops"))}
         for label, key in dense

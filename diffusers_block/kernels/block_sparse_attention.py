@@ -33,6 +33,7 @@ import warnings
 
 import torch
 
+from . import block_sparse_attention_hopper as hopper
 from . import runtime
 from .reference import block_mask_from_index, block_sparse_attention_reference, block_statistics
 from .runtime import tl, triton
@@ -643,6 +644,12 @@ def block_sparse_attention(
         _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
         return (out, lse) if return_lse else out
     with torch.cuda.device(q.device):
+        if hopper.eligible(q, k, v, out, block_index, block_size, approximation):
+            try:  # Hopper, wide lists: the warp-specialized Gluon kernel (its docstring says why and when)
+                hopper.launch(q, k, v, out, out_rows, lse, block_index, block_count, scale, block_size)
+                return (out, lse) if return_lse else out
+            except Exception as error:  # compile/launch failure: the Triton-language kernel from now on
+                hopper.disable(error)
         if _tma_eligible(k, v, approximation):
             descriptors = tuple(
                 TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]) for t in (k, v)

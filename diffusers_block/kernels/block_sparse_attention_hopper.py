@@ -1,0 +1,484 @@
+"""Block-sparse flash-attention forward for Hopper in Gluon: a TMA producer warp feeds the consumer warpgroups,
+whose next logits overlap their softmax (FlashAttention-3's structure, without its ping-pong).
+
+Why a second kernel: the Triton-language kernel (:mod:`.block_sparse_attention`) waits for every ``tl.dot`` before the
+softmax that reads it, and loads K/V with the warps that compute; at head dim 128 it stays near 80% of cuDNN. Gluon
+(``triton.experimental``) exposes what FA-3 uses: warp specialization with register reallocation, TMA copies tracked
+by mbarriers, and the asynchronous warpgroup MMA with explicit waits.
+
+* Producer (a one-warp worker partition, 24 registers): per listed key tile, wait until the consumers freed its ring
+  slot, then TMA-copy the K and V tiles into it; ``ready[slot]`` completes when the bytes land.
+* Consumers (the default partition, 16 query rows per warp). Per tile ``j``, with ``S_j`` in registers: issue ``S_{j+1}
+  = Q K_{j+1}^T``; online softmax of ``S_j`` (base 2, fp32) while ``S_{j+1}`` and ``O += P_{j-1} V_{j-1}`` run on the
+  tensor cores; wait for both, release tile ``j - 1``'s slot, rescale ``O``, issue ``P_j V_j``. ``P``'s registers are
+  the MMA's operand until its product retires, so ``P`` is carried through that wait (reusing them corrupts ``O``).
+
+Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (:func:`eligible`): fp16 or
+bf16, head dim 64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses (:func:`tma_view`), wide
+block lists (on sparse lists the Triton-language kernel is faster: measured). Gluon's API moves between Triton
+releases (3.9 renamed the TMA copy), so it runs on the versions it was validated on (:data:`VALIDATED_TRITON`; the
+environment variable ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless) and any failure falls back
+to the Triton-language kernel for the rest of the process. Measured against it in ``benchmarks/labs/gluon-hopper-
+attention/`` (H100, dense lists, share of cuDNN's throughput): 86.8% / 82.6% at 32K / 75K tokens and head dim 128
+(83.4% / 80.0% before), 94.0% / 91.2% at head dim 64 (90.0% / 90.1%).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+
+import torch
+
+from .runtime import triton
+
+try:  # Gluon is experimental (Triton >= 3.5); without it the Triton-language kernel serves.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_init,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    IMPORTED = triton is not None
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
+    gluon = gl = TensorDescriptor = None
+    IMPORTED = False
+
+__all__ = ["CONFIG", "eligible", "enabled", "HEAD_DIMS", "launch", "tma_view", "turned_off"]
+
+#: Head dims this kernel is built for (one MMA tile wide); others go to the Triton-language kernel.
+HEAD_DIMS = (64, 128)
+#: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim, the fastest of the lab's candidates on an H100 (16 query rows per
+#: consumer warp; BLOCK_M 64 is one warpgroup with a register cap that fits two CTAs per SM).
+CONFIG = {128: (64, 4, 128), 64: (128, 3, 64)}
+#: Triton releases whose Gluon API this kernel was validated on (major.minor).
+VALIDATED_TRITON = ("3.6",)
+#: DIFFUSERS_BLOCK_GLUON: "1" always tries the kernel where Gluon imports, "0" never, unset: validated Triton only.
+SWITCH = os.environ.get("DIFFUSERS_BLOCK_GLUON")
+#: Lists at least this share of the key blocks wide go to this kernel (the complement lists of the cached
+#: approximation, dense lists); narrower ones to the Triton-language kernel, faster there.
+MIN_LIST_SHARE = 0.5
+#: The consumers are the default partition (the kernel's ``num_warps``); the producer is a one-warp worker with few
+#: registers. (With the producer as the default partition, or one partition per consumer warpgroup, ptxas serialized
+#: the consumers' asynchronous MMAs for want of registers.)
+PRODUCER_WARPS = 1
+PRODUCER_REGISTERS = 24
+#: One consumer warpgroup (BLOCK_M = 64): a 128-register launch cap lets two CTAs share an SM (the consumers get
+#: 232 after reallocation), so one CTA's softmax overlaps the other's MMAs.
+MAX_REGISTERS_TWO_PER_SM = 128
+#: TMA needs 16-byte aligned addresses and strides.
+TMA_ALIGNMENT = 16
+
+
+def tma_view(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """The 2-D view (shape, strides) over a (B, H, S, D) tensor in which head (b, h)'s rows are rows
+    ``row0 + s`` at columns ``[col0, col0 + D)`` with ``row0, col0 = divmod(b * stride_b + h * stride_h, stride_s)``:
+    contiguous (B, H, S, D) is a (B*H*S, D) matrix, a (B, S, H, D) buffer seen as (B, H, S, D) is (B*S, H*D).
+    None if the layout has no such view or TMA cannot address it (the caller falls back to the pointer kernel)."""
+    batch, heads, seq, dim = t.shape
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or ss < dim or (ss * t.element_size()) % TMA_ALIGNMENT or t.data_ptr() % TMA_ALIGNMENT:
+        return None
+    offsets = [b * sb + h * sh for b in range(batch) for h in range(heads)]
+    width = max(o % ss for o in offsets) + dim
+    if width > ss:  # a head's row would run into the next row
+        return None
+    return [max(o // ss for o in offsets) + seq, width], [ss, 1]
+
+
+if IMPORTED:
+
+    @gluon.jit
+    def _tile_start(
+        index_row, t, n_tiles, NUM_KV_BLOCKS, TILES: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr
+    ):
+        """First key of tile ``t`` of the list (tiles past the list repeat its last block, or block 0 if empty)."""
+        kv_block = gl.load(index_row + gl.minimum(t, gl.maximum(n_tiles - 1, 0)) // TILES)
+        kv_block = gl.minimum(gl.maximum(kv_block, 0), NUM_KV_BLOCKS - 1)
+        return kv_block * BLOCK_SIZE + (t % TILES) * BLOCK_N
+
+    @gluon.jit
+    def _producer(
+        q_desc,
+        k_desc,
+        v_desc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        ready,
+        empty,
+        index_row,
+        n_tiles,
+        q_row,
+        q_col,
+        k_row,
+        k_col,
+        v_row,
+        v_col,
+        NUM_KV_BLOCKS,
+        TILES: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+    ):
+        mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_ready, q_smem)
+        for t in range(n_tiles):
+            slot = t % NUM_STAGES
+            # the slot's previous tile (t - NUM_STAGES) must be released by the consumers
+            mbarrier.wait(empty.index(slot), ((t // NUM_STAGES) & 1) ^ 1, pred=t >= NUM_STAGES)
+            start = _tile_start(index_row, t, n_tiles, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N)
+            bar = ready.index(slot)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row + start, k_col], bar, k_smem.index(slot))
+            tma.async_copy_global_to_shared(v_desc, [v_row + start, v_col], bar, v_smem.index(slot))
+
+    @gluon.jit
+    def _consumer(
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        ready,
+        empty,
+        Out,
+        OutRows,
+        Lse,
+        index_row,
+        n_tiles,
+        sm_scale,
+        out_base,
+        lse_base,
+        m_start,
+        stride_om,
+        SEQ_Q,
+        SEQ_K,
+        NUM_KV_BLOCKS,
+        HEAD_DIM: gl.constexpr,
+        TILES: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        EVEN_K: gl.constexpr,
+        SCATTER_OUT: gl.constexpr,
+    ):
+        warps: gl.constexpr = gl.num_warps()
+        rows: gl.constexpr = q_smem.type.shape[0]
+        dtype: gl.constexpr = q_smem.dtype
+        # Registers: logits and output are warpgroup-MMA accumulators (warps along M); P is the PV product's A operand.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = warpgroup_mma_init(gl.zeros([rows, HEAD_DIM], gl.float32, layout=o_layout))
+        s_zero = gl.zeros([rows, BLOCK_N], gl.float32, layout=s_layout)
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
+
+        # P of the PV product in flight: its registers are the MMA's A operand and must stay untouched until the
+        # product retires, so it is carried through the wait that retires it (reusing them corrupts the output).
+        p_in_flight = gl.zeros([rows, BLOCK_N], dtype, layout=p_layout)
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(ready.index(0), 0, pred=n_tiles > 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        for j in range(n_tiles):
+            # the next tile's logits (past the list: whatever the slot holds, never used)
+            nxt = (j + 1) % NUM_STAGES
+            mbarrier.wait(ready.index(nxt), ((j + 1) // NUM_STAGES) & 1, pred=j + 1 < n_tiles)
+            s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            # online softmax of this tile while S_{j+1} and P_{j-1} V_{j-1} run
+            if EVEN_K:
+                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+                alpha = gl.exp2(m_i - m_new)
+            else:
+                cols = _tile_start(index_row, j, n_tiles, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N) + offs_n
+                x = s * qk_scale + gl.expand_dims(gl.where(cols < SEQ_K, 0.0, float("-inf")), 0)
+                m_new = gl.maximum(m_i, gl.max(x, 1))
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid (-inf) - (-inf)
+                p = gl.exp2(x - gl.expand_dims(m_safe, 1))
+                alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            m_i = m_new
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            acc, s, p_in_flight = warpgroup_mma_wait(0, deps=(acc, s_next, p_in_flight))
+            # tile j - 1 is done with (its logits long ago, its PV product now): hand its slot back
+            mbarrier.arrive(empty.index((j + NUM_STAGES - 1) % NUM_STAGES), pred=j > 0)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            acc = warpgroup_mma(p, v_smem.index(j % NUM_STAGES), acc, is_async=True)
+            p_in_flight = p
+        acc, p_in_flight = warpgroup_mma_wait(0, deps=(acc, p_in_flight))
+
+        # Epilogue: normalise, natural-log lse, store (row i to OutRows[i] when scattering).
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
+        has_key = l_o > 0.0
+        acc = acc / gl.expand_dims(gl.where(has_key, l_o, 1.0), 1)
+        lse = gl.where(has_key, (m_o + gl.log2(gl.where(has_key, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
+        offs_m = m_start + gl.arange(0, rows, layout=gl.SliceLayout(1, o_layout))
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        m_mask = offs_m < SEQ_Q
+        if SCATTER_OUT:
+            out_m = gl.load(OutRows + offs_m, mask=m_mask, other=0).to(gl.int64)
+        else:
+            out_m = offs_m.to(gl.int64)
+        o_ptrs = Out + out_base + gl.expand_dims(out_m * stride_om, 1) + gl.expand_dims(offs_d, 0)
+        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(m_mask, 1))
+        gl.store(Lse + lse_base + offs_m, lse, mask=m_mask)
+
+    @gluon.jit
+    def _block_sparse_attn_fwd_hopper(
+        q_desc,
+        k_desc,
+        v_desc,
+        Out,
+        OutRows,
+        Lse,
+        BlockIndex,
+        BlockCount,
+        sm_scale,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        H,
+        SEQ_Q,
+        SEQ_K,
+        NUM_Q_BLOCKS,
+        MAX_KV_BLOCKS,
+        NUM_KV_BLOCKS,
+        HEAD_DIM: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
+        EVEN_K: gl.constexpr,
+        SCATTER_OUT: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        PRODUCER_WARPS: gl.constexpr,
+        PRODUCER_REGISTERS: gl.constexpr,
+    ):
+        TILES: gl.constexpr = BLOCK_SIZE // BLOCK_N
+        rows: gl.constexpr = q_desc.block_type.shape[0]
+        start_m = gl.program_id(0)
+        off_bh = gl.program_id(1)
+        off_b = (off_bh // H).to(gl.int64)
+        off_h = (off_bh % H).to(gl.int64)
+        list_row = off_bh.to(gl.int64) * NUM_Q_BLOCKS + (start_m * rows) // BLOCK_SIZE
+        n_tiles = gl.minimum(gl.maximum(gl.load(BlockCount + list_row), 0), MAX_KV_BLOCKS) * TILES
+        index_row = BlockIndex + list_row * MAX_KV_BLOCKS
+        # (row, column) of this head's first row in each 2-D TMA view (see tma_view)
+        q_off = off_b * stride_qb + off_h * stride_qh
+        k_off = off_b * stride_kb + off_h * stride_kh
+        v_off = off_b * stride_vb + off_h * stride_vh
+        q_row = (q_off // stride_qm).to(gl.int32) + start_m * rows
+        k_row = (k_off // stride_kn).to(gl.int32)
+        v_row = (v_off // stride_vn).to(gl.int32)
+        q_col = (q_off % stride_qm).to(gl.int32)
+        k_col = (k_off % stride_kn).to(gl.int32)
+        v_col = (v_off % stride_vn).to(gl.int32)
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        fence_async_shared()
+
+        out_base = off_b * stride_ob + off_h * stride_oh
+        lse_base = off_bh.to(gl.int64) * SEQ_Q
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        q_ready,
+                        ready,
+                        empty,
+                        Out,
+                        OutRows,
+                        Lse,
+                        index_row,
+                        n_tiles,
+                        sm_scale,
+                        out_base,
+                        lse_base,
+                        start_m * rows,
+                        stride_om,
+                        SEQ_Q,
+                        SEQ_K,
+                        NUM_KV_BLOCKS,
+                        HEAD_DIM,
+                        TILES,
+                        BLOCK_SIZE,
+                        BLOCK_N,
+                        NUM_STAGES,
+                        EVEN_K,
+                        SCATTER_OUT,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        q_desc,
+                        k_desc,
+                        v_desc,
+                        q_smem,
+                        k_smem,
+                        v_smem,
+                        q_ready,
+                        ready,
+                        empty,
+                        index_row,
+                        n_tiles,
+                        q_row,
+                        q_col,
+                        k_row,
+                        k_col,
+                        v_row,
+                        v_col,
+                        NUM_KV_BLOCKS,
+                        TILES,
+                        BLOCK_SIZE,
+                        BLOCK_N,
+                        NUM_STAGES,
+                    ),
+                ),
+            ],
+            [PRODUCER_WARPS],
+            [PRODUCER_REGISTERS],
+        )
+        mbarrier.invalidate(q_ready)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
+
+
+_failure: str | None = None
+
+
+def enabled() -> bool:
+    """Gluon imported, not switched off, not failed before, and a validated Triton (unless switched on)."""
+    if not IMPORTED or SWITCH == "0" or _failure is not None:
+        return False
+    return SWITCH == "1" or ".".join(triton.__version__.split(".")[:2]) in VALIDATED_TRITON
+
+
+def eligible(q, k, v, out, block_index, block_size: int, approximation) -> bool:
+    """Whether this kernel serves a call (the inputs have passed the launcher's checks)."""
+    if not enabled() or approximation is not None or not q.is_cuda:
+        return False
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    block_n, _, block_m = CONFIG[head_dim]
+    if block_size % max(block_n, block_m) or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    num_kv_blocks = -(-k.shape[2] // block_size)
+    if block_index.shape[-1] < MIN_LIST_SHARE * num_kv_blocks:
+        return False
+    return all(tma_view(t) is not None for t in (q, k, v))
+
+
+@contextmanager
+def turned_off():
+    """Within the block, calls go to the Triton-language kernel (benchmarks compare the two)."""
+    global SWITCH
+    saved, SWITCH = SWITCH, "0"
+    try:
+        yield
+    finally:
+        SWITCH = saved
+
+
+def disable(error: Exception) -> None:
+    """After a compile or launch failure: the Triton-language kernel from now on (warned once)."""
+    global _failure
+    _failure = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"block_sparse_attention: Gluon Hopper kernel disabled after a failure ({_failure[:300]})", stacklevel=3
+    )
+
+
+def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """Host TMA descriptor over :func:`tma_view` of ``t`` with (block_rows, D) boxes."""
+    shape, strides = tma_view(t)
+    gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([block_rows, t.shape[-1]], gl_dtype)
+    return TensorDescriptor(t, shape, strides, [block_rows, t.shape[-1]], layout)
+
+
+def launch(q, k, v, out, out_rows, lse, block_index, block_count, sm_scale, block_size, config=None):
+    """Run the kernel (``config``: ``(BLOCK_N, NUM_STAGES, BLOCK_M)``, default :data:`CONFIG`); the caller has checked
+    the inputs and :func:`eligible`. ``out`` may have any strides; ``lse`` is (B, H, S_q) fp32."""
+    block_n, num_stages, block_m = config or CONFIG[q.shape[-1]]
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    _block_sparse_attn_fwd_hopper[grid](
+        descriptor(q, block_m),
+        descriptor(k, block_n),
+        descriptor(v, block_n),
+        out,
+        out_rows if out_rows is not None else block_count,
+        lse,
+        block_index,
+        block_count,
+        sm_scale,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        heads,
+        seq_q,
+        seq_k,
+        block_index.shape[2],
+        block_index.shape[3],
+        triton.cdiv(seq_k, block_size),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        EVEN_K=seq_k % block_size == 0,
+        SCATTER_OUT=out_rows is not None,
+        BLOCK_N=block_n,
+        NUM_STAGES=num_stages,
+        PRODUCER_WARPS=PRODUCER_WARPS,
+        PRODUCER_REGISTERS=PRODUCER_REGISTERS,
+        num_warps=block_m // 16,
+        maxnreg=MAX_REGISTERS_TWO_PER_SM if block_m == 64 else None,
+    )
