@@ -13,14 +13,15 @@ by mbarriers, and the asynchronous warpgroup MMA with explicit waits.
   tensor cores; wait for both, release tile ``j - 1``'s slot, rescale ``O``, issue ``P_j V_j``. ``P``'s registers are
   the MMA's operand until its product retires, so ``P`` is carried through that wait (reusing them corrupts ``O``).
 
-Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (:func:`eligible`): fp16 or
-bf16, head dim 64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses (:func:`tma_view`), wide
-block lists (on sparse lists the Triton-language kernel is faster: measured). Gluon's API moves between Triton
-releases (3.9 renamed the TMA copy), so it runs on the versions it was validated on (:data:`VALIDATED_TRITON`; the
-environment variable ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless) and any failure falls back
-to the Triton-language kernel for the rest of the process. Measured against it in ``benchmarks/labs/gluon-hopper-
-attention/`` (H100, dense lists, share of cuDNN's throughput): 86.8% / 82.6% at 32K / 75K tokens and head dim 128
-(83.4% / 80.0% before), 94.0% / 91.2% at head dim 64 (90.0% / 90.1%).
+Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (fp16 or bf16, head dim
+64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses: :func:`tma_view`). The launcher there
+routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: head dim 64 (see
+:data:`CONFIG`), wide block lists (dense lists, the cached approximation's complement; on sparse lists the Triton-
+language kernel is faster). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs
+on the versions it was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off /
+on regardless) and any failure falls back to the Triton-language kernel for the rest of the process. Measured in
+``benchmarks/labs/gluon-hopper-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's throughput):
+92.4% / 93.1% at head dim 64 and 32K / 75K tokens, against 89.8% / 90.4% for the Triton-language kernel.
 """
 
 from __future__ import annotations
@@ -51,13 +52,17 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "eligible", "enabled", "HEAD_DIMS", "launch", "tma_view", "turned_off"]
+__all__ = ["CONFIG", "CONFIG_HEAD_DIM_128", "eligible", "enabled", "HEAD_DIMS", "launch", "tma_view", "turned_off"]
 
-#: Head dims this kernel is built for (one MMA tile wide); others go to the Triton-language kernel.
+#: Head dims the kernel is built for (one MMA tile wide).
 HEAD_DIMS = (64, 128)
-#: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim, the fastest of the lab's candidates on an H100 (16 query rows per
-#: consumer warp; BLOCK_M 64 is one warpgroup with a register cap that fits two CTAs per SM).
-CONFIG = {128: (64, 4, 128), 64: (128, 3, 64)}
+#: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the lab's candidates on an H100
+#: (16 query rows per consumer warp; BLOCK_M 64 is one warpgroup with a register cap that fits two CTAs per SM). Head
+#: dim 64 only: at 128 the kernel beat the Triton-language one at 32K tokens (84.1% of cuDNN against 82.9%) but lost at
+#: 75K (74.1% against 79.4%, and 80.7-84.1% across lab runs): not a dependable gain.
+CONFIG = {64: (128, 3, 64)}
+#: The best head-dim-128 config in the lab (for ``launch(config=...)``).
+CONFIG_HEAD_DIM_128 = (64, 4, 128)
 #: Triton releases whose Gluon API this kernel was validated on (major.minor).
 VALIDATED_TRITON = ("3.6",)
 #: DIFFUSERS_BLOCK_GLUON: "1" always tries the kernel where Gluon imports, "0" never, unset: validated Triton only.
@@ -397,7 +402,7 @@ def eligible(q, k, v, out, block_index, block_size: int, approximation) -> bool:
     if not enabled() or approximation is not None or not q.is_cuda:
         return False
     head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS or q.dtype not in (torch.float16, torch.bfloat16):
+    if head_dim not in CONFIG or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     block_n, _, block_m = CONFIG[head_dim]
     if block_size % max(block_n, block_m) or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -405,7 +410,8 @@ def eligible(q, k, v, out, block_index, block_size: int, approximation) -> bool:
     num_kv_blocks = -(-k.shape[2] // block_size)
     if block_index.shape[-1] < MIN_LIST_SHARE * num_kv_blocks:
         return False
-    return all(tma_view(t) is not None for t in (q, k, v))
+    views = [tma_view(t) for t in (q, k, v)]
+    return all(view is not None and view[0][0] < 2**31 for view in views)  # TMA coordinates are int32
 
 
 @contextmanager
