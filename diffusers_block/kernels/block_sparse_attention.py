@@ -260,8 +260,12 @@ if triton is not None:
 
         # One flat, branch-free loop over (listed block, tile of BLOCK_N keys), so that the compiler pipelines the
         # loads; tiles past SEQ_K are handled inside _attend_tile without a branch.
+        # The next tile's block index is loaded one tile ahead, so its latency is not on the K/V loads' path.
+        last = tl.maximum(count * TILES - 1, 0)
+        kv_next = tl.load(index_row, mask=count > 0, other=0)
         for it in range(0, count * TILES):
-            kv_block = tl.load(index_row + it // TILES)
+            kv_block = kv_next
+            kv_next = tl.load(index_row + tl.minimum(it + 1, last) // TILES)
             start_n = kv_block * BLOCK_SIZE + (it % TILES) * BLOCK_N
             offs_n = start_n + offs_tile
             if USE_TMA:  # Hopper: the copy engine fetches the tiles (zero-filled past SEQ_K and HEAD_DIM)
