@@ -56,7 +56,7 @@ def test_tma_view_refuses_what_tma_cannot_address():
 def test_not_eligible_off_hopper_or_when_turned_off(monkeypatch):
     q, k, v = make_qkv(1, 2, 256, 256, 128, torch.bfloat16)
     index, _ = random_block_lists(1, 2, 2, 2)
-    assert not hopper.eligible(q, k, v, None, index, 128, None)  # CPU tensors
+    assert not hopper.eligible(q, k, v, index, 128, None)  # CPU tensors
     monkeypatch.setattr(hopper, "SWITCH", "1")
     assert hopper.enabled() == hopper.IMPORTED
     with hopper.turned_off():
@@ -114,7 +114,7 @@ def test_gpu_hopper_kernel_matches_reference(case, dtype, scatter):
         triton_out = block_sparse_attention(q, k, v, index, count, block_size=128, out_rows=rows)
     assert (out.float() - triton_out.float()).abs().max().item() <= tol
     # the launcher routes the head dims in CONFIG here, and the result is this kernel's
-    assert hopper.eligible(q, k, v, None, index, 128, None) == (dim in hopper.CONFIG)
+    assert hopper.eligible(q, k, v, index, 128, None) == (dim in hopper.CONFIG)
     routed = block_sparse_attention(q, k, v, index, count, block_size=128, out_rows=rows)
     assert hopper._failure is None, hopper._failure
     if dim in hopper.CONFIG:

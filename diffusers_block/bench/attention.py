@@ -498,7 +498,7 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
         with _cudnn():
             result["cudnn_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device)
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
-    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, None, full_index, bs, None) else "triton"
+    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, full_index, bs, None) else "triton"
     result["ours_dense_ms"] = bench_ms(
         lambda: block_sparse_attention(q, k, v, full_index, full_count, block_size=bs), device
     )

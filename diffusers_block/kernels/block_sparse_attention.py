@@ -648,7 +648,7 @@ def block_sparse_attention(
         _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
         return (out, lse) if return_lse else out
     with torch.cuda.device(q.device):
-        if hopper.eligible(q, k, v, out, block_index, block_size, approximation):
+        if hopper.eligible(q, k, v, block_index, block_size, approximation):
             try:  # Hopper, wide lists: the warp-specialized Gluon kernel (its docstring says why and when)
                 hopper.launch(q, k, v, out, out_rows, lse, block_index, block_count, scale, block_size)
                 return (out, lse) if return_lse else out

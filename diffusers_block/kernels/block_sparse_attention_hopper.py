@@ -52,14 +52,12 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "CONFIG_HEAD_DIM_128", "eligible", "enabled", "HEAD_DIMS", "launch", "tma_view", "turned_off"]
+__all__ = ["CONFIG", "CONFIG_HEAD_DIM_128", "eligible", "enabled", "launch", "tma_view", "turned_off"]
 
-#: Head dims the kernel is built for (one MMA tile wide).
-HEAD_DIMS = (64, 128)
 #: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the lab's candidates on an H100
 #: (16 query rows per consumer warp; BLOCK_M 64 is one warpgroup with a register cap that fits two CTAs per SM). Head
 #: dim 64 only: at 128 the kernel beat the Triton-language one at 32K tokens (84.1% of cuDNN against 82.9%) but lost at
-#: 75K (74.1% against 79.4%, and 80.7-84.1% across lab runs): not a dependable gain.
+#: 75K (74.1% against 79.4%, and 80.7-82.6% across lab runs): not a dependable gain.
 CONFIG = {64: (128, 3, 64)}
 #: The best head-dim-128 config in the lab (for ``launch(config=...)``).
 CONFIG_HEAD_DIM_128 = (64, 4, 128)
@@ -401,7 +399,7 @@ def enabled() -> bool:
     return SWITCH == "1" or ".".join(triton.__version__.split(".")[:2]) in VALIDATED_TRITON
 
 
-def eligible(q, k, v, out, block_index, block_size: int, approximation) -> bool:
+def eligible(q, k, v, block_index, block_size: int, approximation) -> bool:
     """Whether this kernel serves a call (the inputs have passed the launcher's checks)."""
     if not enabled() or approximation is not None or not q.is_cuda:
         return False
