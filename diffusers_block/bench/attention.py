@@ -498,6 +498,7 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
         with _cudnn():
             result["cudnn_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device)
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
+
     def dense_mode():
         return block_sparse_attention(q, k, v, full_index, full_count, block_size=bs)
 
