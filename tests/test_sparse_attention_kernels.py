@@ -25,6 +25,8 @@ from diffusers_block.kernels import (
     block_mask_from_index,
     block_sparse_attention,
     block_sparse_attention_reference,
+    block_sums,
+    block_sums_reference,
     gather_tokens,
     gather_tokens_reference,
     rotate_interleaved,
@@ -92,12 +94,26 @@ def _worker() -> dict:
             "is_buffer": out.data_ptr() == buffer.data_ptr(),
             "err": (out[:, :, perm].double() - ref).abs().max().item(),
         }
-    # Selection from key sums handed over by the gather == selection computing them itself.
+    # Block sums alone (no copy): any block size, tails, strided bf16 input; equal to the gather's sums.
+    for seq, dim, bs in ((100, 32, 16), (77, 24, 24), (130, 64, 48)):
+        x = _bshd(2, seq, 3, dim, torch.bfloat16, seed=seq)
+        sums = block_sums(x, bs)
+        ref = block_sums_reference(x.double(), bs)
+        results[f"block_sums_{seq}_{bs}"] = {
+            "shape_ok": tuple(sums.shape) == (2, 3, math.ceil(seq / bs), dim) and sums.dtype == torch.float32,
+            "err": ((sums.double() - ref).abs().max() / ref.abs().max()).item(),
+            "equal_to_gather": bs & (bs - 1) != 0 or torch.equal(sums, gather_tokens(x, None, block_size=bs)[1]),
+        }
+    # Selection from the sums handed over by the gather == selection computing them itself.
     q, k = (_bshd(1, 130, 2, 32, torch.float32, seed=s) * 2 for s in (5, 6))
+    q_gathered, query_sums = gather_tokens(q, None, block_size=16)
     k_gathered, key_sums = gather_tokens(k, None, block_size=16)
-    a = select_blocks(q, k_gathered, block_size=16, threshold=0.6, key_sums=key_sums)
-    b = select_blocks(q, k_gathered, block_size=16, threshold=0.6)
-    results["key_sums"] = {"equal": torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])}
+    a = select_blocks(q_gathered, k_gathered, block_size=16, threshold=0.6, query_sums=query_sums, key_sums=key_sums)
+    b = select_blocks(q, k, block_size=16, threshold=0.6)
+    results["handed_over_sums"] = {"equal": torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])}
+    # The kernel reads the sums it is handed, not q and k: zeroed key sums make every key block score the same.
+    flat = select_blocks(q, k, block_size=16, threshold=0.6, key_sums=torch.zeros_like(key_sums))
+    results["handed_over_sums"]["sums_are_read"] = not torch.equal(flat[1], b[1])
     return results
 
 
@@ -123,8 +139,22 @@ def test_attention_scatters_rows_into_the_given_buffer(interpreted, name):
     assert res["err"] < 1e-5, res
 
 
-def test_selection_from_handed_over_key_sums(interpreted):
-    assert interpreted["key_sums"]["equal"]
+@pytest.mark.parametrize("name", ["block_sums_100_16", "block_sums_77_24", "block_sums_130_48"])
+def test_block_sums_kernel_matches_reference(interpreted, name):
+    res = interpreted[name]
+    assert res["shape_ok"] and res["equal_to_gather"], res
+    assert res["err"] < 1e-6, res  # fp32 sums of bf16 values: exact up to fp32 rounding
+
+
+def test_block_sums_cpu_fallback_is_the_reference():
+    x = _bshd(1, 50, 2, 8, torch.float32)
+    assert torch.equal(block_sums(x, 16), block_sums_reference(x, 16))
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        block_sums(x, 0)
+
+
+def test_selection_from_handed_over_sums(interpreted):
+    assert interpreted["handed_over_sums"]["equal"] and interpreted["handed_over_sums"]["sums_are_read"]
 
 
 # ------------------------------------------------------------------------------------------------------------------

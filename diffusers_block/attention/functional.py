@@ -94,12 +94,16 @@ def sparse_self_attention(
         )
     shape = (tuple(q.shape), seq if key_length is None or key_length >= seq else key_length)
     select = selection is None or selection.shape != shape
-    key_sums = None
+    query_sums = key_sums = None
     if perm is not None or rotary is not None:
-        # One pass each: reorder (and rotate) into contiguous (B, H, S, D), k's block sums on the way if selecting.
-        sums_from_gather = select and config.scoring == "mean" and shape[1] == seq
-        q = gather_tokens(q, perm, rotary=rotary)
-        if sums_from_gather:
+        # One pass each: reorder (and rotate) into contiguous (B, H, S, D), q's and k's block sums on the way if
+        # selecting: the selection then reads neither q nor k.
+        pool = select and config.scoring == "mean"
+        if pool:
+            q, query_sums = gather_tokens(q, perm, rotary=rotary, block_size=bs)
+        else:
+            q = gather_tokens(q, perm, rotary=rotary)
+        if pool and shape[1] == seq:  # with padding keys the selection pools the kept keys itself
             k, key_sums = gather_tokens(k, perm, rotary=rotary, block_size=bs)
         else:
             k = gather_tokens(k, perm, rotary=rotary)
@@ -120,6 +124,7 @@ def sparse_self_attention(
             scale=scale,
             scoring=config.scoring,
             stride=config.stride,
+            query_sums=query_sums,
             key_sums=key_sums,
         )
         selection = Selection(index, count, math.ceil(k.shape[2] / bs), step, shape)

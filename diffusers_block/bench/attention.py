@@ -9,7 +9,8 @@ Three parts, each written to the JSON as soon as it is done (a later failure kee
             cuDNN SDPA dense; ours with every block listed ("dense mode"); FlexAttention (compiled) dense and with
             the same block mask as ours; ours at each density with the selection kernel included (the threshold
             is 1.0 and ``max_blocks`` = density x blocks, so every row keeps exactly that many blocks, chosen by
-            the full selection), and the selection and the attention alone;
+            the full selection), and the selection and the attention alone; every kernel row is device time
+            (``bench_ms(device_only=True)``: calls queued behind a GPU sleep, so host launch work never shows);
   e2e       the Wan2.1-1.3B architecture with random weights (bench/architectures.py) at 480x832x81 frames:
             full flow-matching schedules, dense (cuDNN SDPA) vs sparse attention vs sparse attention + block
             caching, ms per step, the density reached, and the final latents' relative L2 to dense;
@@ -106,10 +107,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_ms(fn, device: torch.device, warmup: int = 3, min_time_ms: float = 300.0, max_iters: int = 200) -> float:
+def bench_ms(
+    fn,
+    device: torch.device,
+    warmup: int = 3,
+    min_time_ms: float = 300.0,
+    max_iters: int = 200,
+    *,
+    device_only: bool = False,
+) -> float:
     """Median time of ``fn`` in ms. On a GPU as ``triton.testing.do_bench`` times: CUDA events around each call,
     calls queued back to back and one synchronisation at the end, so the host's launch work overlaps the device's
-    and a call costs its device time (what a model running layer after layer sees). Host clock on a CPU."""
+    and a call costs its device time (what a model running layer after layer sees). Host clock on a CPU.
+
+    A call whose host work outlasts its device work (the selection at 32K tokens: a few small launches) would still
+    be timed at the host's pace; ``device_only`` queues the calls behind a GPU sleep that outlasts queuing them all,
+    so that the events time the device alone."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -122,18 +135,42 @@ def bench_ms(fn, device: torch.device, warmup: int = 3, min_time_ms: float = 300
             total += times[-1]
         return statistics.median(times)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    host = time.perf_counter()
     start.record()
     fn()
     end.record()
+    host = (time.perf_counter() - host) * 1e3
     end.synchronize()
     iters = max(5, min(max_iters, int(min_time_ms / max(start.elapsed_time(end), 1e-3))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    if device_only:  # twice the host time of queuing every call, at most a few seconds
+        torch.cuda._sleep(int(_sleep_cycles_per_ms(device) * min(2.0 * host * iters + 1.0, SLEEP_CAP_MS)))
     for start, end in events:
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+#: Longest GPU sleep ``bench_ms(device_only=True)`` queues its calls behind.
+SLEEP_CAP_MS = 5000.0
+_SLEEP_RATE: dict[int, float] = {}
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """``torch.cuda._sleep`` spins for a number of clock cycles: cycles per ms of this GPU, measured once."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SLEEP_RATE:
+        cycles = 10_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles // 10)  # wake the clocks up
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE[index] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_RATE[index]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -494,24 +531,28 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
     flops = 4.0 * seq * seq * head_dim * heads
     result = {"seq": seq, "head_dim": head_dim, "heads": heads, "block_size": bs, "dense_tflop": flops / 1e12}
     print(f"\nkernel: {seq} tokens, {heads} heads x {head_dim}, blocks of {bs}")
+
+    def timed(fn) -> float:  # device time, even of calls the host cannot launch as fast as the GPU runs them
+        return bench_ms(fn, device, device_only=True)
+
     if not cpu:
         with _cudnn():
-            result["cudnn_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device)
+            result["cudnn_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
 
     def dense_mode():
         return block_sparse_attention(q, k, v, full_index, full_count, block_size=bs)
 
     result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, full_index, bs, None) else "triton"
-    result["ours_dense_ms"] = bench_ms(dense_mode, device)
+    result["ours_dense_ms"] = timed(dense_mode)
     if result["dense_kernel"] != "triton":  # the Triton-language kernel on the same lists, for comparison
         with hopper.turned_off():
-            result["ours_dense_triton_ms"] = bench_ms(dense_mode, device)
+            result["ours_dense_triton_ms"] = timed(dense_mode)
     result["dense_config_ms"] = _last_tuning("block_sparse_attention", "_block_sparse_attn_fwd_tma_autotuned")
     if flex is not None:
         flex_fn, block_mask_cls = flex
         full_mask = _flex_mask(block_mask_cls, full_count, full_index, bs)
-        result["flex_dense_ms"] = bench_ms(lambda: flex_fn(q, k, v, block_mask=full_mask), device)
+        result["flex_dense_ms"] = timed(lambda: flex_fn(q, k, v, block_mask=full_mask))
     result["densities"] = {}
     for density in args.density:
         keep = max(1, round(density * nb))
@@ -521,29 +562,28 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
 
         index, count = select()
         row = {"blocks_per_row": keep, "actual_density": count.float().mean().item() / nb}
-        row["select_ms"] = bench_ms(select, device)
+        row["select_ms"] = timed(select)
         try:  # the optional scoring must not cost the main numbers
-            row["select_antidiagonal_ms"] = bench_ms(
+            row["select_antidiagonal_ms"] = timed(
                 lambda keep=keep: select_blocks(
                     q, k, block_size=bs, threshold=1.0, max_blocks=keep, local_blocks=0, scoring="antidiagonal",
                     stride=args.stride if not cpu else 2,
-                ),
-                device,
+                )
             )  # fmt: skip
         except Exception as error:
             row["select_antidiagonal_error"] = f"{type(error).__name__}: {error}"[:500]
-        row["attention_ms"] = bench_ms(
-            lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs), device
+        row["attention_ms"] = timed(
+            lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs)
         )
-        row["total_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs), device)
-        row["total_zeroth_ms"] = bench_ms(
-            lambda: block_sparse_attention(q, k, v, *select(), block_size=bs, approximation="zeroth"), device
+        row["total_ms"] = timed(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs))
+        row["total_zeroth_ms"] = timed(
+            lambda: block_sparse_attention(q, k, v, *select(), block_size=bs, approximation="zeroth")
         )
         if flex is not None:
             padded = torch.zeros(1, heads, nb, nb, dtype=torch.int32, device=device)
             padded[..., : index.shape[-1]] = index
             mask = _flex_mask(block_mask_cls, count, padded, bs)
-            row["flex_ms"] = bench_ms(lambda mask=mask: flex_fn(q, k, v, block_mask=mask), device)
+            row["flex_ms"] = timed(lambda mask=mask: flex_fn(q, k, v, block_mask=mask))
             # Same mask, same outputs: FlexAttention doubles as a check of our sparse kernel.
             row["ours_vs_flex_rel_err"] = rel_err(
                 block_sparse_attention(q, k, v, index, count, block_size=bs), flex_fn(q, k, v, block_mask=mask)

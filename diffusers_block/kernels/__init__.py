@@ -8,13 +8,14 @@ from .reference import (
     block_means,
     block_sparse_attention_reference,
     block_statistics,
+    block_sums_reference,
     dense_block_index,
     gather_tokens_reference,
     pooled_block_mass,
     rotate_interleaved,
     select_blocks_reference,
 )
-from .token_gather import gather_tokens
+from .token_gather import block_sums, gather_tokens
 
 __all__ = [
     "antidiagonal_block_mass",
@@ -23,6 +24,8 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
     "block_statistics",
+    "block_sums",
+    "block_sums_reference",
     "dense_block_index",
     "gather_tokens",
     "gather_tokens_reference",

@@ -21,14 +21,15 @@ forced blocks. Query blocks inside ``dense_queries`` (text queries of joint atte
 largest mass value ``c`` such that the blocks with mass >= c satisfy the rule, then compacts them in ascending block
 order with a prefix sum. Ties at the cut are all kept (the reference, which sorts, keeps one of them).
 
-Layout of one program: ``BLOCK_Q`` query blocks of one (batch, head). Pass 1, mean scoring: the program pools its
-query blocks from q itself (no separate pass, no pooled copy of q), then scores them against the per-block key
-sums (one reduction over k, or handed over by ``gather_tokens``) in ``BLOCK_K``-wide tiles with ``tl.dot`` (fp32),
-keeping a running max/sum per row (online softmax); the scores go to an fp32 scratch row ``(NQ, NK)`` per head.
-Pass 1, antidiagonal scoring: per group of query blocks, one sweep over the keys: per stride row the running
-softmax max and normaliser, and each tile's exponential sums per key block into a scratch (with the max they were
-taken at); a pass over that scratch rescales them into block masses (no second sweep of logits). Pass 2 reloads each row (``NK_PAD`` = next power
-of two of the key blocks) in groups of rows, bisects all rows of a group at once and writes the index.
+Mean scoring first pools q and k per block (:func:`~.token_gather.block_sums`, one program per block: a read at
+memory bandwidth, unless ``gather_tokens`` handed the sums over), so the kernel itself reads only (B, H, NB, D) sums.
+Layout of one program: ``BLOCK_Q`` query blocks of one (batch, head). Pass 1, mean scoring: the program scores its
+query blocks' means against the key block sums in ``BLOCK_K``-wide tiles with ``tl.dot`` (fp32), keeping a running
+max/sum per row (online softmax); the scores go to an fp32 scratch row ``(NQ, NK)`` per head. Pass 1, antidiagonal
+scoring: per group of query blocks, one sweep over the keys: per stride row the running softmax max and
+normaliser, and each tile's exponential sums per key block into a scratch (with the max they were taken at); a pass
+over that scratch rescales them into block masses (no second sweep of logits). Pass 2 reloads each row (``NK_PAD`` =
+next power of two of the key blocks) in groups of rows, bisects all rows of a group at once and writes the index.
 On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`select_blocks_reference`.
 """
 
@@ -42,6 +43,7 @@ import torch
 from . import runtime
 from .reference import select_blocks_reference
 from .runtime import tl, triton
+from .token_gather import block_sums
 
 __all__ = ["select_blocks", "MAX_KEY_BLOCKS", "SCORINGS"]
 
@@ -55,8 +57,6 @@ INTERPRET_BLOCK_Q = 16
 INTERPRET_BLOCK_K = 16
 #: Pass 2 holds a (ROW_GROUP, NK_PAD) tile: ROW_GROUP = min(16, BLOCK_Q, PASS2_ELEMENTS // NK_PAD) rows at once.
 PASS2_ELEMENTS = 8192
-#: The pooling loop loads (BLOCK_Q * POOL_ROWS, BLOCK_D) query rows at a time, about this many values.
-POOL_ELEMENTS = 8192
 #: Scorings of a (query block, key block) pair: mean pooling (cheap, default) or XAttention's antidiagonal sums.
 SCORINGS = {"mean": 0, "antidiagonal": 1}
 #: Antidiagonal scoring: key blocks per tile of the sweep (KEY_BLOCKS * block_size / stride columns), and
@@ -73,8 +73,8 @@ MIN_DOT = 16
 MIN_STRIDE_ROWS = MIN_DOT // min(ANTIDIAGONAL_QUERY_BLOCKS, ANTIDIAGONAL_KEY_BLOCKS)
 #: GPU autotune candidates (BLOCK_Q, BLOCK_K, num_warps). Mean scoring multiplies (BLOCK_Q, D) query means, so
 #: it needs BLOCK_Q >= 16 (tl.dot); antidiagonal scoring walks its query blocks one by one, and small BLOCK_Q
-#: spread the long sweeps over more programs.
-GPU_CONFIGS = [(16, 64, 8), (16, 64, 4), (32, 64, 8), (16, 128, 8), (8, 64, 4), (8, 128, 4), (4, 64, 4)]
+#: spread the long sweeps over more programs. Mean scoring reads only the block sums: few warps suffice.
+GPU_CONFIGS = [(16, 64, 4), (16, 64, 8), (16, 128, 4), (32, 64, 8), (16, 64, 2), (8, 64, 4), (8, 128, 4), (4, 64, 4)]
 #: Software pipelining depth: the loops are short and memory-light; deeper pipelines only multiply shared memory
 #: (the antidiagonal sweeps hold (R, D) and (D, KEY_COLS) tiles per stage).
 NUM_STAGES = 2
@@ -86,10 +86,9 @@ if triton is not None:
 
     @triton.jit
     def _pooled_scores(
+        QSum,
         KSum,
         Scores,
-        q_base,
-        stride_qs,
         bh,
         pid_q,
         qk_scale,
@@ -99,33 +98,25 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
-        POOL_ROWS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
         BLOCK_Q: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """Mean pooling: pools this program's query blocks from q itself (no separate pass over q), scores them
-        against the key block sums (base-2 logits into the scratch rows) and returns the row max and sum."""
+        """Mean pooling: scores this program's query blocks (means from their sums) against the key block sums
+        (base-2 logits into the scratch rows) and returns the row max and sum."""
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < HEAD_DIM
-        # Query block means: a (BLOCK_Q * POOL_ROWS, D) tile covers POOL_ROWS rows of each of the BLOCK_Q blocks.
-        slot = tl.arange(0, BLOCK_Q * POOL_ROWS)
-        slot_block = pid_q * BLOCK_Q + slot // POOL_ROWS
-        acc = tl.zeros([BLOCK_Q * POOL_ROWS, BLOCK_D], dtype=tl.float32)
-        for start in range(0, BLOCK_SIZE, POOL_ROWS):
-            rows = slot_block * BLOCK_SIZE + start + slot % POOL_ROWS
-            x = tl.load(
-                q_base + rows.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
-                mask=(rows < SEQ_Q)[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            acc += x.to(tl.float32)
-        q_sum = tl.sum(tl.reshape(acc, [BLOCK_Q, POOL_ROWS, BLOCK_D]), 1)
+        NQ = tl.cdiv(SEQ_Q, BLOCK_SIZE)
         blocks = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        row_mask = blocks < NQ
+        q_sum = tl.load(
+            QSum + (bh * NQ + blocks[:, None]) * HEAD_DIM + offs_d[None, :],
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         q_count = tl.minimum(tl.maximum(SEQ_Q - blocks * BLOCK_SIZE, 0), BLOCK_SIZE)
         qm = q_sum / tl.maximum(q_count, 1).to(tl.float32)[:, None]
-        row_mask = blocks < tl.cdiv(SEQ_Q, BLOCK_SIZE)
-        score_rows = Scores + (bh * tl.cdiv(SEQ_Q, BLOCK_SIZE) + blocks[:, None]) * NK
+        score_rows = Scores + (bh * NQ + blocks[:, None]) * NK
 
         m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
@@ -275,6 +266,7 @@ if triton is not None:
     def _block_selection_fwd(
         Q,
         K,
+        QSum,
         KSum,
         Threshold,
         Scores,
@@ -309,7 +301,6 @@ if triton is not None:
         STRIDE: tl.constexpr,
         KEY_BLOCKS: tl.constexpr,
         QUERY_BLOCKS: tl.constexpr,
-        POOL_ROWS: tl.constexpr,
         BISECTION_STEPS: tl.constexpr,
         NK_PAD: tl.constexpr,
         ROW_GROUP: tl.constexpr,
@@ -330,8 +321,8 @@ if triton is not None:
         # Pass 1: block scores of this program's BLOCK_Q query blocks against every key block, into the scratch.
         if SCORING == 0:
             m_i, l_i = _pooled_scores(
-                KSum, Scores, q_base, stride_qs, bh, pid_q, qk_scale, SEQ_Q, SEQ_K, NK,
-                HEAD_DIM, BLOCK_D, BLOCK_SIZE, POOL_ROWS, INPUT_PRECISION, BLOCK_Q, BLOCK_K,
+                QSum, KSum, Scores, bh, pid_q, qk_scale, SEQ_Q, SEQ_K, NK,
+                HEAD_DIM, BLOCK_D, BLOCK_SIZE, INPUT_PRECISION, BLOCK_Q, BLOCK_K,
             )  # fmt: skip
         else:
             _antidiagonal_masses(
@@ -390,17 +381,12 @@ if triton is not None:
             tl.store(targets, (cols[None, :] + 0 * pos).to(tl.int32), mask=chosen & (pos < WIDTH))
             tl.store(BlockCount + out_rows, tl.minimum(tl.sum(chosen_i, 1), WIDTH), mask=grow_mask)
 
-    def _pool_rows(meta) -> int:
-        """Rows of each query block summed per step of the pooling loop: the (BLOCK_Q * POOL_ROWS, BLOCK_D) tile
-        holds about POOL_ELEMENTS values (a power of two, at most the block)."""
-        return max(1, min(meta["BLOCK_SIZE"], POOL_ELEMENTS // (meta["BLOCK_Q"] * meta["BLOCK_D"])))
-
     def _row_group(meta) -> int:
         """Rows bisected together in pass 2: a (ROW_GROUP, NK_PAD) tile of about PASS2_ELEMENTS values, at most 16
         rows and never more than the program's own BLOCK_Q rows (the scratch rows of other programs are theirs)."""
         return max(1, min(16, meta["BLOCK_Q"], PASS2_ELEMENTS // meta["NK_PAD"]))
 
-    _block_selection_fwd = triton.heuristics({"POOL_ROWS": _pool_rows, "ROW_GROUP": _row_group})(_block_selection_fwd)
+    _block_selection_fwd = triton.heuristics({"ROW_GROUP": _row_group})(_block_selection_fwd)
 
     def _prune_configs(configs, named_args, **kwargs):
         if kwargs.get("SCORING", named_args.get("SCORING", 0)) == SCORINGS["mean"]:
@@ -426,18 +412,6 @@ def _block_range(token_range: tuple[int, int] | None, block_size: int, num_block
     return max(0, start // block_size), min(num_blocks, math.ceil(end / block_size))
 
 
-def _block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """fp32 (B, H, NB, D) sums of ``x`` over blocks of ``block_size`` rows (the last one may be short): one
-    reduction over x (two and a concatenation with a tail)."""
-    seq = x.shape[2]
-    full = seq // block_size
-    sums = x[:, :, : full * block_size].unflatten(2, (full, block_size)).sum(3, dtype=torch.float32)
-    if full * block_size == seq:
-        return sums
-    tail = x[:, :, full * block_size :].sum(2, keepdim=True, dtype=torch.float32)
-    return torch.cat([sums, tail], dim=2)
-
-
 def select_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -452,6 +426,7 @@ def select_blocks(
     scale: float | None = None,
     scoring: str = "mean",
     stride: int = 8,
+    query_sums: torch.Tensor | None = None,
     key_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, head, query block) the fewest key blocks reaching ``threshold`` of the estimated attention mass.
@@ -471,8 +446,9 @@ def select_blocks(
             per stride row, the softmax of antidiagonal means of ``stride`` x ``stride`` logit tiles, summed per key
             block; about 1 / (4 stride) of dense attention's work, closer to the true block masses).
         stride: antidiagonal stride (a power of two dividing block_size; block_size / stride >= 4 on the GPU).
-        key_sums: fp32 (B, H, ceil(S_k / block_size), D) sums of k per block if already at hand (``gather_tokens``
-            returns them), for mean scoring; computed from k otherwise.
+        query_sums / key_sums: fp32 (B, H, ceil(S / block_size), D) sums of q / k per block if already at hand
+            (``gather_tokens`` returns them), for mean scoring; computed by :func:`~.token_gather.block_sums`
+            otherwise (a pass over q and k at memory bandwidth, most of the selection's time).
 
     Returns:
         ``(block_index, block_count)``: int32 (B, H, NQ, W) with ascending block ids in the first ``count`` slots,
@@ -491,11 +467,12 @@ def select_blocks(
     batch, heads, s_q, head_dim = q.shape
     s_k = k.shape[2]
     num_q_blocks, num_kv_blocks = math.ceil(s_q / block_size), math.ceil(s_k / block_size)
-    if key_sums is not None and tuple(key_sums.shape) != (batch, heads, num_kv_blocks, head_dim):
-        raise ValueError(
-            f"key_sums must have shape (B, H, NK, D) = {(batch, heads, num_kv_blocks, head_dim)}; "
-            f"got {tuple(key_sums.shape)}"
-        )
+    for name, sums, blocks in (("query_sums", query_sums, num_q_blocks), ("key_sums", key_sums, num_kv_blocks)):
+        if sums is not None and tuple(sums.shape) != (batch, heads, blocks, head_dim):
+            raise ValueError(
+                f"{name} must have shape (B, H, ceil(S / block_size), D) = {(batch, heads, blocks, head_dim)}; "
+                f"got {tuple(sums.shape)}"
+            )
     if isinstance(threshold, torch.Tensor):
         tau = threshold.to(device=q.device, dtype=torch.float32).reshape(-1)
         if tau.numel() == 1:
@@ -541,9 +518,12 @@ def select_blocks(
 
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     if scoring == "mean":
-        key_sums = (_block_sums(k, block_size) if key_sums is None else key_sums).to(torch.float32).contiguous()
+        query_sums, key_sums = (
+            (block_sums(x, block_size) if sums is None else sums).to(torch.float32).contiguous()
+            for x, sums in ((q, query_sums), (k, key_sums))
+        )
     else:
-        key_sums = tau  # never read
+        query_sums = key_sums = tau  # never read
     scores = torch.empty((batch * heads, num_q_blocks, num_kv_blocks), device=q.device, dtype=torch.float32)
     if scoring == "antidiagonal":  # per stride row: exponential sums per key block, and the max they were taken at
         rows = (batch * heads, num_q_blocks, block_size // stride)
@@ -559,6 +539,7 @@ def select_blocks(
     args = (
         q,
         k,
+        query_sums,
         key_sums,
         tau.contiguous(),
         scores,

@@ -15,6 +15,7 @@ __all__ = [
     "block_mask_from_index",
     "block_sparse_attention_reference",
     "block_statistics",
+    "block_sums_reference",
     "antidiagonal_block_mass",
     "dense_block_index",
     "gather_tokens_reference",
@@ -131,27 +132,35 @@ def block_sparse_attention_reference(
 # ---------------------------------------------------------------------------------------------------------------
 # Block statistics and block selection
 # ---------------------------------------------------------------------------------------------------------------
+def block_sums_reference(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Sums of each block of ``block_size`` rows of ``x`` (B, H, S, D), in fp32 (fp64 for fp64): (B, H, NB, D), the
+    last block possibly shorter (see :func:`~diffusers_block.kernels.token_gather.block_sums`). Reads ``x`` once,
+    without an fp32 copy of it."""
+    seq = x.shape[-2]
+    full = seq // block_size
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    parts = []
+    if full:
+        parts.append(x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2, dtype=compute))
+    if full * block_size < seq:
+        parts.append(x[..., full * block_size :, :].sum(-2, keepdim=True, dtype=compute))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
 def block_means(
     x: torch.Tensor, block_size: int, *, return_counts: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mean of each block of ``block_size`` rows of ``x`` (B, H, S, D), in fp32 (fp64 for fp64): (B, H, NB, D).
 
     The last block may be shorter (its mean is over its own rows); ``return_counts`` also returns the int64 (NB,)
-    number of rows per block. Reads ``x`` once, without an fp32 copy of it.
+    number of rows per block.
     """
     seq = x.shape[-2]
-    num_blocks = math.ceil(seq / block_size)
-    full = seq // block_size
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    parts = []
-    if full:
-        parts.append(x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(-2, dtype=compute))
-    if full < num_blocks:
-        parts.append(x[..., full * block_size :, :].sum(-2, keepdim=True, dtype=compute))
-    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    sums = block_sums_reference(x, block_size)
+    num_blocks = sums.shape[-2]
     counts = torch.full((num_blocks,), block_size, dtype=torch.int64, device=x.device)
     counts[-1] = seq - (num_blocks - 1) * block_size
-    means = sums / counts.to(compute)[:, None]
+    means = sums / counts.to(sums.dtype)[:, None]
     return (means, counts) if return_counts else means
 
 
@@ -297,5 +306,4 @@ def gather_tokens_reference(
     out = (x if perm is None else x.index_select(2, perm.long())).contiguous()
     if block_size is None:
         return out
-    means, counts = block_means(out, block_size, return_counts=True)
-    return out, means * counts.to(means.dtype)[:, None]
+    return out, block_sums_reference(out, block_size)

@@ -17,7 +17,12 @@ output is read in place); ``out`` is contiguous (B, H, S, D), what the attention
 also writes the fp32 sums of ``out`` over blocks of ``block_size`` rows (B, H, NB, D), which the block selection
 needs: pooling then costs no extra pass. One program handles one block of rows of one (batch, head), in chunks of
 ``CHUNK`` rows, so every block sum is written by one program (no atomics).
-On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`~.reference.gather_tokens_reference`.
+
+:func:`block_sums` runs the same kernel without the copy: the sums alone, for a selection that has no gather pass to
+ride on. A separate pooling pass has every block to itself, one program each, so it reads at memory bandwidth; pooling
+inside the selection kernel gave each program many blocks to read one after another, and the selection at 32K tokens
+took twice the time of reading q and k.
+On CPU without ``TRITON_INTERPRET=1`` the launchers run :func:`~.reference.gather_tokens_reference`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import math
 import torch
 
 from . import runtime
-from .reference import gather_tokens_reference
+from .reference import block_sums_reference, gather_tokens_reference
 from .runtime import tl, triton
 
-__all__ = ["gather_tokens"]
+__all__ = ["block_sums", "gather_tokens"]
 
 #: Rows per program when no block sums are asked for (any block size works; 128 rows x 128 dims = 32 KB of bf16).
 DEFAULT_ROWS = 128
@@ -65,6 +70,7 @@ if triton is not None:
         PERMUTE: tl.constexpr,
         ROTATE: tl.constexpr,
         SUMS: tl.constexpr,
+        COPY: tl.constexpr,
     ):
         # Heads are the fast grid axis: programs running together read the same rows of the rotary tables (fp32,
         # (S, D), shared by all heads), which then come from L2 instead of device memory once per head.
@@ -77,8 +83,9 @@ if triton is not None:
         x_base = X + off_b * stride_xb + off_h * stride_xh
         total = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, ROWS, CHUNK):
-            rows = pid_s * ROWS + start + tl.arange(0, CHUNK)
-            r_mask = rows < SEQ
+            in_block = start + tl.arange(0, CHUNK)
+            rows = pid_s * ROWS + in_block
+            r_mask = (rows < SEQ) & (in_block < ROWS)  # ROWS need not be a multiple of CHUNK
             mask = r_mask[:, None] & d_mask[None, :]
             if PERMUTE:
                 src = tl.load(Perm + rows, mask=r_mask, other=0).to(tl.int64)
@@ -94,7 +101,8 @@ if triton is not None:
                 y = tl.reshape(tl.join(x1 * cos - x2 * sin, x1 * sin + x2 * cos), [CHUNK, BLOCK_D]).to(x.dtype)
             else:
                 y = x
-            tl.store(Out + (bh * SEQ + rows[:, None]) * HEAD_DIM + offs_d[None, :], y, mask=mask)
+            if COPY:
+                tl.store(Out + (bh * SEQ + rows[:, None]) * HEAD_DIM + offs_d[None, :], y, mask=mask)
             if SUMS:
                 total += tl.sum(tl.where(mask, y.to(tl.float32), 0.0), 0)
         if SUMS:
@@ -148,26 +156,45 @@ def gather_tokens(
     if not runtime.use_triton(x):
         return gather_tokens_reference(x, perm, rotary=rotary, block_size=block_size)
 
+    out = torch.empty((batch, heads, seq, head_dim), device=x.device, dtype=x.dtype)
+    sums = _launch(x, perm, rotary, out, block_size)
+    return (out, sums) if block_size is not None else out
+
+
+def block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """fp32 (B, H, ceil(S / block_size), D) sums of ``x`` (B, H, S, D) over blocks of ``block_size`` rows (the last
+    block may be short): one read of ``x``, any strides with a contiguous last dim, any block size."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, H, S, D); got {tuple(x.shape)}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    if not runtime.use_triton(x):
+        return block_sums_reference(x, block_size)
+    return _launch(x, None, None, None, block_size)
+
+
+def _launch(x, perm, rotary, out, block_size):
+    """One pass over ``x``: the (permuted, rotated) rows into ``out`` unless it is None, and with ``block_size`` the
+    fp32 block sums, which it returns."""
+    batch, heads, seq, head_dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty((batch, heads, seq, head_dim), device=x.device, dtype=x.dtype)
     rows = block_size if block_size is not None else DEFAULT_ROWS
     num_blocks = math.ceil(seq / rows)
-    sums = (
-        torch.empty((batch, heads, num_blocks, head_dim), device=x.device, dtype=torch.float32)
-        if block_size is not None
-        else out
-    )
+    sums = None
+    if block_size is not None:
+        sums = torch.empty((batch, heads, num_blocks, head_dim), device=x.device, dtype=torch.float32)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    cos, sin = rotary if rotary is not None else (out, out)  # never read without ROTATE
+    unused = x  # pointer arguments a disabled feature never reads
+    cos, sin = rotary if rotary is not None else (unused, unused)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gather_tokens_fwd[(batch * heads, num_blocks)](
             x,
-            perm if perm is not None else out,
+            perm if perm is not None else unused,
             cos,
             sin,
-            out,
-            sums,
+            out if out is not None else unused,
+            sums if sums is not None else unused,
             x.stride(0),
             x.stride(1),
             x.stride(2),
@@ -178,10 +205,11 @@ def gather_tokens(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             ROWS=rows,
-            CHUNK=max(1, min(rows, CHUNK_ELEMENTS // block_d)),
+            CHUNK=max(1, min(triton.next_power_of_2(rows), CHUNK_ELEMENTS // block_d)),
             PERMUTE=perm is not None,
             ROTATE=rotary is not None,
-            SUMS=block_size is not None,
+            SUMS=sums is not None,
+            COPY=out is not None,
             num_warps=NUM_WARPS,
         )
-    return (out, sums) if block_size is not None else out
+    return sums
