@@ -226,11 +226,14 @@ def _autotuned_configs() -> dict:
         import importlib
 
         sel = importlib.import_module("diffusers_block.kernels.block_selection")
+        scores = importlib.import_module("diffusers_block.kernels.block_scores")
         bsa = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
-        for name, tuner in (
+        tuners = [
             ("attention", getattr(bsa, "_block_sparse_attn_fwd_autotuned", None)),
-            ("selection", getattr(sel, "_block_selection_fwd_autotuned", None)),
-        ):
+            ("antidiagonal_scores", getattr(scores, "_antidiagonal_masses_fwd_autotuned", None)),
+        ]
+        tuners += [(f"selection_nk_pad_{n}", tuner) for n, tuner in getattr(sel, "_SELECT_TUNERS", {}).items()]
+        for name, tuner in tuners:
             cache = getattr(tuner, "cache", {}) if tuner is not None else {}
             found[name] = {str(key): str(config) for key, config in cache.items()}
         tma = getattr(bsa, "_block_sparse_attn_fwd_tma_autotuned", None)
@@ -835,8 +838,8 @@ def _forward_times(model, arch, latents, prompts, config, device, cpu) -> dict:
 #: Kernel-name fragments -> group, first match wins (names of cuDNN, cuBLAS, Triton and ATen kernels).
 PROFILE_GROUPS = (
     ("attention (ours)", ("_block_sparse_attn_fwd",)),
-    ("selection", ("_block_selection_fwd", "reduce_kernel")),
-    ("token gather (ours)", ("_gather_tokens_fwd",)),
+    ("selection", ("_select_blocks_fwd", "_mean_block_logits_fwd", "_antidiagonal_masses_fwd", "reduce_kernel")),
+    ("token gather, block sums (ours)", ("_gather_tokens_fwd",)),
     ("attention (cuDNN/flash)", ("cudnn", "fmha", "flash", "sdpa", "attention")),
     ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul")),
     ("index/gather (ATen)", ("index", "gather", "scatter")),

@@ -8,7 +8,12 @@ Per shape of `bench attention`'s kernel rows (heads x head dim = 1536, bf16, blo
   * the host time of one selection call (what `select_ms` measured before kernel rows became device time);
   * torch.profiler: device time per kernel of one selection call;
   * what reading q and k once costs at the GPU's copy bandwidth (a `torch.add` of q and k into a buffer reads the
-    same bytes), as the floor of any selection that pools both.
+    same bytes), as the floor of any selection that pools both;
+  * the pooling kernel's chunk size and warps (`SUMS_CHUNK_ELEMENTS`, `SUMS_NUM_WARPS`), and both poolings on the
+    (B, S, H, D) layout processors hand over;
+  * the cut kernel's values per thread (`ROW_ELEMENTS_PER_THREAD`, which sets its warps) and the autotuned rows;
+  * antidiagonal scoring;
+  * with `--old MODULE` (the selection module of an earlier commit, importable), the same calls through it.
 
     python benchmarks/labs/block-selection/lab.py [--out DIR]
 """
@@ -24,9 +29,12 @@ import time
 import torch
 
 from diffusers_block.bench.attention import WIDTH, bench_ms, smooth_qkv
-from diffusers_block.kernels import block_sums, block_sums_reference, select_blocks
+from diffusers_block.kernels import block_selection, block_sums, block_sums_reference, select_blocks, token_gather
 
 SHAPES = [(32768, 64), (32768, 128), (75776, 64), (75776, 128)]
+SUMS_CONFIGS = [(8192, 4), (16384, 4), (8192, 2), (4096, 2), (16384, 8)]
+#: Values per thread of the cut kernel (sets its warps), tried after the default.
+ROW_ELEMENTS = [16, 64, 8]
 BLOCK = 128
 DENSITY = 0.05
 
@@ -51,7 +59,7 @@ def kernel_times(fn, calls: int = 10) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def case(seq: int, head_dim: int) -> dict:
+def case(seq: int, head_dim: int, old) -> dict:
     heads = WIDTH // head_dim
     q, k, _ = smooth_qkv(1, heads, seq, head_dim, BLOCK, torch.device("cuda"), torch.bfloat16, seed=3)
     nb = math.ceil(seq / BLOCK)
@@ -85,8 +93,41 @@ def case(seq: int, head_dim: int) -> dict:
         "select_ms": device_ms(select),
         "select_with_sums_ms": device_ms(lambda: select(query_sums=q_sums, key_sums=k_sums)),
         "select_host_ms_median": sorted(host)[len(host) // 2],
+        "select_antidiagonal_ms": device_ms(lambda: select(scoring="antidiagonal", stride=8)),
         "kernels_of_select_ms": kernel_times(select),
     }
+    for chunk, warps in SUMS_CONFIGS:
+        token_gather.SUMS_CHUNK_ELEMENTS, token_gather.SUMS_NUM_WARPS = chunk, warps
+        row[f"block_sums_q_ms_chunk{chunk}_warps{warps}"] = device_ms(lambda: block_sums(q, BLOCK))
+    token_gather.SUMS_CHUNK_ELEMENTS, token_gather.SUMS_NUM_WARPS = SUMS_CONFIGS[0]
+    # The layout a processor hands over: a (B, H, S, D) view of a (B, S, H, D) projection.
+    q_bshd = q.transpose(1, 2).contiguous().transpose(1, 2)
+    row["block_sums_q_bshd_ms"] = device_ms(lambda: block_sums(q_bshd, BLOCK))
+    row["block_sums_torch_q_bshd_ms"] = device_ms(lambda: block_sums_reference(q_bshd, BLOCK))
+    del q_bshd
+    # The cut kernel alone (sums handed over, logits cached in the scratch the call writes anyway), per warp rule.
+    default = block_selection.ROW_ELEMENTS_PER_THREAD
+    row["cut_autotuned"] = {str(n): str(t.best_config) for n, t in block_selection._SELECT_TUNERS.items()}
+    for elements in ROW_ELEMENTS:
+        block_selection.ROW_ELEMENTS_PER_THREAD = elements
+        block_selection._SELECT_TUNERS.clear()
+        got = select(query_sums=q_sums, key_sums=k_sums)
+        assert torch.equal(got[0], index) and torch.equal(got[1], count)
+        row[f"select_with_sums_ms_elements{elements}"] = device_ms(lambda: select(query_sums=q_sums, key_sums=k_sums))
+        row[f"cut_autotuned_elements{elements}"] = {
+            str(n): str(t.best_config) for n, t in block_selection._SELECT_TUNERS.items()
+        }
+    block_selection.ROW_ELEMENTS_PER_THREAD = default
+    block_selection._SELECT_TUNERS.clear()
+    if old is not None:
+
+        def select_old(**kw):
+            return old.select_blocks(q, k, block_size=BLOCK, threshold=1.0, max_blocks=keep, local_blocks=0, **kw)
+
+        old_index, old_count = select_old()
+        row["old_equal"] = bool(torch.equal(old_index, index) and torch.equal(old_count, count))
+        row["old_select_ms"] = device_ms(select_old)
+        row["old_select_antidiagonal_ms"] = device_ms(lambda: select_old(scoring="antidiagonal", stride=8))
     print(json.dumps({key: value for key, value in row.items() if key != "kernels_of_select_ms"}), flush=True)
     for name, ms in list(row["kernels_of_select_ms"].items())[:6]:
         print(f"    {ms:8.4f} ms  {name}", flush=True)
@@ -96,15 +137,19 @@ def case(seq: int, head_dim: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--old", default=None, help="an earlier selection module to compare, e.g. a copy in the tree")
     args = parser.parse_args()
+    import importlib
+
     import triton
 
-    rows = [case(seq, head_dim) for seq, head_dim in SHAPES]
+    old = importlib.import_module(args.old) if args.old else None
+    rows = [case(seq, head_dim, old) for seq, head_dim in SHAPES]
     result = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "command": "python benchmarks/labs/block-selection/lab.py",
+        "command": "python benchmarks/labs/block-selection/lab.py" + (f" --old {args.old}" if args.old else ""),
         "rows": rows,
     }
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
