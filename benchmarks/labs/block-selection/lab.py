@@ -104,7 +104,6 @@ def case(seq: int, head_dim: int, old) -> dict:
     q_bshd = q.transpose(1, 2).contiguous().transpose(1, 2)
     row["block_sums_q_bshd_ms"] = device_ms(lambda: block_sums(q_bshd, BLOCK))
     row["block_sums_torch_q_bshd_ms"] = device_ms(lambda: block_sums_reference(q_bshd, BLOCK))
-    del q_bshd
     # The cut kernel alone (sums handed over, logits cached in the scratch the call writes anyway), per warp rule.
     default = block_selection.ROW_ELEMENTS_PER_THREAD
     row["cut_autotuned"] = {str(n): str(t.best_config) for n, t in block_selection._SELECT_TUNERS.items()}
