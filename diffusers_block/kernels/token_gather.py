@@ -45,10 +45,11 @@ CHUNK_ELEMENTS = 4096
 #: A memory-bound copy: 4 warps per program, no software pipelining needed beyond the default.
 NUM_WARPS = 4
 #: Block sums alone (no copy): rows loaded at once (CHUNK x BLOCK_D <= this) and warps per program. Measured on an
-#: H100 (benchmarks/labs/block-selection, q of 32K / 75K tokens x 1536, head dim 128): 4096 / 4 warps 0.070 / 0.142
-#: ms, 8192 / 4 0.048 / 0.098, 8192 / 8 0.072 / 0.149, 16384 / 8 0.051 / 0.102 (PyTorch's reduction 0.041 / 0.085).
+#: H100 (benchmarks/labs/block-selection, q of 32K / 75K tokens x 1536 wide, head dim 128, ms): 8192 / 2 warps
+#: 0.042 / 0.091, 4096 / 2 0.042 / 0.091, 8192 / 4 0.048 / 0.099, 16384 / 4 0.046 / 0.090, 16384 / 8 0.051 / 0.102,
+#: 4096 / 4 0.070 / 0.142; PyTorch's reduction 0.041 / 0.085.
 SUMS_CHUNK_ELEMENTS = 8192
-SUMS_NUM_WARPS = 4
+SUMS_NUM_WARPS = 2
 
 
 if triton is not None:
