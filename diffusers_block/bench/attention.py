@@ -10,7 +10,8 @@ Three parts, each written to the JSON as soon as it is done (a later failure kee
             the same block mask as ours; ours at each density with the selection kernel included (the threshold
             is 1.0 and ``max_blocks`` = density x blocks, so every row keeps exactly that many blocks, chosen by
             the full selection), and the selection and the attention alone; every kernel row is device time
-            (``bench_ms(device_only=True)``: calls queued behind a GPU sleep, so host launch work never shows);
+            (``bench_ms(device_only=True)``: calls queued behind a GPU sleep, so host launch work never shows),
+            and the host time of queuing a selection and a selection + attention call is recorded beside it;
   e2e       the Wan2.1-1.3B architecture with random weights (bench/architectures.py) at 480x832x81 frames:
             full flow-matching schedules, dense (cuDNN SDPA) vs sparse attention vs sparse attention + block
             caching, ms per step, the density reached, and the final latents' relative L2 to dense;
@@ -151,6 +152,20 @@ def bench_ms(
         end.record()
     torch.cuda.synchronize(device)
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def host_ms(fn, device: torch.device, calls: int = 20) -> float:
+    """Median host time of queuing one call of ``fn`` (no synchronisation in between): the Python and launch work a
+    call costs the CPU, which a model hides behind the GPU as long as it is shorter than the call's device time."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    _sync(device)
+    return statistics.median(times)
 
 
 #: Longest GPU sleep ``bench_ms(device_only=True)`` queues its calls behind.
@@ -579,6 +594,8 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
             lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs)
         )
         row["total_ms"] = timed(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs))
+        row["select_host_ms"] = host_ms(select, device)
+        row["total_host_ms"] = host_ms(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs), device)
         row["total_zeroth_ms"] = timed(
             lambda: block_sparse_attention(q, k, v, *select(), block_size=bs, approximation="zeroth")
         )
