@@ -45,6 +45,8 @@ def test_attention_benchmark_cpu(tmp_path):
     [row] = result["kernel"]["rows"]
     assert row["ours_dense_ms"] > 0 and row["densities"]["0.1"]["total_ms"] > 0
     assert row["dense_kernel"] == "triton"  # the Gluon kernel serves CUDA tensors on Hopper only
+    sparse = row["densities"]["0.1"]
+    assert sparse["select_host_ms"] > 0 and sparse["total_host_ms"] >= sparse["select_host_ms"] * 0.5
     e2e = result["e2e"]
     assert set(e2e["runs"]) == {"dense", "sparse", "sparse+cache", "cache"}
     assert e2e["runs"]["dense"]["rel_l2"] == 0.0

@@ -29,11 +29,13 @@ from diffusers_block.kernels import (
     block_sums_reference,
     gather_tokens,
     gather_tokens_reference,
+    pooled_block_mass,
     rotate_interleaved,
     runtime,
     select_blocks,
     skipped_block_lists,
 )
+from diffusers_block.kernels.block_scores import antidiagonal_block_masses, mean_block_logits
 
 
 def _tables(seq, dim, seed=0):
@@ -104,6 +106,25 @@ def _worker() -> dict:
             "err": ((sums.double() - ref).abs().max() / ref.abs().max()).item(),
             "equal_to_gather": bs & (bs - 1) != 0 or torch.equal(sums, gather_tokens(x, None, block_size=bs)[1]),
         }
+    # Block scores against their references: mean logits (their row softmax is the pooled block mass) and the
+    # antidiagonal masses, odd lengths (short tail blocks), two heads.
+    for seq, bs, stride in ((100, 16, 4), (77, 32, 8)):
+        q, k = (_bshd(1, seq, 2, 32, torch.float32, seed=s) * 2 for s in (7, 8))
+        logits = mean_block_logits(
+            block_sums(q, bs), block_sums(k, bs), block_size=bs, seq_q=seq, seq_k=seq, scale=32**-0.5
+        )
+        mass = torch.softmax(logits * math.log(2.0), dim=-1).reshape(1, 2, *logits.shape[1:])
+        anti = antidiagonal_block_masses(q, k, block_size=bs, stride=stride, scale=32**-0.5)
+        results[f"scores_{seq}"] = {
+            "mean_err": (mass.double() - pooled_block_mass(q.double(), k.double(), bs, 32**-0.5)).abs().max().item(),
+            "anti_err": (
+                anti.reshape(1, 2, *anti.shape[1:]).double()
+                - antidiagonal_block_mass(q.double(), k.double(), bs, stride, 32**-0.5)
+            )
+            .abs()
+            .max()
+            .item(),
+        }
     # Selection from the sums handed over by the gather == selection computing them itself.
     q, k = (_bshd(1, 130, 2, 32, torch.float32, seed=s) * 2 for s in (5, 6))
     q_gathered, query_sums = gather_tokens(q, None, block_size=16)
@@ -144,6 +165,21 @@ def test_block_sums_kernel_matches_reference(interpreted, name):
     res = interpreted[name]
     assert res["shape_ok"] and res["equal_to_gather"], res
     assert res["err"] < 1e-6, res  # fp32 sums of bf16 values: exact up to fp32 rounding
+
+
+@pytest.mark.parametrize("name", ["scores_100", "scores_77"])
+def test_block_score_kernels_match_references(interpreted, name):
+    res = interpreted[name]
+    assert res["mean_err"] < 1e-5 and res["anti_err"] < 1e-5, res
+
+
+def test_block_score_cpu_fallbacks_match_references():
+    q, k = (_bshd(1, 70, 2, 16, torch.float32, seed=s) for s in (1, 2))
+    logits = mean_block_logits(block_sums(q, 16), block_sums(k, 16), block_size=16, seq_q=70, seq_k=70, scale=0.25)
+    mass = torch.softmax(logits * math.log(2.0), dim=-1).reshape(1, 2, 5, 5)
+    assert torch.allclose(mass, pooled_block_mass(q, k, 16, 0.25), atol=1e-6)
+    anti = antidiagonal_block_masses(q, k, block_size=16, stride=4, scale=0.25)
+    assert torch.allclose(anti.reshape(1, 2, 5, 5), antidiagonal_block_mass(q, k, 16, 4, 0.25), atol=1e-6)
 
 
 def test_block_sums_cpu_fallback_is_the_reference():
