@@ -35,7 +35,8 @@ from diffusers_block.kernels import (
     select_blocks,
     skipped_block_lists,
 )
-from diffusers_block.kernels.block_scores import antidiagonal_block_masses, mean_block_logits
+from diffusers_block.kernels.antidiagonal_masses import antidiagonal_block_masses
+from diffusers_block.kernels.block_logits import mean_block_logits
 
 
 def _tables(seq, dim, seed=0):

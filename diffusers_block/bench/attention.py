@@ -241,7 +241,7 @@ def _autotuned_configs() -> dict:
         import importlib
 
         sel = importlib.import_module("diffusers_block.kernels.block_selection")
-        scores = importlib.import_module("diffusers_block.kernels.block_scores")
+        scores = importlib.import_module("diffusers_block.kernels.antidiagonal_masses")
         bsa = importlib.import_module("diffusers_block.kernels.block_sparse_attention")
         tuners = [
             ("attention", getattr(bsa, "_block_sparse_attn_fwd_autotuned", None)),

@@ -16,7 +16,7 @@ from PIL import Image
 
 import diffusers_block
 
-from ..kernels.block_scores import MIN_STRIDE_ROWS
+from ..kernels.antidiagonal_masses import MIN_STRIDE_ROWS
 from .checks import number, whole
 
 BLOCK_SIZES = (16, 32, 64, 128)

@@ -5,7 +5,7 @@ cumulative threshold, and writes them straight into the compact ``(block_index, 
 :func:`~diffusers_block.kernels.block_sparse_attention.block_sparse_attention` consumes: no dense mask, no sort, no
 host sync.
 
-Estimate, per row of key blocks (``scoring``, kernels in :mod:`.block_scores`):
+Estimate, per row of key blocks (``scoring``, kernels in :mod:`.block_logits` and :mod:`.antidiagonal_masses`):
   * "mean": the row softmax of ``scale * mean(q_i) . mean(k_j) + log(n_j)`` (:func:`~.reference.pooled_block_mass`),
     from per-block sums of q and k: :func:`~.token_gather.block_sums` pools them (one program per block, at memory
     bandwidth, most of the selection's time) unless ``gather_tokens`` handed them over on its way.
@@ -35,7 +35,8 @@ import os
 import torch
 
 from . import runtime
-from .block_scores import antidiagonal_block_masses, mean_block_logits
+from .antidiagonal_masses import antidiagonal_block_masses
+from .block_logits import mean_block_logits
 from .reference import select_blocks_reference
 from .runtime import tl, triton
 from .token_gather import block_sums

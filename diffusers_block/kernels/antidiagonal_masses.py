@@ -1,25 +1,16 @@
-"""Block scores for the block selection (Triton): how much attention each query block pays each key block.
+"""Antidiagonal block masses for the block selection (Triton): XAttention's scoring (arXiv 2503.16428).
 
-Two scorings, each writing an fp32 ``(B * H, NQ, NK)`` row per query block that
-:func:`~diffusers_block.kernels.block_selection.select_blocks` then cuts:
-
-  * :func:`mean_block_logits`: base-2 logits ``log2(e) * (scale * mean(q_i) . mean(k_j) + log(n_j))`` from the
-    per-block sums of q and k (``n_j`` the tokens in key block ``j``, so a short tail block counts for its size);
-    their row softmax is :func:`~.reference.pooled_block_mass`. A tiled GEMM of the sums: (NQ, D) x (D, NK) per head,
-    with the means and the size term in its epilogue, on the tensor cores in three TF32 passes (fp32 accuracy).
-  * :func:`antidiagonal_block_masses` (XAttention): per stride row, a softmax over the antidiagonal means of
-    ``stride x stride`` logit tiles, summed per key block and averaged over the block's stride rows
-    (:func:`~.reference.antidiagonal_block_mass`); rows are masses already (they sum to one).
-
-Why two kernels and a separate cut: the cut (a bisection over each row) wants one row per program and few warps,
-the GEMM wants square tiles, the antidiagonal sweep long ones; fused into one program they shared neither shapes
-nor registers (255 registers per thread, one program per SM, at 32K tokens).
-On CPU without ``TRITON_INTERPRET=1`` the launchers run the references.
+Cut each block into ``block_size / stride`` stride rows (queries) and stride columns (keys); the logit of a stride row
+and column is the mean along the antidiagonal of their ``stride x stride`` logit tile. Each stride row takes a softmax
+over all columns; a block's mass is the sum over its columns, averaged over the query block's stride rows
+(:func:`~.reference.antidiagonal_block_mass`). Rows of the (B * H, NQ, NK) output are masses (they sum to one), which
+:func:`~.block_selection.select_blocks` cuts. About 1 / (4 stride) of dense attention's work, closer to the true block
+masses than mean pooling.
+On CPU without ``TRITON_INTERPRET=1`` the launcher runs the reference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -29,12 +20,9 @@ from . import runtime
 from .reference import antidiagonal_block_mass
 from .runtime import tl, triton
 
-__all__ = ["antidiagonal_block_masses", "mean_block_logits"]
+__all__ = ["antidiagonal_block_masses", "MIN_STRIDE_ROWS"]
 
 LOG2E = 1.4426950408889634
-#: Mean logits: (query blocks, key blocks) per GEMM tile and warps; the whole head dim is one k-step.
-LOGIT_TILE = (64, 64)
-LOGIT_WARPS = 4
 #: Antidiagonal scoring: key blocks per tile of the sweep (KEY_BLOCKS * block_size / stride columns), and
 #: query blocks whose stride rows are stacked into one tile (QUERY_BLOCKS * block_size / stride rows: 64 rows with
 #: blocks of 128 and stride 8, a full tensor-core tile). BLOCK_Q must be a multiple of QUERY_BLOCKS. Measured on an
@@ -60,53 +48,6 @@ AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 
 
 if triton is not None:
-
-    @triton.jit
-    def _mean_block_logits_fwd(
-        QSum,
-        KSum,
-        Logits,
-        qk_scale,
-        SEQ_Q,
-        SEQ_K,
-        NQ,
-        NK,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-        TILE_Q: tl.constexpr,
-        TILE_K: tl.constexpr,
-    ):
-        pid_q = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        bh = tl.program_id(2).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        rows = pid_q * TILE_Q + tl.arange(0, TILE_Q)
-        cols = pid_k * TILE_K + tl.arange(0, TILE_K)
-        row_mask = rows < NQ
-        col_mask = cols < NK
-        qs = tl.load(
-            QSum + (bh * NQ + rows[:, None]) * HEAD_DIM + offs_d[None, :],
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        ks = tl.load(
-            KSum + (bh * NK + cols[None, :]) * HEAD_DIM + offs_d[:, None],
-            mask=col_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        )
-        n_q = tl.maximum(tl.minimum(SEQ_Q - rows * BLOCK_SIZE, BLOCK_SIZE), 1).to(tl.float32)
-        n_k = tl.maximum(tl.minimum(SEQ_K - cols * BLOCK_SIZE, BLOCK_SIZE), 1).to(tl.float32)
-        # scale * mean(q_i) . mean(k_j) + log(n_j), in base 2 (qk_scale carries log2(e))
-        dot = tl.dot(qs, ks, input_precision=INPUT_PRECISION)
-        logits = dot * (qk_scale / n_q)[:, None] / n_k[None, :] + tl.math.log2(n_k)[None, :]
-        tl.store(
-            Logits + (bh * NQ + rows[:, None]) * NK + cols[None, :],
-            logits,
-            mask=row_mask[:, None] & col_mask[None, :],
-        )
 
     @triton.jit
     def _antidiagonal_logits(
@@ -249,36 +190,6 @@ if triton is not None:
     )(_antidiagonal_masses_fwd)
 
 
-def mean_block_logits(
-    query_sums: torch.Tensor, key_sums: torch.Tensor, *, block_size: int, seq_q: int, seq_k: int, scale: float
-) -> torch.Tensor:
-    """fp32 (B * H, NQ, NK) base-2 block logits from the fp32 (B, H, N, D) per-block sums of q and k (the sequences
-    were ``seq_q`` / ``seq_k`` tokens long, which sets the size of each tail block)."""
-    batch, heads, num_q, head_dim = query_sums.shape
-    num_k = key_sums.shape[2]
-    if not runtime.use_triton(query_sums):
-        counts_q, counts_k = (_block_sizes(seq, block_size, query_sums.device) for seq in (seq_q, seq_k))
-        q_mean, k_mean = query_sums / counts_q[:, None], key_sums / counts_k[:, None]
-        logits = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts_k)
-        return (logits * LOG2E).reshape(batch * heads, num_q, num_k)
-    query_sums, key_sums = (t.to(torch.float32).contiguous() for t in (query_sums, key_sums))
-    logits = torch.empty((batch * heads, num_q, num_k), device=query_sums.device, dtype=torch.float32)
-    tile_q, tile_k = LOGIT_TILE
-    with torch.cuda.device(query_sums.device) if query_sums.is_cuda else contextlib.nullcontext():
-        _mean_block_logits_fwd[(triton.cdiv(num_q, tile_q), triton.cdiv(num_k, tile_k), batch * heads)](
-            query_sums, key_sums, logits, scale * LOG2E, seq_q, seq_k, num_q, num_k,
-            HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_SIZE=block_size,
-            # fp32 accuracy from the tensor cores: three TF32 products (the interpreter computes fp32 as it is)
-            INPUT_PRECISION="ieee" if runtime.INTERPRET else "tf32x3",
-            TILE_Q=tile_q,
-            TILE_K=tile_k,
-            num_warps=LOGIT_WARPS,
-        )  # fmt: skip
-    return logits
-
-
 def antidiagonal_block_masses(
     q: torch.Tensor, k: torch.Tensor, *, block_size: int, stride: int, scale: float
 ) -> torch.Tensor:
@@ -331,11 +242,3 @@ def antidiagonal_block_masses(
                 *args, **meta, BLOCK_Q=block_q, num_warps=warps, num_stages=NUM_STAGES
             )
     return masses
-
-
-def _block_sizes(seq: int, block_size: int, device) -> torch.Tensor:
-    """fp32 tokens per block of a ``seq``-token sequence (the last block may be short)."""
-    num = math.ceil(seq / block_size)
-    sizes = torch.full((num,), float(block_size), device=device)
-    sizes[-1] = seq - (num - 1) * block_size
-    return sizes
