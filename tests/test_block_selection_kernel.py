@@ -181,6 +181,8 @@ def test_bad_arguments_raise():
         select_blocks(q, k, block_size=16, threshold=0.5, key_sums=torch.zeros(1, 2, 3, 16))
     with pytest.raises(ValueError, match="query_sums must have shape"):
         select_blocks(q, k, block_size=16, threshold=0.5, query_sums=torch.zeros(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="key_sums must be on q's device"):
+        select_blocks(q, k, block_size=16, threshold=0.5, key_sums=torch.zeros(1, 2, 4, 16, device="meta"))
 
 
 @pytest.mark.gpu

@@ -215,6 +215,8 @@ def select_blocks(
                 f"{name} must have shape (B, H, ceil(S / block_size), D) = {(batch, heads, blocks, head_dim)}; "
                 f"got {tuple(sums.shape)}"
             )
+        if sums is not None and sums.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}); got {sums.device}")
     if isinstance(threshold, torch.Tensor):
         tau = threshold.to(device=q.device, dtype=torch.float32).reshape(-1)
         if tau.numel() == 1:
