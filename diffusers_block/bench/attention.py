@@ -52,6 +52,7 @@ from ..kernels import (
     block_sparse_attention,
     block_sparse_attention_reference,
     dense_block_index,
+    runtime,
     select_blocks,
     select_blocks_reference,
 )
@@ -265,20 +266,12 @@ def _autotuned_configs() -> dict:
 @contextmanager
 def _fixed_configs():
     """Validation runs many shapes once each: skip autotuning (one config per shape, far fewer compiles)."""
-    import importlib
-
-    modules = [
-        importlib.import_module(f"diffusers_block.kernels.{name}")
-        for name in ("block_sparse_attention", "block_selection")
-    ]
-    saved = [m.AUTOTUNE for m in modules]
-    for m in modules:
-        m.AUTOTUNE = False
+    saved = runtime.AUTOTUNE
+    runtime.AUTOTUNE = False
     try:
         yield
     finally:
-        for m, value in zip(modules, saved):
-            m.AUTOTUNE = value
+        runtime.AUTOTUNE = saved
 
 
 def validate(args, device: torch.device) -> dict:

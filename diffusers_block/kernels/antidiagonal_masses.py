@@ -12,7 +12,6 @@ On CPU without ``TRITON_INTERPRET=1`` the launcher runs the reference.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -43,8 +42,6 @@ INTERPRET_BLOCK_Q = 8
 #: Software pipelining depth: the sweeps are short and memory-light; deeper pipelines only multiply shared memory
 #: (they hold (R, D) and (D, KEY_COLS) tiles per stage).
 NUM_STAGES = 2
-#: DIFFUSERS_BLOCK_AUTOTUNE=0 (as for block_sparse_attention) skips autotuning and uses the first config.
-AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 
 
 if triton is not None:
@@ -232,7 +229,7 @@ def antidiagonal_block_masses(
 
     if runtime.INTERPRET:
         _antidiagonal_masses_fwd[grid({"BLOCK_Q": INTERPRET_BLOCK_Q})](*args, **meta, BLOCK_Q=INTERPRET_BLOCK_Q)
-    elif AUTOTUNE:
+    elif runtime.AUTOTUNE:
         with torch.cuda.device(q.device):
             _antidiagonal_masses_fwd_autotuned[grid](*args, **meta)
     else:

@@ -30,7 +30,6 @@ On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`select_blocks_ref
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -57,8 +56,6 @@ ROW_ELEMENTS_PER_THREAD = 32
 ROW_CONFIGS = [1, 2, 4]
 #: Rows per program under TRITON_INTERPRET.
 INTERPRET_ROWS = 4
-#: DIFFUSERS_BLOCK_AUTOTUNE=0 (as for block_sparse_attention) skips autotuning and uses the first config.
-AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 
 
 if triton is not None:
@@ -278,7 +275,7 @@ def select_blocks(
 
     if runtime.INTERPRET:
         _select_blocks_fwd[grid({"ROWS": INTERPRET_ROWS})](*args, **meta, ROWS=INTERPRET_ROWS)
-    elif AUTOTUNE:
+    elif runtime.AUTOTUNE:
         with torch.cuda.device(q.device):
             _select_tuner(nk_pad)[grid](*args, **meta)
     else:

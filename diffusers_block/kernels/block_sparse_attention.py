@@ -89,8 +89,6 @@ TMA_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8,
 TMA = os.environ.get("DIFFUSERS_BLOCK_TMA", "1") != "0"
 #: TMA needs 16-byte aligned base addresses and strides.
 TMA_ALIGNMENT = 16
-#: DIFFUSERS_BLOCK_AUTOTUNE=0 skips autotuning: one config per block size (:func:`default_config`), fewer compiles.
-AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 #: Autotune key: retuned per head dim, block size, sequence lengths, list width (so that dense lists and sparse
 #: ones get their own tiles: few blocks per row favour other shapes), dtype and approximation order.
 AUTOTUNE_KEY = ["SEQ_Q", "SEQ_K", "MAX_KV_BLOCKS", "HEAD_DIM", "BLOCK_SIZE", "INPUT_PRECISION", "APPROX", "SCATTER_OUT"]
@@ -692,7 +690,7 @@ def _tma_eligible(k: torch.Tensor, v: torch.Tensor, approximation: str | None) -
 
 
 def _launch(args: tuple, meta: dict, grid, block_size: int, *, tma: bool) -> None:
-    if AUTOTUNE:
+    if runtime.AUTOTUNE:
         tuner = _block_sparse_attn_fwd_tma_autotuned if tma else _block_sparse_attn_fwd_autotuned
         tuner[grid](*args, **meta)
     else:

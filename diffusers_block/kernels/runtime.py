@@ -18,10 +18,13 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["INTERPRET", "tl", "triton", "use_triton"]
+__all__ = ["AUTOTUNE", "INTERPRET", "tl", "triton", "use_triton"]
 
 #: Interpreter mode (Triton kernels run on CPU tensors through numpy): read once at import, like Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: Autotuning of every kernel that has candidates; DIFFUSERS_BLOCK_AUTOTUNE=0 launches each kernel's first (default)
+#: config instead: fewer compiles, e.g. for validation runs over many shapes. Read at call time.
+AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 
 
 def use_triton(x: torch.Tensor) -> bool:
