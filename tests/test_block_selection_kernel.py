@@ -50,6 +50,10 @@ CASES = [
     ("per_head", 1, 3, 96, 96, 16, 16, dict(threshold=[0.3, 0.6, 0.99])),
     ("cross_lengths", 1, 1, 64, 112, 32, 16, dict(threshold=0.8, local_blocks=-1)),
     ("all_kept", 1, 2, 70, 70, 32, 16, dict(threshold=1.0)),
+    # The forced blocks alone reach the threshold: exactly they are kept (the bisection's early stop must not keep one
+    # more); and a zero threshold with no minimum keeps just the query's own block.
+    ("forced_enough", 1, 2, 130, 130, 32, 16, dict(threshold=0.05, local_blocks=2, forced_keys=(96, 130))),
+    ("zero_threshold", 1, 2, 100, 100, 32, 16, dict(threshold=0.0, min_blocks=0, local_blocks=0)),
     ("antidiagonal", 1, 2, 130, 130, 32, 16, dict(threshold=0.7, scoring="antidiagonal", stride=4)),
     (
         "antidiagonal_cross_forced",
@@ -113,6 +117,7 @@ def test_kernel_selects_sparsely(interpreted):
     assert interpreted["threshold_0.5"]["density"] < 0.5, interpreted["threshold_0.5"]
     assert interpreted["antidiagonal"]["density"] < 0.7, interpreted["antidiagonal"]
     assert interpreted["all_kept"]["density"] == 1.0
+    assert interpreted["zero_threshold"]["density"] == pytest.approx(1 / 7)  # one of 7 key blocks per row
 
 
 # ------------------------------------------------------------------------------------------------------------------

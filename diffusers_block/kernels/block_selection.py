@@ -45,7 +45,7 @@ __all__ = ["select_blocks", "MAX_KEY_BLOCKS", "SCORINGS"]
 #: Most key blocks per row the kernel holds in registers (4096 blocks of 64 = 262,144 tokens).
 MAX_KEY_BLOCKS = 4096
 #: Forced blocks get priority 2.0 (masses are <= 1); the bisection runs over the bit patterns [0, bits(2.0)) = [0, 2^30),
-#: so 31 steps find the cut exactly.
+#: so at most 31 steps find the cut exactly (it stops earlier once no bracket holds two blocks).
 BISECTION_STEPS = 31
 #: Scorings of a (query block, key block) pair: mean pooling (cheap, default) or XAttention's antidiagonal sums.
 SCORINGS = {"mean": 0, "antidiagonal": 1}
@@ -106,16 +106,29 @@ if triton is not None:
         priority = tl.where(forced, 2.0, mass)
         priority = tl.where(valid, priority, -1.0)
         bits = priority.to(tl.int32, bitcast=True)  # order-preserving for non-negative floats
-        lo = tl.zeros([ROWS], dtype=tl.int32)
-        hi = tl.full([ROWS], 0x40000000, tl.int32)  # bits of 2.0: everything below is a candidate cut
-        for _ in range(0, BISECTION_STEPS):
+        # Bisect the cut c in [lo, hi) = [0, bits(2.0)), keeping the rule true at lo and false at hi, and the number
+        # of blocks at or above each (n_lo, n_hi). A row whose forced blocks satisfy the rule keeps just them. Once
+        # every row's bracket holds at most one block, further steps cannot change which blocks are >= lo: stop.
+        n_lo = tl.sum((bits >= 0).to(tl.int32), 1)
+        forced_set = bits >= 0x40000000  # bits of 2.0
+        n_hi = tl.sum(forced_set.to(tl.int32), 1)
+        got_hi = tl.sum(tl.where(forced_set, mass, 0.0), 1)
+        forced_enough = ((got_hi >= tau) | (n_hi >= MAX_BLOCKS)) & (n_hi >= MIN_BLOCKS)
+        lo = tl.where(forced_enough, 0x40000000, 0)
+        n_lo = tl.where(forced_enough, n_hi, n_lo)
+        hi = tl.full([ROWS], 0x40000000, tl.int32)
+        step = 0
+        while (step < BISECTION_STEPS) & (tl.max(n_lo - n_hi, 0) > 1):
             mid = lo + (hi - lo) // 2
             chosen = bits >= mid[:, None]
             got = tl.sum(tl.where(chosen, mass, 0.0), 1)
             n = tl.sum(chosen.to(tl.int32), 1)
             ok = ((got >= tau) | (n >= MAX_BLOCKS)) & (n >= MIN_BLOCKS)
             lo = tl.where(ok, mid, lo)
+            n_lo = tl.where(ok, n, n_lo)
             hi = tl.where(ok, hi, mid)
+            n_hi = tl.where(ok, n_hi, n)
+            step += 1
         chosen = (bits >= lo[:, None]) & valid
         chosen_i = chosen.to(tl.int32)
         pos = tl.cumsum(chosen_i, 1) - 1
