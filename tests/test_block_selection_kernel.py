@@ -190,6 +190,14 @@ def test_bad_arguments_raise():
         select_blocks(q, k, block_size=16, threshold=0.5, key_sums=torch.zeros(1, 2, 4, 16, device="meta"))
 
 
+def test_cut_configs_fit_the_row_length():
+    """The autotuner times, per row length, one config per rows-per-program with the warps that row length needs."""
+    configs = sel_module._select_blocks_fwd_autotuned.configs
+    for nk_pad, expected in ((256, {1: 1, 2: 1, 4: 1}), (1024, {1: 1, 2: 2, 4: 4}), (4096, {1: 4, 2: 8, 4: 8})):
+        kept = sel_module._keep_row_configs(configs, {}, NK_PAD=nk_pad)
+        assert {c.kwargs["ROWS"]: c.num_warps for c in kept} == expected and len(kept) == len(expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim, block_size, seq", [(64, 64, 4000), (128, 128, 9000)])
 def test_gpu_selection_matches_reference(head_dim, block_size, seq):

@@ -247,8 +247,8 @@ def _autotuned_configs() -> dict:
         tuners = [
             ("attention", getattr(bsa, "_block_sparse_attn_fwd_autotuned", None)),
             ("antidiagonal_scores", getattr(scores, "_antidiagonal_masses_fwd_autotuned", None)),
+            ("selection", getattr(sel, "_select_blocks_fwd_autotuned", None)),
         ]
-        tuners += [(f"selection_nk_pad_{n}", tuner) for n, tuner in getattr(sel, "_SELECT_TUNERS", {}).items()]
         for name, tuner in tuners:
             cache = getattr(tuner, "cache", {}) if tuner is not None else {}
             found[name] = {str(key): str(config) for key, config in cache.items()}

@@ -52,7 +52,7 @@ SCORINGS = {"mean": 0, "antidiagonal": 1}
 #: Values of a row per thread: sets the warps of a program (NK_PAD / (32 * this), at least 1, at most 8). Four
 #: (ROWS, NK_PAD) tensors live through the bisection; 32 values each stay clear of the 255-register cap.
 ROW_ELEMENTS_PER_THREAD = 32
-#: GPU autotune candidates: rows per program.
+#: GPU autotune candidates: rows per program (each with the warps its row length needs, see _row_warps).
 ROW_CONFIGS = [1, 2, 4]
 #: Rows per program under TRITON_INTERPRET.
 INTERPRET_ROWS = 4
@@ -141,19 +141,17 @@ if triton is not None:
         """Warps that hold ``rows`` rows of ``nk_pad`` values at about ROW_ELEMENTS_PER_THREAD per thread."""
         return max(1, min(8, rows * nk_pad // (32 * ROW_ELEMENTS_PER_THREAD)))
 
-    def _row_configs(nk_pad: int) -> list:
-        return [triton.Config({"ROWS": r}, num_warps=_row_warps(nk_pad, r), num_stages=1) for r in ROW_CONFIGS]
+    def _keep_row_configs(configs, named_args, **kwargs):
+        """Of the (rows, warps) candidates, those whose warps fit this row length (the autotuner then times them)."""
+        nk_pad = kwargs.get("NK_PAD", named_args.get("NK_PAD"))
+        return [c for c in configs if c.num_warps == _row_warps(nk_pad, c.kwargs["ROWS"])]
 
-    # One autotuner per padded row length (the warps depend on it; Triton's autotune keys cannot change configs).
-    _SELECT_TUNERS: dict = {}
-
-    def _select_tuner(nk_pad: int):
-        if nk_pad not in _SELECT_TUNERS:
-            # Every run rewrites the lists: re-running a config is harmless.
-            _SELECT_TUNERS[nk_pad] = triton.autotune(configs=_row_configs(nk_pad), key=["NK_PAD", "LOGITS"])(
-                _select_blocks_fwd
-            )
-        return _SELECT_TUNERS[nk_pad]
+    _select_blocks_fwd_autotuned = triton.autotune(
+        configs=[triton.Config({"ROWS": r}, num_warps=w, num_stages=1) for r in ROW_CONFIGS for w in (1, 2, 4, 8)],
+        key=["NK_PAD", "LOGITS"],
+        prune_configs_by={"early_config_prune": _keep_row_configs},
+        # every run rewrites the lists: re-running a config is harmless
+    )(_select_blocks_fwd)
 
 
 def _block_range(token_range: tuple[int, int] | None, block_size: int, num_blocks: int) -> tuple[int, int]:
@@ -290,7 +288,7 @@ def select_blocks(
         _select_blocks_fwd[grid({"ROWS": INTERPRET_ROWS})](*args, **meta, ROWS=INTERPRET_ROWS)
     elif runtime.AUTOTUNE:
         with torch.cuda.device(q.device):
-            _select_tuner(nk_pad)[grid](*args, **meta)
+            _select_blocks_fwd_autotuned[grid](*args, **meta)
     else:
         rows = ROW_CONFIGS[0]
         with torch.cuda.device(q.device):

@@ -106,18 +106,17 @@ def case(seq: int, head_dim: int, old) -> dict:
     row["block_sums_torch_q_bshd_ms"] = device_ms(lambda: block_sums_reference(q_bshd, BLOCK))
     # The cut kernel alone (sums handed over, logits cached in the scratch the call writes anyway), per warp rule.
     default = block_selection.ROW_ELEMENTS_PER_THREAD
-    row["cut_autotuned"] = {str(n): str(t.best_config) for n, t in block_selection._SELECT_TUNERS.items()}
+    tuner = block_selection._select_blocks_fwd_autotuned
+    row["cut_autotuned"] = {str(key): str(config) for key, config in tuner.cache.items()}
     for elements in ROW_ELEMENTS:
         block_selection.ROW_ELEMENTS_PER_THREAD = elements
-        block_selection._SELECT_TUNERS.clear()
+        tuner.cache.clear()
         got = select(query_sums=q_sums, key_sums=k_sums)
         assert torch.equal(got[0], index) and torch.equal(got[1], count)
         row[f"select_with_sums_ms_elements{elements}"] = device_ms(lambda: select(query_sums=q_sums, key_sums=k_sums))
-        row[f"cut_autotuned_elements{elements}"] = {
-            str(n): str(t.best_config) for n, t in block_selection._SELECT_TUNERS.items()
-        }
+        row[f"cut_autotuned_elements{elements}"] = {str(key): str(config) for key, config in tuner.cache.items()}
     block_selection.ROW_ELEMENTS_PER_THREAD = default
-    block_selection._SELECT_TUNERS.clear()
+    tuner.cache.clear()
     if old is not None:
 
         def select_old(**kw):
