@@ -59,3 +59,13 @@ def test_cache_benchmark_tiny_wan(tmp_path):
     assert min(runs["bwcache-0.05"]["fraction_computed"], runs["bwcache-0.1"]["fraction_computed"]) < 1.0
     for run in runs.values():
         assert run["ms_per_schedule"] > 0 and run["speedup"] > 0 and run["peak_memory_gib"] is None
+
+
+def test_environment_names_the_commit_given_by_the_runner(monkeypatch):
+    """A tree copied to a GPU runner may carry stale git metadata: DIFFUSERS_BLOCK_COMMIT names the commit instead."""
+    from diffusers_block.bench import report
+
+    monkeypatch.setenv("DIFFUSERS_BLOCK_COMMIT", "0123abc")
+    assert report.environment(torch.device("cpu"))["git"] == "0123abc"
+    monkeypatch.delenv("DIFFUSERS_BLOCK_COMMIT")
+    assert report.environment(torch.device("cpu"))["git"] != "0123abc"

@@ -7,6 +7,7 @@ file carries them, under ``benchmarks/results/<name>-<gpu-slug>-<date>.json``.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shlex
@@ -29,6 +30,10 @@ def _version(package: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The commit the numbers come from: ``DIFFUSERS_BLOCK_COMMIT`` when set (a copy of the tree whose git metadata
+    is stale or missing, as on a remote GPU runner), else ``git describe`` of this checkout."""
+    if os.environ.get("DIFFUSERS_BLOCK_COMMIT"):
+        return os.environ["DIFFUSERS_BLOCK_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
