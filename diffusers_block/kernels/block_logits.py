@@ -10,17 +10,17 @@ cores in three TF32 passes (fp32 accuracy). It is a kernel of its own, not a pas
 different shapes: fused into one program (16-row FMA products, then the bisection) they took 234-255 registers per
 thread, one program per SM, and 0.08 ms at 32K tokens, where this GEMM takes 0.007 ms
 (``benchmarks/labs/block-selection/``).
-On CPU without ``TRITON_INTERPRET=1`` the launcher computes the same logits with PyTorch.
+On CPU without ``TRITON_INTERPRET=1`` the launcher runs :func:`~.reference.pooled_block_logits`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from . import runtime
+from .reference import pooled_block_logits
 from .runtime import tl, triton
 
 __all__ = ["mean_block_logits"]
@@ -89,9 +89,7 @@ def mean_block_logits(
     batch, heads, num_q, head_dim = query_sums.shape
     num_k = key_sums.shape[2]
     if not runtime.use_triton(query_sums):
-        counts_q, counts_k = (_block_sizes(seq, block_size, query_sums.device) for seq in (seq_q, seq_k))
-        q_mean, k_mean = query_sums / counts_q[:, None], key_sums / counts_k[:, None]
-        logits = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts_k)
+        logits = pooled_block_logits(query_sums, key_sums, seq_q, seq_k, block_size, scale)
         return (logits * LOG2E).reshape(batch * heads, num_q, num_k)
     query_sums, key_sums = (t.to(torch.float32).contiguous() for t in (query_sums, key_sums))
     logits = torch.empty((batch * heads, num_q, num_k), device=query_sums.device, dtype=torch.float32)
@@ -109,11 +107,3 @@ def mean_block_logits(
             num_warps=LOGIT_WARPS,
         )  # fmt: skip
     return logits
-
-
-def _block_sizes(seq: int, block_size: int, device) -> torch.Tensor:
-    """fp32 tokens per block of a ``seq``-token sequence (the last block may be short)."""
-    num = math.ceil(seq / block_size)
-    sizes = torch.full((num,), float(block_size), device=device)
-    sizes[-1] = seq - (num - 1) * block_size
-    return sizes

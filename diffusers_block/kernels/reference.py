@@ -13,12 +13,14 @@ import torch
 __all__ = [
     "block_means",
     "block_mask_from_index",
+    "block_sizes",
     "block_sparse_attention_reference",
     "block_statistics",
     "block_sums_reference",
     "antidiagonal_block_mass",
     "dense_block_index",
     "gather_tokens_reference",
+    "pooled_block_logits",
     "pooled_block_mass",
     "rotate_interleaved",
     "select_blocks_reference",
@@ -155,13 +157,18 @@ def block_means(
     The last block may be shorter (its mean is over its own rows); ``return_counts`` also returns the int64 (NB,)
     number of rows per block.
     """
-    seq = x.shape[-2]
     sums = block_sums_reference(x, block_size)
-    num_blocks = sums.shape[-2]
-    counts = torch.full((num_blocks,), block_size, dtype=torch.int64, device=x.device)
-    counts[-1] = seq - (num_blocks - 1) * block_size
+    counts = block_sizes(x.shape[-2], block_size, device=x.device)
     means = sums / counts.to(sums.dtype)[:, None]
     return (means, counts) if return_counts else means
+
+
+def block_sizes(seq: int, block_size: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """int64 (ceil(seq / block_size),) tokens per block of a ``seq``-token sequence (the last block may be short)."""
+    num_blocks = math.ceil(seq / block_size)
+    counts = torch.full((num_blocks,), block_size, dtype=torch.int64, device=device)
+    counts[-1] = seq - (num_blocks - 1) * block_size
+    return counts
 
 
 def block_statistics(
@@ -185,12 +192,20 @@ def block_statistics(
 
 
 def pooled_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """(B, H, NQ, NK) block masses from mean pooling: the row softmax of ``scale * mean(q_i) . mean(k_j) +
-    log(n_j)`` (``n_j`` the tokens of key block j, so a short tail block counts for its size)."""
-    q_mean = block_means(q, block_size)
-    k_mean, counts = block_means(k, block_size, return_counts=True)
-    scores = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts.to(q_mean.dtype))
-    return torch.softmax(scores, dim=-1)
+    """(B, H, NQ, NK) block masses from mean pooling: the row softmax of :func:`pooled_block_logits`."""
+    sums_q, sums_k = block_sums_reference(q, block_size), block_sums_reference(k, block_size)
+    return torch.softmax(pooled_block_logits(sums_q, sums_k, q.shape[-2], k.shape[-2], block_size, scale), dim=-1)
+
+
+def pooled_block_logits(
+    query_sums: torch.Tensor, key_sums: torch.Tensor, seq_q: int, seq_k: int, block_size: int, scale: float
+) -> torch.Tensor:
+    """(B, H, NQ, NK) ``scale * mean(q_i) . mean(k_j) + log(n_j)`` from the per-block sums of q and k (sequences of
+    ``seq_q`` / ``seq_k`` tokens; ``n_j`` the tokens of key block j, so a short tail block counts for its size)."""
+    counts_q, counts_k = (block_sizes(seq, block_size, device=query_sums.device) for seq in (seq_q, seq_k))
+    q_mean = query_sums / counts_q.to(query_sums.dtype)[:, None]
+    k_mean = key_sums / counts_k.to(key_sums.dtype)[:, None]
+    return torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale + torch.log(counts_k.to(q_mean.dtype))
 
 
 def antidiagonal_block_mass(

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from diffusers_block.bench import report
 from diffusers_block.bench.attention import WIDTH, bench_ms, smooth_qkv
 from diffusers_block.kernels import block_selection, block_sums, block_sums_reference, select_blocks, token_gather
 
@@ -139,22 +140,15 @@ def main() -> None:
     args = parser.parse_args()
     import importlib
 
-    import triton
-
     old = importlib.import_module(args.old) if args.old else None
     rows = [case(seq, head_dim, old) for seq, head_dim in SHAPES]
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+    device = torch.device("cuda")
+    payload = {
+        "environment": report.environment(device),
         "command": "python benchmarks/labs/block-selection/lab.py" + (f" --old {args.old}" if args.old else ""),
         "rows": rows,
     }
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    path = os.path.join(args.out, f"selection-{name}-{time.strftime('%Y-%m-%d')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    print("wrote", report.write_json(report.result_path(args.out, "selection", device), payload))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ import argparse
 import json
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
+from diffusers_block.bench import report
 from diffusers_block.bench.attention import bench_ms, smooth_qkv
 from diffusers_block.kernels import block_sparse_attention
 
@@ -88,23 +88,12 @@ def main() -> None:
     for seq, dim in SHAPES:
         rows.append(shape_row(seq, dim, device))
         torch.cuda.empty_cache()
-    import triton
-
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    path = os.path.join(args.out, f"split-keys-{name}-{time.strftime('%Y-%m-%d')}.json")
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "gpu": torch.cuda.get_device_name(),
-                "torch": torch.__version__,
-                "triton": triton.__version__,
-                "command": "python benchmarks/labs/split-keys/lab.py",
-                "rows": rows,
-            },
-            f,
-            indent=1,
-        )
-    print("wrote", path)
+    payload = {
+        "environment": report.environment(device),
+        "command": "python benchmarks/labs/split-keys/lab.py",
+        "rows": rows,
+    }
+    print("wrote", report.write_json(report.result_path(args.out, "split-keys", device), payload))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ cuDNN and the package's kernel (Gluon off), checks it against cuDNN, and writes 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from diffusers_block.bench import report
 from diffusers_block.bench.attention import bench_ms, smooth_qkv
 from diffusers_block.kernels import block_sparse_attention, dense_block_index
 from diffusers_block.kernels import block_sparse_attention_hopper as hopper
@@ -150,18 +150,12 @@ def main() -> None:
     for seq, dim in SHAPES:
         rows.append(shape_row(seq, dim, device))
         torch.cuda.empty_cache()
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    path = os.path.join(args.out, f"two-halves-{name}-{time.strftime('%Y-%m-%d')}.json")
-    result = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
+    payload = {
+        "environment": report.environment(device),
         "command": "python benchmarks/labs/two-halves-attention/lab.py",
         "rows": rows,
     }
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("wrote", path)
+    print("wrote", report.write_json(report.result_path(args.out, "two-halves", device), payload))
 
 
 if __name__ == "__main__":
