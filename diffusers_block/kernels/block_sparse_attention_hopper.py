@@ -1,5 +1,5 @@
 """Block-sparse flash-attention forward for Hopper in Gluon: a TMA producer warp feeds the consumer warpgroups,
-whose next logits overlap their softmax (FlashAttention-3's structure, without its ping-pong).
+whose MMAs overlap their softmax (FlashAttention-3's structure).
 
 Why a second kernel: the Triton-language kernel (:mod:`.block_sparse_attention`) waits for every ``tl.dot`` before the
 softmax that reads it, and loads K/V with the warps that compute; at head dim 128 it stays near 80% of cuDNN. Gluon
@@ -8,20 +8,31 @@ by mbarriers, and the asynchronous warpgroup MMA with explicit waits.
 
 * Producer (a one-warp worker partition, 24 registers): per listed key tile, wait until the consumers freed its ring
   slot, then TMA-copy the K and V tiles into it; ``ready[slot]`` completes when the bytes land.
-* Consumers (the default partition, 16 query rows per warp). Per tile ``j``, with ``S_j`` in registers: issue ``S_{j+1}
-  = Q K_{j+1}^T``; online softmax of ``S_j`` (base 2, fp32) while ``S_{j+1}`` and ``O += P_{j-1} V_{j-1}`` run on the
-  tensor cores; wait for both, release tile ``j - 1``'s slot, rescale ``O``, issue ``P_j V_j``. ``P``'s registers are
-  the MMA's operand until its product retires, so ``P`` is carried through that wait (reusing them corrupts ``O``).
+* Consumers, by ``BLOCK_M`` (16 query rows per warp):
+
+  - 64 rows (head dim 64): one warpgroup, two CTAs per SM (:func:`_consumer`). Per tile ``j``, with ``S_j`` in
+    registers: issue ``S_{j+1} = Q K_{j+1}^T``; online softmax of ``S_j`` (base 2, fp32) while ``S_{j+1}`` and
+    ``O += P_{j-1} V_{j-1}`` run on the tensor cores; wait for both, release tile ``j - 1``'s slot, rescale ``O``,
+    issue ``P_j V_j``. ``P``'s registers are the MMA's operand until its product retires, so ``P`` is carried through
+    that wait (reusing them corrupts ``O``).
+  - 128 rows (head dim 128): two warpgroups of 64 rows, each its own partition (:func:`_consumer_pingpong`), taking
+    turns on the tensor cores (FA-3's ping-pong: a warpgroup issues its MMAs once the other has issued its own, through
+    two named barriers), so one warpgroup's softmax runs under the other's MMAs. Within a warpgroup, FA-3's order:
+    issue ``S_j`` and ``O += P_{j-1} V_{j-1}``, softmax ``S_j`` under the PV product, wait, rescale. Two tiles per loop
+    iteration, ``P`` alternating between two register sets: with one set, ptxas waits for the PV product before the
+    softmax so that it can write the new ``P`` over the old. (In one partition of eight warps, Triton's slot release
+    synchronises both warpgroups every tile, which undoes the turns.)
 
 Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (fp16 or bf16, head dim
 64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses: :func:`tma_view`). The launcher there
-routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: head dim 64 (see
-:data:`CONFIG`), wide block lists (dense lists, the cached approximation's complement; on sparse lists the Triton-
-language kernel is faster). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs
-on the versions it was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off /
-on regardless) and any failure falls back to the Triton-language kernel for the rest of the process. Measured in
-``benchmarks/labs/gluon-hopper-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's throughput):
-97.0% / 95.2% at head dim 64 and 32K / 75K tokens, against 90.2% / 90.8% for the Triton-language kernel.
+routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: wide block lists (dense
+lists, the cached approximation's complement; on sparse lists the Triton-language kernel is faster). Gluon's API
+moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it was validated on
+(:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless) and any failure
+falls back to the Triton-language kernel for the rest of the process. Measured in ``benchmarks/labs/gluon-hopper-
+attention/``, ``benchmarks/labs/pingpong-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's
+throughput at 32K / 75K tokens): head dim 64 97.0% / 95.2% (Triton-language kernel 90.2% / 90.8%), head dim 128 with
+the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel without the ping-pong 84.8% / 81.9%).
 """
 
 from __future__ import annotations
@@ -52,15 +63,13 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "CONFIG_HEAD_DIM_128", "eligible", "enabled", "launch", "tma_view", "turned_off"]
+__all__ = ["CONFIG", "eligible", "enabled", "launch", "tma_view", "turned_off"]
 
-#: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the lab's candidates on an H100
-#: (16 query rows per consumer warp; BLOCK_M 64 is one warpgroup with a register cap that fits two CTAs per SM). Head
-#: dim 64 only: at 128 the kernel beat the Triton-language one at 32K tokens (84.1% of cuDNN against 82.9%) but lost at
-#: 75K (74.1% against 79.4%, and 80.7-82.6% across lab runs): not a dependable gain.
-CONFIG = {64: (128, 3, 64)}
-#: The best head-dim-128 config in the lab (for ``launch(config=...)``).
-CONFIG_HEAD_DIM_128 = (64, 4, 128)
+#: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the labs' candidates on an
+#: H100 (16 query rows per consumer warp). BLOCK_M 64 is one consumer warpgroup with a register cap that fits two CTAs
+#: per SM; BLOCK_M 128 is two consumer warpgroups taking turns (``benchmarks/labs/pingpong-attention/``: 128-key tiles
+#: spill there, 61-64% of cuDNN).
+CONFIG = {64: (128, 3, 64), 128: (64, 4, 128)}
 #: Triton releases whose Gluon API this kernel was validated on (major.minor).
 VALIDATED_TRITON = ("3.6",)
 #: DIFFUSERS_BLOCK_GLUON: "1" always tries the kernel where Gluon imports, "0" never, unset: validated Triton only.
@@ -68,11 +77,15 @@ SWITCH = os.environ.get("DIFFUSERS_BLOCK_GLUON")
 #: Lists at least this share of the key blocks wide go to this kernel (the complement lists of the cached
 #: approximation, dense lists); narrower ones to the Triton-language kernel, faster there.
 MIN_LIST_SHARE = 0.5
-#: The consumers are the default partition (the kernel's ``num_warps``); the producer is a one-warp worker with few
-#: registers. (With the producer as the default partition, or one partition per consumer warpgroup, ptxas serialized
-#: the consumers' asynchronous MMAs for want of registers.)
+#: The producer is a one-warp worker with few registers; the first consumer warpgroup is the default partition (the
+#: kernel's ``num_warps``). (With the producer as the default partition ptxas serialized the consumers' asynchronous
+#: MMAs for want of registers.)
 PRODUCER_WARPS = 1
 PRODUCER_REGISTERS = 24
+#: Query rows per consumer warpgroup (the m64 warpgroup MMA); BLOCK_M of two warpgroups runs the ping-pong.
+WARPGROUP_ROWS = 64
+#: Registers of the second consumer warpgroup's partition (the first gets what the producer gives up).
+CONSUMER_REGISTERS = 240
 #: One consumer warpgroup (BLOCK_M = 64): a 128-register launch cap lets two CTAs share an SM (the consumers get
 #: 232 after reallocation), so one CTA's softmax overlaps the other's MMAs.
 MAX_REGISTERS_TWO_PER_SM = 128
@@ -106,6 +119,50 @@ if IMPORTED:
         kv_block = gl.load(index_row + gl.minimum(t, gl.maximum(n_tiles - 1, 0)) // TILES)
         kv_block = gl.minimum(gl.maximum(kv_block, 0), NUM_KV_BLOCKS - 1)
         return kv_block * BLOCK_SIZE + (t % TILES) * BLOCK_N
+
+    #: Named barriers 8 and 9 (Triton's own partition barriers take the low ids) order the two consumer warpgroups'
+    #: MMAs (ping-pong); each counts both warpgroups' threads. Gluon has no named barrier: inline PTX, once per thread.
+    SCHEDULER_BARRIER = gl.constexpr(8)
+    SCHEDULER_THREADS = gl.constexpr(2 * 128)
+
+    @gluon.jit
+    def _one_per_thread(value):
+        """An int32 tensor holding ``value`` once per thread (inline PTX over it runs once per thread)."""
+        warps: gl.constexpr = gl.num_warps()
+        return gl.full([32 * warps], value, gl.int32, layout=gl.BlockedLayout([1], [32], [warps], [0]))
+
+    @gluon.jit
+    def _named_barrier(barrier, arrive_only, when):
+        """``bar.sync`` (wait for the barrier's thread count) or ``bar.arrive`` (count in, go on) on a named barrier, where
+        ``when`` (int32) is not 0."""
+        if arrive_only:
+            asm: gl.constexpr = "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p bar.arrive $1, $2; mov.u32 $0, $3; }"
+        else:
+            asm: gl.constexpr = "{ .reg .pred p; setp.ne.u32 p, $3, 0; @p bar.sync $1, $2; mov.u32 $0, $3; }"
+        return gl.inline_asm_elementwise(
+            asm,
+            "=r,r,r,r",
+            [_one_per_thread(barrier), _one_per_thread(SCHEDULER_THREADS), _one_per_thread(when)],
+            dtype=gl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, qk_scale, cols, SEQ_K, MASKED: gl.constexpr):
+        """Online softmax of one logits tile in base 2: P, the rescale factor alpha, the new max and row sum. Masked:
+        columns past ``SEQ_K`` are -inf, and a row with no valid key yet keeps P = 0 (no (-inf) - (-inf))."""
+        if MASKED:
+            x = s * qk_scale + gl.expand_dims(gl.where(cols < SEQ_K, 0.0, float("-inf")), 0)
+            m_new = gl.maximum(m_i, gl.max(x, 1))
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(x - gl.expand_dims(m_safe, 1))
+            alpha = gl.exp2(m_i - m_safe)
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+            alpha = gl.exp2(m_i - m_new)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
     def _producer(
@@ -209,18 +266,10 @@ if IMPORTED:
             s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             # online softmax of this tile while S_{j+1} and P_{j-1} V_{j-1} run
             if EVEN_K:
-                m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-                p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-                alpha = gl.exp2(m_i - m_new)
+                cols = offs_n
             else:
                 cols = _tile_start(index_row, j, n_tiles, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N) + offs_n
-                x = s * qk_scale + gl.expand_dims(gl.where(cols < SEQ_K, 0.0, float("-inf")), 0)
-                m_new = gl.maximum(m_i, gl.max(x, 1))
-                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid (-inf) - (-inf)
-                p = gl.exp2(x - gl.expand_dims(m_safe, 1))
-                alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            m_i = m_new
+            p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, cols, SEQ_K, not EVEN_K)
             p = gl.convert_layout(p.to(dtype), p_layout)
             acc, s, p_in_flight = warpgroup_mma_wait(0, deps=(acc, s_next, p_in_flight))
             # tile j - 1 is done with (its logits long ago, its PV product now): hand its slot back
@@ -230,11 +279,34 @@ if IMPORTED:
             p_in_flight = p
         acc, p_in_flight = warpgroup_mma_wait(0, deps=(acc, p_in_flight))
 
-        # Epilogue: normalise, natural-log lse, store (row i to OutRows[i] when scattering).
+        _store_output(
+            acc, m_i, l_i, Out, OutRows, Lse, out_base, lse_base, m_start, stride_om, SEQ_Q, HEAD_DIM, SCATTER_OUT
+        )
+
+    @gluon.jit
+    def _store_output(
+        acc,
+        m_i,
+        l_i,
+        Out,
+        OutRows,
+        Lse,
+        out_base,
+        lse_base,
+        m_start,
+        stride_om,
+        SEQ_Q,
+        HEAD_DIM: gl.constexpr,
+        SCATTER_OUT: gl.constexpr,
+    ):
+        """Normalise, natural-log lse, store (row i to OutRows[i] when scattering). Rows without a key are zero and
+        -inf, whatever an empty list's ring slot held."""
+        o_layout: gl.constexpr = acc.type.layout
+        rows: gl.constexpr = acc.type.shape[0]
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         m_o = gl.convert_layout(m_i, gl.SliceLayout(1, o_layout))
         has_key = l_o > 0.0
-        acc = acc / gl.expand_dims(gl.where(has_key, l_o, 1.0), 1)
+        acc = gl.where(gl.expand_dims(has_key, 1), acc / gl.expand_dims(gl.where(has_key, l_o, 1.0), 1), 0.0)
         lse = gl.where(has_key, (m_o + gl.log2(gl.where(has_key, l_o, 1.0))) * 0.6931471805599453, float("-inf"))
         offs_m = m_start + gl.arange(0, rows, layout=gl.SliceLayout(1, o_layout))
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -244,8 +316,139 @@ if IMPORTED:
         else:
             out_m = offs_m.to(gl.int64)
         o_ptrs = Out + out_base + gl.expand_dims(out_m * stride_om, 1) + gl.expand_dims(offs_d, 0)
-        gl.store(o_ptrs, acc.to(dtype), mask=gl.expand_dims(m_mask, 1))
+        gl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=gl.expand_dims(m_mask, 1))
         gl.store(Lse + lse_base + offs_m, lse, mask=m_mask)
+
+    @gluon.jit
+    def _pingpong_step(
+        j,
+        p,
+        acc,
+        m_i,
+        l_i,
+        q_smem,
+        k_smem,
+        v_smem,
+        ready,
+        empty,
+        qk_scale,
+        s_zero,
+        offs_n,
+        index_row,
+        n_tiles,
+        SEQ_K,
+        NUM_KV_BLOCKS,
+        TILES: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        EVEN_K: gl.constexpr,
+        WARPGROUP: gl.constexpr,
+    ):
+        """Tile ``j`` in FA-3's order, in this warpgroup's turn: issue ``S_j`` and ``O += P_{j-1} V_{j-1}``, let the
+        other warpgroup issue its own, softmax ``S_j`` under the PV product, wait, release tile ``j - 1``, rescale.
+        Returns the new P in registers other than ``p``'s (the PV product reads those until the wait)."""
+        slot = j % NUM_STAGES
+        prev = (j + NUM_STAGES - 1) % NUM_STAGES
+        # the tile's first key, loaded before the MMAs (loaded after them, ptxas waited for the PV product there)
+        start = 0
+        if not EVEN_K:
+            start = _tile_start(index_row, j, n_tiles, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N)
+        mbarrier.wait(ready.index(slot), (j // NUM_STAGES) & 1)
+        _named_barrier(SCHEDULER_BARRIER + WARPGROUP, False, 1)  # our turn
+        s = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        # the other's turn (warpgroup 1's signal after the last tile would find nobody waiting)
+        _named_barrier(SCHEDULER_BARRIER + 1 - WARPGROUP, True, ((j + 1 < n_tiles) | (WARPGROUP == 0)).to(gl.int32))
+        s = warpgroup_mma_wait(1, deps=(s,))
+        cols = start + offs_n
+        p_next, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, cols, SEQ_K, not EVEN_K)
+        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+        mbarrier.arrive(empty.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout)), 1)
+        return acc, gl.convert_layout(p_next.to(p.dtype), p.type.layout), m_i, l_i
+
+    @gluon.jit
+    def _consumer_pingpong(
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        ready,
+        empty,
+        Out,
+        OutRows,
+        Lse,
+        index_row,
+        n_tiles,
+        sm_scale,
+        out_base,
+        lse_base,
+        m_start,
+        stride_om,
+        SEQ_Q,
+        SEQ_K,
+        NUM_KV_BLOCKS,
+        HEAD_DIM: gl.constexpr,
+        TILES: gl.constexpr,
+        BLOCK_SIZE: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        NUM_STAGES: gl.constexpr,
+        EVEN_K: gl.constexpr,
+        SCATTER_OUT: gl.constexpr,
+        WARPGROUP: gl.constexpr,
+    ):
+        warps: gl.constexpr = gl.num_warps()
+        rows: gl.constexpr = q_smem.type.shape[0]
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([rows, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([rows, BLOCK_N], gl.float32, layout=s_layout)
+        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
+
+        # Tile 0's logits (warpgroup 0 goes first) and softmax, masked: that also zeroes P for an empty list.
+        mbarrier.wait(q_ready, 0)
+        mbarrier.wait(ready.index(0), 0, pred=n_tiles > 0)
+        if WARPGROUP == 0:
+            _named_barrier(SCHEDULER_BARRIER, True, 1)
+        _named_barrier(SCHEDULER_BARRIER + WARPGROUP, False, 1)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _named_barrier(SCHEDULER_BARRIER + 1 - WARPGROUP, True, ((n_tiles > 1) | (WARPGROUP == 0)).to(gl.int32))
+        s = warpgroup_mma_wait(0, deps=(s,))
+        cols = _tile_start(index_row, 0, n_tiles, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N) + offs_n
+        p, alpha, m_i, l_i = _softmax_tile(s, m_i, l_i, qk_scale, gl.where(n_tiles > 0, cols, SEQ_K), SEQ_K, True)
+        p_a = gl.convert_layout(p.to(dtype), p_layout)
+
+        # Two tiles per iteration, P alternating between two register sets.
+        for t in range((n_tiles - 1) // 2):
+            acc, p_b, m_i, l_i = _pingpong_step(
+                1 + 2 * t, p_a, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n,
+                index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K, WARPGROUP,
+            )  # fmt: skip
+            acc, p_a, m_i, l_i = _pingpong_step(
+                2 + 2 * t, p_b, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n,
+                index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K, WARPGROUP,
+            )  # fmt: skip
+        if n_tiles % 2 == 0 and n_tiles > 0:  # one tile left
+            acc, p_b, m_i, l_i = _pingpong_step(
+                n_tiles - 1, p_a, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n,
+                index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K, WARPGROUP,
+            )  # fmt: skip
+            p_a = p_b
+        acc = warpgroup_mma(p_a, v_smem.index((gl.maximum(n_tiles, 1) - 1) % NUM_STAGES), acc, is_async=True)
+        acc, p_a = warpgroup_mma_wait(0, deps=(acc, p_a))
+        _store_output(
+            acc, m_i, l_i, Out, OutRows, Lse, out_base, lse_base, m_start, stride_om, SEQ_Q, HEAD_DIM, SCATTER_OUT
+        )
 
     @gluon.jit
     def _block_sparse_attn_fwd_hopper(
@@ -284,6 +487,8 @@ if IMPORTED:
         NUM_STAGES: gl.constexpr,
         PRODUCER_WARPS: gl.constexpr,
         PRODUCER_REGISTERS: gl.constexpr,
+        PINGPONG: gl.constexpr,
+        CONSUMER_REGISTERS: gl.constexpr,
     ):
         TILES: gl.constexpr = BLOCK_SIZE // BLOCK_N
         rows: gl.constexpr = q_desc.block_type.shape[0]
@@ -314,75 +519,174 @@ if IMPORTED:
         mbarrier.init(q_ready, count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2 if PINGPONG else 1)  # one release per consumer partition
         fence_async_shared()
 
         out_base = off_b * stride_ob + off_h * stride_oh
         lse_base = off_bh.to(gl.int64) * SEQ_Q
-        gl.warp_specialize(
-            [
-                (
-                    _consumer,
+        if PINGPONG:  # one partition per consumer warpgroup, 64 query rows each
+            gl.warp_specialize(
+                [
                     (
-                        q_smem,
-                        k_smem,
-                        v_smem,
-                        q_ready,
-                        ready,
-                        empty,
-                        Out,
-                        OutRows,
-                        Lse,
-                        index_row,
-                        n_tiles,
-                        sm_scale,
-                        out_base,
-                        lse_base,
-                        start_m * rows,
-                        stride_om,
-                        SEQ_Q,
-                        SEQ_K,
-                        NUM_KV_BLOCKS,
-                        HEAD_DIM,
-                        TILES,
-                        BLOCK_SIZE,
-                        BLOCK_N,
-                        NUM_STAGES,
-                        EVEN_K,
-                        SCATTER_OUT,
+                        _consumer_pingpong,
+                        (
+                            q_smem.slice(0, rows // 2),
+                            k_smem,
+                            v_smem,
+                            q_ready,
+                            ready,
+                            empty,
+                            Out,
+                            OutRows,
+                            Lse,
+                            index_row,
+                            n_tiles,
+                            sm_scale,
+                            out_base,
+                            lse_base,
+                            start_m * rows,
+                            stride_om,
+                            SEQ_Q,
+                            SEQ_K,
+                            NUM_KV_BLOCKS,
+                            HEAD_DIM,
+                            TILES,
+                            BLOCK_SIZE,
+                            BLOCK_N,
+                            NUM_STAGES,
+                            EVEN_K,
+                            SCATTER_OUT,
+                            0,
+                        ),
                     ),
-                ),
-                (
-                    _producer,
                     (
-                        q_desc,
-                        k_desc,
-                        v_desc,
-                        q_smem,
-                        k_smem,
-                        v_smem,
-                        q_ready,
-                        ready,
-                        empty,
-                        index_row,
-                        n_tiles,
-                        q_row,
-                        q_col,
-                        k_row,
-                        k_col,
-                        v_row,
-                        v_col,
-                        NUM_KV_BLOCKS,
-                        TILES,
-                        BLOCK_SIZE,
-                        BLOCK_N,
-                        NUM_STAGES,
+                        _consumer_pingpong,
+                        (
+                            q_smem.slice(rows // 2, rows // 2),
+                            k_smem,
+                            v_smem,
+                            q_ready,
+                            ready,
+                            empty,
+                            Out,
+                            OutRows,
+                            Lse,
+                            index_row,
+                            n_tiles,
+                            sm_scale,
+                            out_base,
+                            lse_base,
+                            start_m * rows + rows // 2,
+                            stride_om,
+                            SEQ_Q,
+                            SEQ_K,
+                            NUM_KV_BLOCKS,
+                            HEAD_DIM,
+                            TILES,
+                            BLOCK_SIZE,
+                            BLOCK_N,
+                            NUM_STAGES,
+                            EVEN_K,
+                            SCATTER_OUT,
+                            1,
+                        ),
                     ),
-                ),
-            ],
-            [PRODUCER_WARPS],
-            [PRODUCER_REGISTERS],
-        )
+                    (
+                        _producer,
+                        (
+                            q_desc,
+                            k_desc,
+                            v_desc,
+                            q_smem,
+                            k_smem,
+                            v_smem,
+                            q_ready,
+                            ready,
+                            empty,
+                            index_row,
+                            n_tiles,
+                            q_row,
+                            q_col,
+                            k_row,
+                            k_col,
+                            v_row,
+                            v_col,
+                            NUM_KV_BLOCKS,
+                            TILES,
+                            BLOCK_SIZE,
+                            BLOCK_N,
+                            NUM_STAGES,
+                        ),
+                    ),
+                ],
+                [gl.num_warps(), PRODUCER_WARPS],
+                [CONSUMER_REGISTERS, PRODUCER_REGISTERS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (
+                        _consumer,
+                        (
+                            q_smem,
+                            k_smem,
+                            v_smem,
+                            q_ready,
+                            ready,
+                            empty,
+                            Out,
+                            OutRows,
+                            Lse,
+                            index_row,
+                            n_tiles,
+                            sm_scale,
+                            out_base,
+                            lse_base,
+                            start_m * rows,
+                            stride_om,
+                            SEQ_Q,
+                            SEQ_K,
+                            NUM_KV_BLOCKS,
+                            HEAD_DIM,
+                            TILES,
+                            BLOCK_SIZE,
+                            BLOCK_N,
+                            NUM_STAGES,
+                            EVEN_K,
+                            SCATTER_OUT,
+                        ),
+                    ),
+                    (
+                        _producer,
+                        (
+                            q_desc,
+                            k_desc,
+                            v_desc,
+                            q_smem,
+                            k_smem,
+                            v_smem,
+                            q_ready,
+                            ready,
+                            empty,
+                            index_row,
+                            n_tiles,
+                            q_row,
+                            q_col,
+                            k_row,
+                            k_col,
+                            v_row,
+                            v_col,
+                            NUM_KV_BLOCKS,
+                            TILES,
+                            BLOCK_SIZE,
+                            BLOCK_N,
+                            NUM_STAGES,
+                        ),
+                    ),
+                ],
+                [PRODUCER_WARPS],
+                [PRODUCER_REGISTERS],
+            )
         mbarrier.invalidate(q_ready)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(ready.index(i))
@@ -445,9 +749,11 @@ def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
 
 
 def launch(q, k, v, out, out_rows, lse, block_index, block_count, sm_scale, block_size, config=None):
-    """Run the kernel (``config``: ``(BLOCK_N, NUM_STAGES, BLOCK_M)``, default :data:`CONFIG`); the caller has checked
-    the inputs and :func:`eligible`. ``out`` may have any strides; ``lse`` is (B, H, S_q) fp32."""
+    """Run the kernel (``config``: ``(BLOCK_N, NUM_STAGES, BLOCK_M)``, default :data:`CONFIG`; BLOCK_M 128 runs the
+    ping-pong); the caller has checked the inputs and :func:`eligible`. ``out`` may have any strides; ``lse`` is
+    (B, H, S_q) fp32."""
     block_n, num_stages, block_m = config or CONFIG[q.shape[-1]]
+    pingpong = block_m == 2 * WARPGROUP_ROWS
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
@@ -487,6 +793,8 @@ def launch(q, k, v, out, out_rows, lse, block_index, block_count, sm_scale, bloc
         NUM_STAGES=num_stages,
         PRODUCER_WARPS=PRODUCER_WARPS,
         PRODUCER_REGISTERS=PRODUCER_REGISTERS,
-        num_warps=block_m // 16,
+        PINGPONG=pingpong,
+        CONSUMER_REGISTERS=CONSUMER_REGISTERS,
+        num_warps=WARPGROUP_ROWS // 16 if pingpong else block_m // 16,
         maxnreg=MAX_REGISTERS_TWO_PER_SM if block_m == 64 else None,
     )

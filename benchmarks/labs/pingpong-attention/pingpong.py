@@ -20,7 +20,11 @@ import importlib
 hop = importlib.import_module("diffusers_block.kernels.block_sparse_attention_hopper")
 gluon, gl = hop.gluon, hop.gl
 mbarrier, tma = hop.mbarrier, hop.tma
-warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait = hop.warpgroup_mma, hop.warpgroup_mma_init, hop.warpgroup_mma_wait
+warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait = (
+    hop.warpgroup_mma,
+    hop.warpgroup_mma_init,
+    hop.warpgroup_mma_wait,
+)
 fence_async_shared = hop.fence_async_shared
 triton = hop.triton
 
@@ -44,8 +48,16 @@ def _warpgroup(WG: gl.constexpr):
         return _one_per_thread(WG)
     else:
         return gl.inline_asm_elementwise(
-            "shr.u32 $0, $1, 7;", "=r,r", [gl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [_one_per_thread(0)], dtype=gl.int32, is_pure=True, pack=1)],
-            dtype=gl.int32, is_pure=True, pack=1,
+            "shr.u32 $0, $1, 7;",
+            "=r,r",
+            [
+                gl.inline_asm_elementwise(
+                    "mov.u32 $0, %tid.x;", "=r,r", [_one_per_thread(0)], dtype=gl.int32, is_pure=True, pack=1
+                )
+            ],
+            dtype=gl.int32,
+            is_pure=True,
+            pack=1,
         )
 
 
@@ -126,10 +138,31 @@ def _softmax_tile(s, m_i, l_i, qk_scale, cols, SEQ_K, MASKED: gl.constexpr):
 
 @gluon.jit
 def _fa3_step(
-    j, p, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n, o_layout: gl.constexpr,
-    index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS,
-    TILES: gl.constexpr, BLOCK_SIZE: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    EVEN_K: gl.constexpr, PINGPONG: gl.constexpr, WG: gl.constexpr,
+    j,
+    p,
+    acc,
+    m_i,
+    l_i,
+    q_smem,
+    k_smem,
+    v_smem,
+    ready,
+    empty,
+    qk_scale,
+    s_zero,
+    offs_n,
+    o_layout: gl.constexpr,
+    index_row,
+    n_tiles,
+    SEQ_K,
+    NUM_KV_BLOCKS,
+    TILES: gl.constexpr,
+    BLOCK_SIZE: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    NUM_STAGES: gl.constexpr,
+    EVEN_K: gl.constexpr,
+    PINGPONG: gl.constexpr,
+    WG: gl.constexpr,
 ):
     """Tile j: issue S_j and O += P_{j-1} V_{j-1}; softmax S_j under the PV product; then O *= alpha and the new P
     (in registers other than ``p``'s, which the PV product reads: the caller alternates two sets)."""
@@ -188,8 +221,12 @@ def _consumer_pingpong(
     warps: gl.constexpr = gl.num_warps()
     rows: gl.constexpr = q_smem.type.shape[0]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -217,18 +254,86 @@ def _consumer_pingpong(
     # product before the softmax so that it can write the new P over the old).
     for t in range((n_tiles - 1) // 2):
         acc, p_b, m_i, l_i = _fa3_step(
-            1 + 2 * t, p_a, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n, o_layout,
-            index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K, PINGPONG, WG,
+            1 + 2 * t,
+            p_a,
+            acc,
+            m_i,
+            l_i,
+            q_smem,
+            k_smem,
+            v_smem,
+            ready,
+            empty,
+            qk_scale,
+            s_zero,
+            offs_n,
+            o_layout,
+            index_row,
+            n_tiles,
+            SEQ_K,
+            NUM_KV_BLOCKS,
+            TILES,
+            BLOCK_SIZE,
+            BLOCK_N,
+            NUM_STAGES,
+            EVEN_K,
+            PINGPONG,
+            WG,
         )
         acc, p_a, m_i, l_i = _fa3_step(
-            2 + 2 * t, p_b, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n, o_layout,
-            index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K, PINGPONG, WG,
+            2 + 2 * t,
+            p_b,
+            acc,
+            m_i,
+            l_i,
+            q_smem,
+            k_smem,
+            v_smem,
+            ready,
+            empty,
+            qk_scale,
+            s_zero,
+            offs_n,
+            o_layout,
+            index_row,
+            n_tiles,
+            SEQ_K,
+            NUM_KV_BLOCKS,
+            TILES,
+            BLOCK_SIZE,
+            BLOCK_N,
+            NUM_STAGES,
+            EVEN_K,
+            PINGPONG,
+            WG,
         )
     if n_tiles % 2 == 0 and n_tiles > 0:  # one tile left over
         acc, p_b, m_i, l_i = _fa3_step(
-            n_tiles - 1, p_a, acc, m_i, l_i, q_smem, k_smem, v_smem, ready, empty, qk_scale, s_zero, offs_n,
-            o_layout, index_row, n_tiles, SEQ_K, NUM_KV_BLOCKS, TILES, BLOCK_SIZE, BLOCK_N, NUM_STAGES, EVEN_K,
-            PINGPONG, WG,
+            n_tiles - 1,
+            p_a,
+            acc,
+            m_i,
+            l_i,
+            q_smem,
+            k_smem,
+            v_smem,
+            ready,
+            empty,
+            qk_scale,
+            s_zero,
+            offs_n,
+            o_layout,
+            index_row,
+            n_tiles,
+            SEQ_K,
+            NUM_KV_BLOCKS,
+            TILES,
+            BLOCK_SIZE,
+            BLOCK_N,
+            NUM_STAGES,
+            EVEN_K,
+            PINGPONG,
+            WG,
         )
         p_a = p_b
 
@@ -503,7 +608,22 @@ def _block_sparse_attn_fwd_pingpong(
         mbarrier.invalidate(empty.index(i))
 
 
-def launch(q, k, v, out, out_rows, lse, block_index, block_count, sm_scale, block_size, config, pingpong=True, split=False, consumer_registers=240):
+def launch(
+    q,
+    k,
+    v,
+    out,
+    out_rows,
+    lse,
+    block_index,
+    block_count,
+    sm_scale,
+    block_size,
+    config,
+    pingpong=True,
+    split=False,
+    consumer_registers=240,
+):
     """Run the lab kernel (``config``: ``(BLOCK_N, NUM_STAGES, BLOCK_M)``, required); the caller has checked
     the inputs and :func:`eligible`. ``out`` may have any strides; ``lse`` is (B, H, S_q) fp32."""
     block_n, num_stages, block_m = config
