@@ -120,3 +120,28 @@ def test_attention_quality_names_the_training_command_of_a_model_that_does_not_s
     monkeypatch.setitem(attention_quality.MODELS, "digits-video-64", (tmp_path / "absent", size, command))
     with pytest.raises(FileNotFoundError, match="--canvas 64 --digit-size 14"):
         main(["attention-quality", "--model", "digits-video-64", "--device", "cpu", "--out", str(tmp_path)])
+
+
+def test_dense_rounds_rotate_order_and_take_median_ratios():
+    from diffusers_block.bench.attention import _dense_rounds
+
+    calls = []
+    # a clock that slows down call after call: whoever goes first in every round would look fastest
+    clock = iter(range(1, 100))
+
+    def timed(fn):
+        calls.append(fn())
+        return float(next(clock))
+
+    contenders = {"cudnn_ms": lambda: "cudnn", "ours_dense_ms": lambda: "ours", "ours_dense_triton_ms": lambda: "tri"}
+    out = _dense_rounds(contenders, timed, rounds=3)
+    assert calls == ["cudnn", "ours", "tri", "ours", "tri", "cudnn", "tri", "cudnn", "ours"]
+    assert [list(r) for r in out["dense_rounds"]] == [
+        ["cudnn_ms", "ours_dense_ms", "ours_dense_triton_ms"],
+        ["ours_dense_ms", "ours_dense_triton_ms", "cudnn_ms"],
+        ["ours_dense_triton_ms", "cudnn_ms", "ours_dense_ms"],
+    ]
+    # cuDNN took 1, 6, 8; ours 2, 4, 9: medians 6 and 4, ratio the median of 1/2, 6/4, 8/9
+    assert out["cudnn_ms"] == 6.0 and out["ours_dense_ms"] == 4.0
+    assert out["ours_dense_vs_cudnn_throughput"] == 8 / 9
+    assert "cudnn_vs_cudnn_throughput" not in out

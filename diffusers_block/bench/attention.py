@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", nargs="+", type=int, default=[32768, 75776], help="kernel: sequence lengths")
     parser.add_argument("--head-dim", nargs="+", type=int, default=[64, 128], help="kernel: head dims")
     parser.add_argument("--density", nargs="+", type=float, default=[0.1, 0.05], help="kernel: kept fractions")
+    parser.add_argument(
+        "--dense-rounds",
+        type=int,
+        default=3,
+        help="kernel: rounds of the dense comparison (cuDNN, ours, the Triton-language kernel, each round in a rotated "
+        "order); ratios are medians over rounds (an H100 at its power cap moves its clock within a run)",
+    )
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
     parser.add_argument("--model", default="wan2.1-1.3b", choices=list(ARCHITECTURES), help="e2e architecture")
@@ -546,19 +553,26 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
     def timed(fn) -> float:  # device time, even of calls the host cannot launch as fast as the GPU runs them
         return bench_ms(fn, device, device_only=True)
 
-    if not cpu:
-        with _cudnn():
-            result["cudnn_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v))
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
 
     def dense_mode():
         return block_sparse_attention(q, k, v, full_index, full_count, block_size=bs)
 
-    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, full_index, bs, None) else "triton"
-    result["ours_dense_ms"] = timed(dense_mode)
-    if result["dense_kernel"] != "triton":  # the Triton-language kernel on the same lists, for comparison
+    def dense_triton():  # the Triton-language kernel on the same lists, for comparison
         with hopper.turned_off():
-            result["ours_dense_triton_ms"] = timed(dense_mode)
+            return dense_mode()
+
+    def cudnn():
+        with _cudnn():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, full_index, bs, None) else "triton"
+    contenders = {"ours_dense_ms": dense_mode}
+    if result["dense_kernel"] != "triton":
+        contenders["ours_dense_triton_ms"] = dense_triton
+    if not cpu:
+        contenders = {"cudnn_ms": cudnn, **contenders}
+    result.update(_dense_rounds(contenders, timed, args.dense_rounds if not cpu else 1))
     result["dense_config_ms"] = _last_tuning("block_sparse_attention", "_block_sparse_attn_fwd_tma_autotuned")
     if flex is not None:
         flex_fn, block_mask_cls = flex
@@ -610,11 +624,25 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
     for key in ("cudnn_ms", "ours_dense_ms", "ours_dense_triton_ms", "flex_dense_ms"):
         if key in result:
             result[key.replace("_ms", "_tflops")] = flops / result[key] / 1e9
-    if "cudnn_ms" in result:
-        result["ours_dense_vs_cudnn_throughput"] = result["cudnn_ms"] / result["ours_dense_ms"]
-        if "ours_dense_triton_ms" in result:
-            result["ours_dense_triton_vs_cudnn_throughput"] = result["cudnn_ms"] / result["ours_dense_triton_ms"]
     return result
+
+
+def _dense_rounds(contenders: dict, timed, rounds: int) -> dict:
+    """Time each contender once per round, rotating who goes first, so that clock drift (an H100 at its power cap)
+    spreads over all of them; each one's time is its median over rounds and each ratio to cuDNN the median of the
+    rounds' ratios (``*_vs_cudnn_throughput``), the rounds kept in ``dense_rounds``."""
+    names = list(contenders)
+    per_round = []
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        per_round.append({name: timed(contenders[name]) for name in order})
+    out = {name: statistics.median(t[name] for t in per_round) for name in names}
+    out["dense_rounds"] = per_round
+    for name in names:
+        if name != "cudnn_ms" and "cudnn_ms" in names:
+            ratio = name.replace("_ms", "_vs_cudnn_throughput")
+            out[ratio] = statistics.median(t["cudnn_ms"] / t[name] for t in per_round)
+    return out
 
 
 def _flex_mask(block_mask_cls, count, index, block_size):
