@@ -63,7 +63,7 @@ def shape_rows(seq: int, dim: int, rounds: int, device) -> list[dict]:
         row.update({n: statistics.median(t[n] for t in per_round) for n in contenders})
         row["triton_over_gluon"] = statistics.median(t["triton_ms"] / t["gluon_ms"] for t in per_round)
         row["rounds"] = per_round
-        print(json.dumps({k: v for k, v in row.items() if k != "rounds"}), flush=True)
+        print(json.dumps({key: val for key, val in row.items() if key != "rounds"}), flush=True)
         rows.append(row)
     return rows
 
