@@ -119,3 +119,11 @@ def test_gpu_hopper_kernel_matches_reference(case, dtype, scatter):
     assert hopper._failure is None, hopper._failure
     if dim in hopper.CONFIG:
         assert torch.equal(routed, out)
+
+
+def test_list_width_routing_per_head_dim():
+    # head dim 64: from half the blocks; 128 (the ping-pong): from 8%, so 10% lists go there and 5% lists do not
+    assert hopper.wide_enough(64, 128, 256) and not hopper.wide_enough(64, 127, 256)
+    assert hopper.wide_enough(128, 26, 256) and hopper.wide_enough(128, 59, 592)  # 10% at 32K / 75K tokens
+    assert not hopper.wide_enough(128, 13, 256) and not hopper.wide_enough(128, 30, 592)  # 5%
+    assert not hopper.wide_enough(96, 256, 256)  # no config for other head dims

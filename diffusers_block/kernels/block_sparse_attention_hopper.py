@@ -25,11 +25,11 @@ by mbarriers, and the asynchronous warpgroup MMA with explicit waits.
 
 Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (fp16 or bf16, head dim
 64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses: :func:`tma_view`). The launcher there
-routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: wide block lists (dense
-lists, the cached approximation's complement; on sparse lists the Triton-language kernel is faster). Gluon's API
-moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it was validated on
-(:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless) and any failure
-falls back to the Triton-language kernel for the rest of the process. Measured in ``benchmarks/labs/gluon-hopper-
+routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: lists wide enough
+(:func:`wide_enough`; at head dim 64 dense lists and the cached approximation's complement, at 128 from 8% of the
+blocks). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it
+was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless)
+and any failure falls back to the Triton-language kernel for the rest of the process. Measured in ``benchmarks/labs/gluon-hopper-
 attention/``, ``benchmarks/labs/pingpong-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's
 throughput at 32K / 75K tokens): head dim 64 97.0% / 95.2% (Triton-language kernel 90.2% / 90.8%), head dim 128 with
 the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel without the ping-pong 84.8% / 81.9%).
@@ -63,7 +63,7 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "eligible", "enabled", "launch", "tma_view", "turned_off"]
+__all__ = ["CONFIG", "eligible", "enabled", "launch", "tma_view", "turned_off", "wide_enough"]
 
 #: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the labs' candidates on an
 #: H100 (16 query rows per consumer warp). BLOCK_M 64 is one consumer warpgroup with a register cap that fits two CTAs
@@ -74,9 +74,12 @@ CONFIG = {64: (128, 3, 64), 128: (64, 4, 128)}
 VALIDATED_TRITON = ("3.6",)
 #: DIFFUSERS_BLOCK_GLUON: "1" always tries the kernel where Gluon imports, "0" never, unset: validated Triton only.
 SWITCH = os.environ.get("DIFFUSERS_BLOCK_GLUON")
-#: Lists at least this share of the key blocks wide go to this kernel (the complement lists of the cached
-#: approximation, dense lists); narrower ones to the Triton-language kernel, faster there.
-MIN_LIST_SHARE = 0.5
+#: Per head dim, lists at least this share of the key blocks wide go to this kernel, narrower ones to the
+#: Triton-language kernel (``benchmarks/labs/pingpong-attention/list_width.py``, H100, device time, Triton-language /
+#: this kernel). Head dim 64 (one warpgroup): 0.98-1.00x on lists of 12.5-50% of the blocks, so from half (dense lists,
+#: the cached approximation's complement). Head dim 128 (the ping-pong): 1.01x / 1.08x at 12.5%, 1.005x / 1.06x at 10%,
+#: 0.96x / 1.03x at 5% (32K / 75K tokens), so from 8%.
+MIN_LIST_SHARE = {64: 0.5, 128: 0.08}
 #: The producer is a one-warp worker with few registers; the first consumer warpgroup is the default partition (the
 #: kernel's ``num_warps``). (With the producer as the default partition ptxas serialized the consumers' asynchronous
 #: MMAs for want of registers.)
@@ -713,11 +716,15 @@ def eligible(q, k, v, block_index, block_size: int, approximation) -> bool:
     block_n, _, block_m = CONFIG[head_dim]
     if block_size % max(block_n, block_m) or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    num_kv_blocks = -(-k.shape[2] // block_size)
-    if block_index.shape[-1] < MIN_LIST_SHARE * num_kv_blocks:
+    if not wide_enough(head_dim, block_index.shape[-1], -(-k.shape[2] // block_size)):
         return False
     views = [tma_view(t) for t in (q, k, v)]
     return all(view is not None and view[0][0] < 2**31 for view in views)  # TMA coordinates are int32
+
+
+def wide_enough(head_dim: int, list_width: int, num_kv_blocks: int) -> bool:
+    """Whether lists ``list_width`` blocks wide (of ``num_kv_blocks``) are faster here (:data:`MIN_LIST_SHARE`)."""
+    return head_dim in MIN_LIST_SHARE and list_width >= MIN_LIST_SHARE[head_dim] * num_kv_blocks
 
 
 @contextmanager

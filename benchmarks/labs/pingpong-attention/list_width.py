@@ -74,16 +74,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     device = torch.device("cuda")
-    rows = []
-    for seq, dim in SHAPES:
-        rows += shape_rows(seq, dim, args.rounds, device)
-        torch.cuda.empty_cache()
+    path = report.result_path(args.out, "pingpong-list-width", device)
     payload = {
         "environment": report.environment(device),
         "command": f"python benchmarks/labs/pingpong-attention/list_width.py --rounds {args.rounds}",
-        "rows": rows,
+        "rows": [],
     }
-    print("wrote", report.write_json(report.result_path(args.out, "pingpong-list-width", device), payload))
+    for seq, dim in SHAPES:  # written after every shape: a time limit keeps what was measured
+        payload["rows"] += shape_rows(seq, dim, args.rounds, device)
+        report.write_json(path, payload)
+        torch.cuda.empty_cache()
+    print("wrote", path)
 
 
 if __name__ == "__main__":
