@@ -29,8 +29,8 @@ routes calls here (:func:`eligible`) where it measured faster than the Triton-la
 (:func:`wide_enough`; at head dim 64 dense lists and the cached approximation's complement, at 128 from 8% of the
 blocks). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it
 was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless)
-and any failure falls back to the Triton-language kernel for the rest of the process. Measured in ``benchmarks/labs/gluon-hopper-
-attention/``, ``benchmarks/labs/pingpong-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's
+and any failure falls back to the Triton-language kernel for the rest of the process. Measured in
+``benchmarks/labs/gluon-hopper-attention/``, ``benchmarks/labs/pingpong-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's
 throughput at 32K / 75K tokens): head dim 64 97.0% / 95.2% (Triton-language kernel 90.2% / 90.8%), head dim 128 with
 the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel without the ping-pong 84.8% / 81.9%).
 """
@@ -152,6 +152,25 @@ if IMPORTED:
         )
 
     @gluon.jit
+    def _softmax_start(q_smem, sm_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+        """A consumer's starting registers: key offsets within a tile, running max and sum, zero output, the logits'
+        zero accumulator, the base-2 scale. Logits and output are warpgroup-MMA accumulators (warps along M)."""
+        warps: gl.constexpr = gl.num_warps()
+        rows: gl.constexpr = q_smem.type.shape[0]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([rows, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([rows, BLOCK_N], gl.float32, layout=s_layout)
+        return offs_n, m_i, l_i, acc, s_zero, sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
+
+    @gluon.jit
     def _softmax_tile(s, m_i, l_i, qk_scale, cols, SEQ_K, MASKED: gl.constexpr):
         """Online softmax of one logits tile in base 2: P, the rescale factor alpha, the new max and row sum. Masked:
         columns past ``SEQ_K`` are -inf, and a row with no valid key yet keeps P = 0 (no (-inf) - (-inf))."""
@@ -237,23 +256,12 @@ if IMPORTED:
         EVEN_K: gl.constexpr,
         SCATTER_OUT: gl.constexpr,
     ):
-        warps: gl.constexpr = gl.num_warps()
         rows: gl.constexpr = q_smem.type.shape[0]
         dtype: gl.constexpr = q_smem.dtype
-        # Registers: logits and output are warpgroup-MMA accumulators (warps along M); P is the PV product's A operand.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = warpgroup_mma_init(gl.zeros([rows, HEAD_DIM], gl.float32, layout=o_layout))
-        s_zero = gl.zeros([rows, BLOCK_N], gl.float32, layout=s_layout)
-        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
+        offs_n, m_i, l_i, acc, s_zero, qk_scale = _softmax_start(q_smem, sm_scale, HEAD_DIM, BLOCK_N)
+        o_layout: gl.constexpr = acc.type.layout
+        acc = warpgroup_mma_init(acc)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # P: PV's A operand
 
         # P of the PV product in flight: its registers are the MMA's A operand and must stay untouched until the
         # product retires, so it is carried through the wait that retires it (reusing them corrupts the output).
@@ -401,22 +409,9 @@ if IMPORTED:
         SCATTER_OUT: gl.constexpr,
         WARPGROUP: gl.constexpr,
     ):
-        warps: gl.constexpr = gl.num_warps()
-        rows: gl.constexpr = q_smem.type.shape[0]
         dtype: gl.constexpr = q_smem.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, BLOCK_N, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        m_i = gl.full([rows], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([rows], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([rows, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([rows, BLOCK_N], gl.float32, layout=s_layout)
-        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp -> exp2
+        offs_n, m_i, l_i, acc, s_zero, qk_scale = _softmax_start(q_smem, sm_scale, HEAD_DIM, BLOCK_N)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
 
         # Tile 0's logits (warpgroup 0 goes first) and softmax, masked: that also zeroes P for an empty list.
         mbarrier.wait(q_ready, 0)
@@ -803,5 +798,5 @@ def launch(q, k, v, out, out_rows, lse, block_index, block_count, sm_scale, bloc
         PINGPONG=pingpong,
         CONSUMER_REGISTERS=CONSUMER_REGISTERS,
         num_warps=WARPGROUP_ROWS // 16 if pingpong else block_m // 16,
-        maxnreg=MAX_REGISTERS_TWO_PER_SM if block_m == 64 else None,
+        maxnreg=MAX_REGISTERS_TWO_PER_SM if block_m == WARPGROUP_ROWS else None,
     )
