@@ -627,21 +627,30 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
     return result
 
 
-def _dense_rounds(contenders: dict, timed, rounds: int) -> dict:
+def time_in_rounds(contenders: dict, timed, rounds: int) -> tuple[dict, list[dict]]:
     """Time each contender once per round, rotating who goes first, so that clock drift (an H100 at its power cap)
-    spreads over all of them; each one's time is its median over rounds and each ratio to cuDNN the median of the
-    rounds' ratios (``*_vs_cudnn_throughput``), the rounds kept in ``dense_rounds``."""
+    spreads over all of them: each one's median over rounds, and the rounds (for :func:`median_ratio`)."""
     names = list(contenders)
     per_round = []
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         per_round.append({name: timed(contenders[name]) for name in order})
-    out = {name: statistics.median(t[name] for t in per_round) for name in names}
+    return {name: statistics.median(t[name] for t in per_round) for name in names}, per_round
+
+
+def median_ratio(per_round: list[dict], numerator: str, denominator: str) -> float:
+    """Median over rounds of one contender's time over another's (each round's pair ran under the same clock)."""
+    return statistics.median(t[numerator] / t[denominator] for t in per_round)
+
+
+def _dense_rounds(contenders: dict, timed, rounds: int) -> dict:
+    """The dense comparison: medians, each ratio to cuDNN as the median of the rounds' ratios
+    (``*_vs_cudnn_throughput``), the rounds kept in ``dense_rounds``."""
+    out, per_round = time_in_rounds(contenders, timed, rounds)
     out["dense_rounds"] = per_round
-    for name in names:
-        if name != "cudnn_ms" and "cudnn_ms" in names:
-            ratio = name.replace("_ms", "_vs_cudnn_throughput")
-            out[ratio] = statistics.median(t["cudnn_ms"] / t[name] for t in per_round)
+    for name in contenders:
+        if name != "cudnn_ms" and "cudnn_ms" in contenders:
+            out[name.replace("_ms", "_vs_cudnn_throughput")] = median_ratio(per_round, "cudnn_ms", name)
     return out
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from diffusers_block.bench import report  # noqa: E402
-from diffusers_block.bench.attention import bench_ms, smooth_qkv  # noqa: E402
-from diffusers_block.kernels import block_sparse_attention  # noqa: E402
+from diffusers_block.bench.attention import bench_ms, rel_err, smooth_qkv  # noqa: E402
+from diffusers_block.kernels import block_sparse_attention, dense_block_index  # noqa: E402
 from diffusers_block.kernels import block_sparse_attention_hopper as hop  # noqa: E402
 from diffusers_block.kernels.reference import block_sparse_attention_reference  # noqa: E402
 
@@ -42,15 +42,6 @@ VARIANTS = {
     "pingpong-split-n64": ((64, 4, 128), True, True),
 }
 CHILD_TIMEOUT_S = 150
-
-
-def full_lists(heads: int, nb: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.arange(nb, dtype=torch.int32, device=device).expand(1, heads, nb, nb).contiguous()
-    return index, torch.full((1, heads, nb), nb, dtype=torch.int32, device=device)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def check_cases(attend, device) -> list[dict]:
@@ -79,7 +70,7 @@ def check_cases(attend, device) -> list[dict]:
         finite = torch.isfinite(ref_lse)
         row = {
             "case": case,
-            "rel_err": rel(out, ref),
+            "rel_err": rel_err(out, ref),
             "lse_max_err": (lse[finite] - ref_lse[finite]).abs().max().item(),
             "lse_inf_match": bool(torch.equal(torch.isinf(lse), ~finite)),
             "finite": bool(torch.isfinite(out.float()).all()),
@@ -121,11 +112,12 @@ def run_variant(name: str) -> dict:
 def time_full_lists(attend, seq: int, dim: int, device) -> dict:
     heads = 1536 // dim
     q, k, v = smooth_qkv(1, heads, seq, dim, BLOCK, device, torch.bfloat16, seed=3)
-    index, count = full_lists(heads, math.ceil(seq / BLOCK), device)
+    nb = math.ceil(seq / BLOCK)
+    index, count = dense_block_index(1, heads, nb, nb, device=device)
     out = attend(q, k, v, index, count)[0]
     return {
         "ms": bench_ms(lambda: attend(q, k, v, index, count), device, device_only=True),
-        "rel_err_vs_cudnn": rel(out, F.scaled_dot_product_attention(q, k, v)),
+        "rel_err_vs_cudnn": rel_err(out, F.scaled_dot_product_attention(q, k, v)),
     }
 
 
@@ -134,7 +126,8 @@ def baseline_row(seq: int, dim: int, device) -> dict:
     since it was adopted) on full lists."""
     heads = 1536 // dim
     q, k, v = smooth_qkv(1, heads, seq, dim, BLOCK, device, torch.bfloat16, seed=3)
-    index, count = full_lists(heads, math.ceil(seq / BLOCK), device)
+    nb = math.ceil(seq / BLOCK)
+    index, count = dense_block_index(1, heads, nb, nb, device=device)
     row = {"cudnn_ms": bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, device_only=True)}
     with hop.turned_off():
         row["triton_language_ms"] = bench_ms(

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 
 from diffusers_block.bench import report
-from diffusers_block.bench.attention import bench_ms, smooth_qkv
+from diffusers_block.bench.attention import bench_ms, median_ratio, smooth_qkv, time_in_rounds
 from diffusers_block.kernels import block_sparse_attention
 from diffusers_block.kernels import block_sparse_attention_hopper as hop
 
@@ -54,14 +53,13 @@ def shape_rows(seq: int, dim: int, rounds: int, device) -> list[dict]:
 
         gluon()
         err = (out.float() - triton_language().float()).abs().max().item()
-        contenders = {"gluon_ms": gluon, "triton_ms": triton_language}
-        per_round = []
-        for r in range(rounds):
-            names = list(contenders)[r % 2 :] + list(contenders)[: r % 2]
-            per_round.append({n: bench_ms(contenders[n], device, device_only=True) for n in names})
-        row = {"seq": seq, "head_dim": dim, "share": share, "blocks": width, "max_abs_diff": err}
-        row.update({n: statistics.median(t[n] for t in per_round) for n in contenders})
-        row["triton_over_gluon"] = statistics.median(t["triton_ms"] / t["gluon_ms"] for t in per_round)
+        medians, per_round = time_in_rounds(
+            {"gluon_ms": gluon, "triton_ms": triton_language},
+            lambda fn: bench_ms(fn, device, device_only=True),
+            rounds,
+        )
+        row = {"seq": seq, "head_dim": dim, "share": share, "blocks": width, "max_abs_diff": err, **medians}
+        row["triton_over_gluon"] = median_ratio(per_round, "triton_ms", "gluon_ms")
         row["rounds"] = per_round
         print(json.dumps({key: val for key, val in row.items() if key != "rounds"}), flush=True)
         rows.append(row)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from diffusers_block.bench import report
 from diffusers_block.bench.attention import bench_ms, smooth_qkv
-from diffusers_block.kernels import block_sparse_attention
+from diffusers_block.kernels import block_sparse_attention, dense_block_index
 from diffusers_block.kernels import block_sparse_attention_hopper as hop
 
 BLOCK = 128
@@ -29,8 +29,7 @@ def one_round(seq: int, dim: int, seed: int, device) -> dict:
     heads = 1536 // dim
     q, k, v = smooth_qkv(1, heads, seq, dim, BLOCK, device, torch.bfloat16, seed=seed)
     nb = -(-seq // BLOCK)
-    index = torch.arange(nb, dtype=torch.int32, device=device).expand(1, heads, nb, nb).contiguous()
-    count = torch.full((1, heads, nb), nb, dtype=torch.int32, device=device)
+    index, count = dense_block_index(1, heads, nb, nb, device=device)
     row = {"cudnn_ms": bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, device_only=True)}
     row["gluon_ms"] = bench_ms(
         lambda: block_sparse_attention(q, k, v, index, count, block_size=BLOCK), device, device_only=True
