@@ -227,15 +227,15 @@ def antidiagonal_block_masses(
     def grid(kw):
         return (triton.cdiv(num_q, kw["BLOCK_Q"]), batch * heads)
 
-    if runtime.INTERPRET:
-        _antidiagonal_masses_fwd[grid({"BLOCK_Q": INTERPRET_BLOCK_Q})](*args, **meta, BLOCK_Q=INTERPRET_BLOCK_Q)
-    elif runtime.AUTOTUNE:
-        with torch.cuda.device(q.device):
-            _antidiagonal_masses_fwd_autotuned[grid](*args, **meta)
-    else:
-        block_q, warps = ANTIDIAGONAL_CONFIGS[0]
-        with torch.cuda.device(q.device):
-            _antidiagonal_masses_fwd[grid({"BLOCK_Q": block_q})](
-                *args, **meta, BLOCK_Q=block_q, num_warps=warps, num_stages=NUM_STAGES
-            )
+    block_q, warps = ANTIDIAGONAL_CONFIGS[0]
+    runtime.launch_tuned(
+        _antidiagonal_masses_fwd,
+        _antidiagonal_masses_fwd_autotuned,
+        grid,
+        args,
+        meta,
+        interpret={"BLOCK_Q": INTERPRET_BLOCK_Q},
+        default={"BLOCK_Q": block_q, "num_warps": warps, "num_stages": NUM_STAGES},
+        device=q.device,
+    )
     return masses

@@ -284,13 +284,15 @@ def select_blocks(
     def grid(kw):
         return (triton.cdiv(num_q_blocks, kw["ROWS"]), batch * heads)
 
-    if runtime.INTERPRET:
-        _select_blocks_fwd[grid({"ROWS": INTERPRET_ROWS})](*args, **meta, ROWS=INTERPRET_ROWS)
-    elif runtime.AUTOTUNE:
-        with torch.cuda.device(q.device):
-            _select_blocks_fwd_autotuned[grid](*args, **meta)
-    else:
-        rows = ROW_CONFIGS[0]
-        with torch.cuda.device(q.device):
-            _select_blocks_fwd[grid({"ROWS": rows})](*args, **meta, ROWS=rows, num_warps=_row_warps(nk_pad, rows))
+    rows = ROW_CONFIGS[0]
+    runtime.launch_tuned(
+        _select_blocks_fwd,
+        _select_blocks_fwd_autotuned,
+        grid,
+        args,
+        meta,
+        interpret={"ROWS": INTERPRET_ROWS},
+        default={"ROWS": rows, "num_warps": _row_warps(nk_pad, rows)},
+        device=q.device,
+    )
     return index, count

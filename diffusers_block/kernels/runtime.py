@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-__all__ = ["AUTOTUNE", "INTERPRET", "tl", "triton", "use_triton"]
+__all__ = ["AUTOTUNE", "INTERPRET", "launch_tuned", "tl", "triton", "use_triton"]
 
 #: Interpreter mode (Triton kernels run on CPU tensors through numpy): read once at import, like Triton does.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -30,3 +30,17 @@ AUTOTUNE = os.environ.get("DIFFUSERS_BLOCK_AUTOTUNE", "1") != "0"
 def use_triton(x: torch.Tensor) -> bool:
     """Whether a launcher runs its Triton kernel on ``x`` (a CUDA tensor, or any tensor under TRITON_INTERPRET=1)."""
     return triton is not None and (x.is_cuda or INTERPRET)
+
+
+def launch_tuned(kernel, autotuned, grid, args, meta: dict, interpret: dict, default: dict, device) -> None:
+    """Launch ``kernel`` as this process asks: with the interpreter's small ``interpret`` config, through its
+    ``autotuned`` wrapper (:data:`AUTOTUNE`), or with its ``default`` config. ``grid`` maps a config to the grid;
+    ``meta`` holds the launch's other constexprs."""
+    if INTERPRET:
+        kernel[grid(interpret)](*args, **meta, **interpret)
+        return
+    with torch.cuda.device(device):
+        if AUTOTUNE:
+            autotuned[grid](*args, **meta)
+        else:
+            kernel[grid(default)](*args, **meta, **default)
