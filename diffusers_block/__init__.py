@@ -1,8 +1,8 @@
 """diffusers-block: make diffusers transformers fast without retraining them.
 
 Importing the package adds ``enable_block_cache``, ``disable_block_cache`` and ``block_cache_summary`` methods (and
-``enable_sparse_attention``, ``disable_sparse_attention``, ``sparse_attention_summary``) to diffusers'
-``DiffusionPipeline`` (new methods only; nothing existing is replaced). The functions below do the same for pipelines
+``enable_sparse_attention``, ``disable_sparse_attention``, ``sparse_attention_summary``, ``enable_blockwise_flow``,
+``disable_blockwise_flow``) to diffusers' ``DiffusionPipeline`` (new methods only; nothing existing is replaced). The functions below do the same for pipelines
 and bare transformers.
 """
 
@@ -26,6 +26,7 @@ from .cache import (
     reset_block_cache,
     tune_schedule,
 )
+from .distill import BlockwiseFlowModel, disable_blockwise_flow, enable_blockwise_flow
 from .models import UnsupportedModelError, supported_families
 from .pipeline_methods import install_pipeline_methods
 from .state import ShapeChangedError, cache_context
@@ -36,6 +37,7 @@ install_pipeline_methods()
 
 __all__ = [
     "BWCacheConfig",
+    "BlockwiseFlowModel",
     "BlockCacheSummary",
     "CacheConfig",
     "ShapeChangedError",
@@ -48,8 +50,10 @@ __all__ = [
     "calibrate_schedule",
     "cache_context",
     "disable_block_cache",
+    "disable_blockwise_flow",
     "disable_sparse_attention",
     "enable_block_cache",
+    "enable_blockwise_flow",
     "enable_sparse_attention",
     "reset_block_cache",
     "tune_schedule",

@@ -17,6 +17,7 @@ from .attention import (
 )
 from .cache import CacheConfig, block_cache_summary, disable_block_cache, enable_block_cache
 from .cache.summary import BlockCacheSummary
+from .distill import BlockwiseFlowModel, disable_blockwise_flow, enable_blockwise_flow
 
 
 def _enable_block_cache(self, config: CacheConfig | None = None):
@@ -49,6 +50,16 @@ def _sparse_attention_summary(self) -> SparseAttentionSummary:
     return sparse_attention_summary(self)
 
 
+def _enable_blockwise_flow(self, student: BlockwiseFlowModel):
+    """Denoise with ``student``'s segment students (see diffusers_block.distill.enable_blockwise_flow)."""
+    return enable_blockwise_flow(self, student)
+
+
+def _disable_blockwise_flow(self) -> None:
+    """Denoise with the pipeline's own transformer and scheduler again: exactly the teacher's outputs."""
+    disable_blockwise_flow(self)
+
+
 _METHODS = {
     "enable_block_cache": _enable_block_cache,
     "disable_block_cache": _disable_block_cache,
@@ -56,6 +67,8 @@ _METHODS = {
     "enable_sparse_attention": _enable_sparse_attention,
     "disable_sparse_attention": _disable_sparse_attention,
     "sparse_attention_summary": _sparse_attention_summary,
+    "enable_blockwise_flow": _enable_blockwise_flow,
+    "disable_blockwise_flow": _disable_blockwise_flow,
 }
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import attention, attention_quality, cache, policy, quality
+from . import attention, attention_quality, cache, distill, policy, quality
 
 COMMANDS = {
     "cache": cache,
@@ -18,6 +18,7 @@ COMMANDS = {
     "policy": policy,
     "attention": attention,
     "attention-quality": attention_quality,
+    "distill": distill,
 }
 
 

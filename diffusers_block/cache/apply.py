@@ -12,6 +12,9 @@ from .policy import CacheConfig
 from .summary import BlockCacheSummary, merge
 
 _ATTR = "_diffusers_block_cache"
+# Set on a pipeline by a feature that runs other transformers in place of its own (blockwise flow's segment
+# students): ``{name: module}``. Caches and sparse attention act on what runs.
+SERVING_ATTR = "_diffusers_block_serving"
 
 
 class _Attached:
@@ -26,6 +29,9 @@ def _transformers(target) -> dict[str, torch.nn.Module]:
     """The denoiser(s) of a pipeline (``transformer``, and ``transformer_2`` for Wan 2.2), or the model itself."""
     if isinstance(target, torch.nn.Module):
         return {"transformer": target}
+    serving = getattr(target, SERVING_ATTR, None)
+    if serving is not None:
+        return dict(serving)
     components = getattr(target, "components", None)
     if not isinstance(components, dict):
         raise UnsupportedModelError(

@@ -63,11 +63,20 @@ class DigitClassifier(ModelMixin, ConfigMixin):
         self.head = nn.Linear(cin, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.pooled_features(images)))
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The globally pooled features the head reads, ``(B, widths[-1])``: the space of the digit FID."""
         size = self.config.sample_size
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        features = self.features(images).mean(dim=(2, 3))
-        return self.head(self.drop(features))
+        return self.features(images).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        """Pooled features of images ``(B, C, H, W)`` or of every frame of videos ``(B, T, C, H, W)``, float32 on CPU."""
+        flat = images.reshape(-1, *images.shape[-3:]).to(self.device, self.dtype)
+        return torch.cat([self.pooled_features(chunk).float().cpu() for chunk in flat.split(batch_size)])
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:

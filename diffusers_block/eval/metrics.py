@@ -115,3 +115,18 @@ def temporal_consistency(video: torch.Tensor, data_range: float = 2.0, reduction
     v = video.detach().float()
     diff = (v[:, 1:] - v[:, :-1]).abs().flatten(1).mean(1)
     return _reduce(1.0 - diff / float(data_range), reduction)
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``(N, D)`` (FID's formula, in float64).
+
+    ``Tr(sqrt(S_a S_b))`` is computed as the trace of the square root of the symmetric ``sqrt(S_a) S_b sqrt(S_a)``,
+    whose eigenvalues are real, so no general matrix square root is needed.
+    """
+    a, b = features_a.double(), features_b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)

@@ -1,4 +1,4 @@
-"""python -m diffusers_block.train {digits-image,digits-video} --out DIR [--steps N] [--vae-steps N] ..."""
+"""python -m diffusers_block.train {digits-image,digits-video,policy,distill} --out DIR [--steps N] ..."""
 
 import argparse
 import time
@@ -47,9 +47,14 @@ def main(argv=None) -> None:
     policy.add_argument("--prediction-type", choices=["epsilon", "flow"], default="epsilon")
     policy.add_argument("--seed", type=int, default=0)
     policy.add_argument("--max-minutes", type=float, help="wall-clock budget")
+    from . import distill
+
+    distill.add_arguments(commands.add_parser("distill", help="segment students of a flow-matching digits pipeline"))
     args = parser.parse_args(argv)
     start = time.time()
-    if args.command == "policy":
+    if args.command == "distill":
+        out = distill.run(args)
+    elif args.command == "policy":
         from .policy import train_policy_cli
 
         out = train_policy_cli(args)

@@ -1,0 +1,250 @@
+"""Distilled segment students against the teacher and same-budget baselines: forwards, FLOPs, quality, time.
+
+One run, the same labels and seeds for every row, on a shipped digits model (``--model digits-image`` or
+``digits-video``): the teacher at ``--reference-steps`` (50) Euler steps with CFG (the reference, two forwards a
+step); each student in ``--students``; and, at each student's forward budget, the teacher with CFG on Euler,
+UniPC and DPM-Solver++ (diffusers' own schedulers, flow sigmas), and the teacher with our block cache (a static
+every-other-step schedule at twice the steps, so its block work matches the budget). Per row: transformer
+forwards and FLOPs per sample (counted with torch's FlopCounterMode around the transformer), the digit
+classifier's accuracy (per frame, and motion accuracy for video), a digit FID (Fréchet distance in the
+classifier's feature space to real test digits), PSNR / SSIM to the reference at the same seed, and the median
+wall-clock of ``--repeats`` runs. Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+from .. import StaticScheduleConfig, disable_block_cache, enable_block_cache
+from ..data.digits import load_digit_images, make_moving_digits
+from ..distill import disable_blockwise_flow, enable_blockwise_flow, load
+from ..eval.classifier import DigitClassifier
+from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits, motion_accuracy
+from ..eval.metrics import frechet_distance, psnr, ssim
+from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, DIGITS_VIDEO, load_digits_image_pipeline, load_digits_video_pipeline
+from . import report
+
+MODELS = {"digits-image": DIGITS_IMAGE, "digits-video": DIGITS_VIDEO}
+STUDENTS = {
+    "digits-image": DIGITS_IMAGE.parent / "digits-image-distilled",
+    "digits-video": DIGITS_VIDEO.parent / "digits-video-distilled",
+}
+SOLVERS = {
+    "euler": lambda: FlowMatchEulerDiscreteScheduler(shift=1.0),
+    "unipc": lambda: UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0),
+    "dpmsolver++": lambda: DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0, algorithm_type="dpmsolver++"
+    ),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="digits-image", help=f"one of {sorted(MODELS)}")
+    parser.add_argument("--students", nargs="*", help="distilled student folders (default: the shipped one)")
+    parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
+    parser.add_argument("--reference-steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, help="teacher CFG (default: 3 image, 5 video)")
+    parser.add_argument("--per-class", type=int, default=50, help="images per digit, or clips per (digit, motion)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
+    parser.add_argument("--name", help="results file name (default: distill-<model>)")
+    parser.add_argument("--plot", action="store_true", help="also draw FLOPs vs digit FID next to the JSON")
+
+
+@dataclass
+class Row:
+    name: str
+    forwards: float  # transformer forwards per sample (a CFG step is two)
+    gflops: float  # transformer GFLOPs per sample
+    flops_ratio: float  # reference FLOPs / this row's
+    accuracy: float
+    fid: float
+    psnr_db: float
+    ssim: float
+    seconds: float
+    speedup: float
+    motion_accuracy: float | None = None
+
+
+class TransformerFlops:
+    """FLOPs of every call of ``module`` (and whatever it routes to), counted by FlopCounterMode inside its hooks."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.flops = 0
+        self._mode = None
+        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+
+    def _enter(self, *_):
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def _exit(self, *_):
+        self._mode.__exit__(None, None, None)
+        self.flops += self._mode.get_total_flops()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class _Workload:
+    """The shipped model, its evaluation labels, real test digits and generate(steps, guidance, labels)."""
+
+    def __init__(self, args) -> None:
+        self.video = args.model == "digits-video"
+        path = MODELS[args.model]
+        if self.video:
+            self.pipe, self.encoder = load_digits_video_pipeline(path, device=args.device)
+            self.digits, self.motions = balanced_clip_labels(args.per_class)
+            self.labels = self.digits
+            clips, _ = make_moving_digits(len(self.digits), "test", frames=17, size=32, seed=0)
+            self.real = (clips + 1) / 2
+            self.guidance = 5.0 if args.guidance is None else args.guidance
+        else:
+            self.pipe, self.encoder = load_digits_image_pipeline(path, device=args.device)
+            self.labels = balanced_labels(args.per_class)
+            self.real = (load_digit_images("test", 32)[0] + 1) / 2
+            self.guidance = 3.0 if args.guidance is None else args.guidance
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def generate(self, steps: int, guidance: float, count: int | None = None) -> torch.Tensor:
+        if self.video:
+            d, m = self.digits[:count], self.motions[:count]
+            return generate_clips(self.pipe, self.encoder, d, m, steps, guidance, seed=0)
+        return generate_digits(self.pipe, self.encoder, self.labels[:count], steps, guidance, seed=0)
+
+
+def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[torch.Tensor, float, float]:
+    """Output, median seconds over ``repeats`` runs after an untimed one, transformer FLOPs per sample."""
+    counter = TransformerFlops(work.pipe.transformer)
+    try:
+        work.generate(steps, guidance, count=2)
+    finally:
+        counter.remove()
+    output, times = work.generate(steps, guidance), []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        output = work.generate(steps, guidance)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return output.float().cpu(), statistics.median(times), counter.flops / 2
+
+
+def run(args) -> dict:
+    work = _Workload(args)
+    device = torch.device(args.device)
+    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+    real_features = classifier.embed(work.real * 2 - 1)
+    pipe = work.pipe
+    teacher_scheduler = pipe.scheduler
+
+    reference, reference_seconds, reference_flops = _timed(work, args.reference_steps, work.guidance, args.repeats)
+    forward_flops = reference_flops / (2 * args.reference_steps)
+    rows = []
+
+    def row(name: str, output: torch.Tensor, seconds: float, flops: float) -> Row:
+        frames = output.reshape(-1, *output.shape[-3:])
+        result = Row(
+            name=name,
+            forwards=flops / forward_flops,
+            gflops=flops / 1e9,
+            flops_ratio=reference_flops / flops,
+            accuracy=classifier.accuracy(output * 2 - 1, work.labels),
+            fid=frechet_distance(classifier.embed(output * 2 - 1), real_features),
+            psnr_db=psnr(output, reference, data_range=1.0, reduction="mean").item(),
+            ssim=ssim(frames, reference.reshape(frames.shape), data_range=1.0, reduction="mean").item(),
+            seconds=seconds,
+            speedup=reference_seconds / seconds,
+            motion_accuracy=motion_accuracy(output, work.motions) if work.video else None,
+        )
+        rows.append(result)
+        return result
+
+    row(f"teacher-{args.reference_steps}-cfg", reference, reference_seconds, reference_flops)
+    budgets = set()
+    for path in args.students or [STUDENTS[args.model]]:
+        student = load(path)
+        enable_blockwise_flow(pipe, student)
+        try:
+            output, seconds, flops = _timed(work, student.num_steps, 1.0, args.repeats)
+        finally:
+            disable_blockwise_flow(pipe)
+        budgets.add(row(f"student-{Path(path).name}", output, seconds, flops).forwards)
+
+    for budget in sorted(budgets):
+        steps = max(1, round(budget / 2))  # CFG: two forwards a step
+        for solver, make in SOLVERS.items():
+            pipe.scheduler = make()
+            try:
+                output, seconds, flops = _timed(work, steps, work.guidance, args.repeats)
+            finally:
+                pipe.scheduler = teacher_scheduler
+            row(f"teacher-{solver}-{steps}-cfg", output, seconds, flops)
+        cache_steps = max(2, round(budget))  # every other step computed: about `budget` forwards of block work
+        enable_block_cache(pipe, StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=0))
+        try:
+            output, seconds, flops = _timed(work, cache_steps, work.guidance, args.repeats)
+        finally:
+            disable_block_cache(pipe)
+        row(f"teacher-cache-static2-{cache_steps}-cfg", output, seconds, flops)
+
+    dicts = [asdict(r) for r in rows]
+    columns = [
+        ("name", "run", str),
+        ("forwards", "forwards", lambda v: f"{v:.1f}"),
+        ("flops_ratio", "FLOPs saved", lambda v: f"{v:.1f}x"),
+        ("accuracy", "accuracy", lambda v: f"{v:.1%}"),
+        ("fid", "digit FID", lambda v: f"{v:.3f}"),
+        ("psnr_db", "PSNR dB", lambda v: f"{v:.2f}"),
+        ("ssim", "SSIM", lambda v: f"{v:.4f}"),
+        ("seconds", "s / run", lambda v: f"{v:.3f}"),
+        ("speedup", "speed-up", lambda v: f"{v:.2f}x"),
+    ]
+    if work.video:
+        columns.insert(4, ("motion_accuracy", "motion", lambda v: f"{v:.1%}"))
+    report.print_table(dicts, columns)
+    payload = {
+        "benchmark": "distill",
+        "environment": report.environment(device),
+        "command": report.command_line(args.argv),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+        "samples": len(work.labels),
+        "reference_forward_gflops": forward_flops / 1e9,
+        "results": dicts,
+    }
+    path = report.write_json(report.result_path(args.out, args.name or f"distill-{args.model}", device), payload)
+    if args.plot:
+        _plot(dicts, path.with_suffix(".png"))
+    print(f"wrote {path}")
+    return payload
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["gflops"], r["fid"], label=r["name"])
+    ax.set_xscale("log")
+    ax.set_xlabel("transformer GFLOPs per sample (log)")
+    ax.set_ylabel("digit FID (lower is better)")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""Run a pipeline on its segment students: ``enable_blockwise_flow(pipe, student)`` / ``disable_blockwise_flow``.
+
+Nothing of the pipeline is forked. Two things are swapped while the students serve, both restored on disable:
+
+- the scheduler, for a flow-matching Euler scheduler on the student's own sigma grid (:class:`StudentScheduler`),
+  which refuses a step count the student was not trained for;
+- the transformer's forward, by a diffusers hook that sends each call to the student of the segment its timestep
+  falls in (the way Wan2.2 switches experts at a boundary timestep).
+
+The students have classifier-free guidance folded in, so each step needs one forward. A pipeline that still runs
+CFG gets the guided velocity for both branches, whatever its guidance scale, from that one forward: pipelines that
+batch both branches put the unconditional half first (diffusers' convention), so the student runs on the second
+half; pipelines that call the transformer once per branch name the calls with a cache context ("cond" first, then
+"uncond"), so the "uncond" call returns the "cond" call's output.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from ..attention import disable_sparse_attention
+from ..attention.apply import _ATTR as SPARSE_ATTR
+from ..cache import disable_block_cache
+from ..cache.apply import _ATTR as CACHE_ATTR
+from ..cache.apply import SERVING_ATTR
+from ..models import argument_index, get_argument
+from .model import BlockwiseFlowModel
+from .schedule import SegmentSchedule
+
+ROUTING_HOOK = "diffusers_block.blockwise_flow"
+_ATTR = "_diffusers_block_flow"
+COND, UNCOND = "cond", "uncond"  # the context names of pipelines that call once per CFG branch
+
+
+class StudentScheduler(FlowMatchEulerDiscreteScheduler):
+    """Euler on the student's sigma grid; ``set_timesteps`` only accepts the student's step count."""
+
+    schedule: SegmentSchedule
+
+    @classmethod
+    def for_schedule(cls, schedule: SegmentSchedule) -> StudentScheduler:
+        scheduler = cls(shift=1.0, use_dynamic_shifting=False)
+        scheduler.schedule = schedule
+        return scheduler
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        if sigmas is not None or timesteps is not None:
+            raise ValueError(
+                "a blockwise-flow student runs on its own schedule: call the pipeline without `sigmas` or "
+                "`timesteps` (disable_blockwise_flow() to use your own)"
+            )
+        steps = self.schedule.num_steps
+        if num_inference_steps is not None and num_inference_steps != steps:
+            raise ValueError(
+                f"this student was trained for num_inference_steps={steps} (segments of "
+                f"{list(self.schedule.steps_per_segment)} steps), got {num_inference_steps}: pass "
+                f"num_inference_steps=student.num_steps"
+            )
+        super().set_timesteps(sigmas=list(self.schedule.sigmas[:-1]), device=device)
+
+
+class _ContextName(StateManager):
+    """Receives the name of diffusers' cache context (``_set_cache_context`` sets every StateManager of a hook)."""
+
+    def __init__(self) -> None:
+        super().__init__(dict)
+        self.name: str | None = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+
+class SegmentRoutingHook(ModelHook):
+    """Replaces the transformer's forward by its segment student's; folds the pipeline's CFG into one forward."""
+
+    _is_stateful = True  # receives the cache context
+
+    def __init__(self, students: torch.nn.ModuleList, schedule: SegmentSchedule, pipeline=None) -> None:
+        super().__init__()
+        self.students = students
+        self.schedule = schedule
+        self.context = _ContextName()
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._timestep_index: int | None = None
+        self._cond_output = None  # (sigma, output) of the last "cond" call
+
+    def initialize_hook(self, module):
+        self._timestep_index = argument_index(module, "timestep")
+        return module
+
+    def _guided(self) -> bool:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return bool(getattr(pipeline, "do_classifier_free_guidance", False))
+
+    def new_forward(self, module, *args, **kwargs):
+        timestep = get_argument(args, kwargs, "timestep", self._timestep_index)
+        if timestep is None:
+            raise ValueError("blockwise flow routes by timestep, but the transformer was called without one")
+        lowest, highest = torch.as_tensor(timestep).float().aminmax()
+        lowest, highest = lowest.item() / 1000, highest.item() / 1000  # one host sync per call
+        segment = self.schedule.segment_at(highest)
+        if self.schedule.segment_at(lowest) != segment:
+            raise ValueError("one call's timesteps fall in different segments; call once per timestep")
+        student = self.students[segment]
+        if not self._guided():
+            return student(*args, **kwargs)
+        if self.context.name == COND:
+            output = student(*args, **kwargs)
+            self._cond_output = (highest, output)
+            return output
+        if self.context.name == UNCOND:
+            if self._cond_output is None or self._cond_output[0] != highest:
+                raise RuntimeError("an 'uncond' call came before this step's 'cond' call; call 'cond' first")
+            return self._cond_output[1]
+        return _run_on_second_half(student, args, kwargs)
+
+    def reset_state(self, module):
+        self._cond_output = None
+        return module
+
+
+def _run_on_second_half(student, args: tuple, kwargs: dict):
+    """One forward on the conditional half of a CFG batch (unconditional half first), its output returned for both."""
+    batch = get_argument(args, kwargs, "hidden_states", 0).shape[0]
+    if batch % 2:
+        raise ValueError(f"a classifier-free-guidance batch has an even size, got {batch}")
+
+    def half(value):
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            return value[batch // 2 :]
+        return value
+
+    output = student(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
+    if isinstance(output, tuple):
+        return (torch.cat([output[0], output[0]]), *output[1:])
+    output.sample = torch.cat([output.sample, output.sample])
+    return output
+
+
+class _Attached:
+    def __init__(self, student: BlockwiseFlowModel, students: torch.nn.ModuleList, scheduler) -> None:
+        self.student = student
+        self.students = students
+        self.teacher_scheduler = scheduler
+
+
+def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
+    """Serve ``pipe``'s denoising with ``student``'s segment students; returns ``pipe``.
+
+    Generate with ``num_inference_steps=student.num_steps``. Block caching and sparse attention enabled on the
+    pipeline afterwards act on the students (the transformers that now run).
+    """
+    if not isinstance(student, BlockwiseFlowModel):
+        raise TypeError(
+            f"expected a BlockwiseFlowModel (diffusers_block.distill.load(path)), got {type(student).__name__}"
+        )
+    teacher = getattr(pipe, "transformer", None)
+    if not isinstance(teacher, torch.nn.Module):
+        raise ValueError(f"{type(pipe).__name__} has no `transformer` for a blockwise-flow student to replace")
+    for feature, attr in (("block caching", CACHE_ATTR), ("sparse attention", SPARSE_ATTR)):
+        if getattr(pipe, attr, None) is not None:
+            raise ValueError(
+                f"{feature} is enabled on this pipeline's teacher transformer, which the students replace: enable "
+                f"blockwise flow first, then {feature} (it then acts on the students)"
+            )
+    disable_blockwise_flow(pipe)
+    students = student.to(teacher.device).build_students(teacher)
+    hook = SegmentRoutingHook(students, student.schedule, pipe)
+    HookRegistry.check_if_exists_or_initialize(teacher).register_hook(hook, ROUTING_HOOK)
+    attached = _Attached(student, students, pipe.scheduler)
+    pipe.scheduler = StudentScheduler.for_schedule(student.schedule)
+    setattr(pipe, _ATTR, attached)
+    setattr(pipe, SERVING_ATTR, {f"segment_{k}": s for k, s in enumerate(students)})
+    return pipe
+
+
+def disable_blockwise_flow(pipe) -> None:
+    """The teacher and its own scheduler again: outputs are exactly the teacher's. No-op if not enabled.
+
+    Block caching and sparse attention enabled while the students served are removed with them.
+    """
+    attached: _Attached | None = getattr(pipe, _ATTR, None)
+    if attached is None:
+        return
+    disable_block_cache(pipe)
+    disable_sparse_attention(pipe)
+    delattr(pipe, SERVING_ATTR)
+    HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(ROUTING_HOOK, recurse=False)
+    pipe.scheduler = attached.teacher_scheduler
+    delattr(pipe, _ATTR)
