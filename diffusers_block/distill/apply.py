@@ -169,6 +169,12 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
                 f"{feature} is enabled on this pipeline's teacher transformer, which the students replace: enable "
                 f"blockwise flow first, then {feature} (it then acts on the students)"
             )
+    if not _is_flow_matching(getattr(pipe, "scheduler", None)):
+        raise ValueError(
+            f"{type(pipe).__name__} samples with {type(pipe.scheduler).__name__}, not a flow-matching scheduler: "
+            f"blockwise-flow students replace flow-matching teachers (FlowMatchEulerDiscreteScheduler, or UniPC / "
+            f"DPM-Solver with use_flow_sigmas)"
+        )
     disable_blockwise_flow(pipe)
     students = student.to(teacher.device).build_students(teacher)
     hook = SegmentRoutingHook(students, student.schedule, pipe)
@@ -178,6 +184,15 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
     setattr(pipe, _ATTR, attached)
     setattr(pipe, SERVING_ATTR, {f"segment_{k}": s for k, s in enumerate(students)})
     return pipe
+
+
+def _is_flow_matching(scheduler) -> bool:
+    config = getattr(scheduler, "config", {})
+    return (
+        isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+        or config.get("use_flow_sigmas", False)
+        or config.get("prediction_type") == "flow_prediction"
+    )
 
 
 def disable_blockwise_flow(pipe) -> None:

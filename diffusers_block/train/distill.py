@@ -172,16 +172,13 @@ def plan(task, config: DistillConfig, seed: int, device) -> tuple[SegmentSchedul
     return schedule, blocks, report
 
 
-def distill(
-    teacher: str | Path,
-    out: str | Path,
-    config: DistillConfig,
-    train_config: TrainConfig,
-    device: str | None = None,
-) -> Path:
-    """Plan, generate the teacher's trajectories, train the students; saves a :class:`BlockwiseFlowModel` (bf16)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    task = DigitsTask(teacher, device)
+def distill(task, out: str | Path, config: DistillConfig, train_config: TrainConfig) -> Path:
+    """Plan, generate the teacher's trajectories, train the students; saves a :class:`BlockwiseFlowModel` (bf16).
+
+    ``task`` is what :class:`DigitsTask` is for the shipped models: ``transformer`` (the teacher), ``latent_shape``,
+    ``sample_labels(n, generator)``, ``conditioning(labels, null=False)`` and ``guided_velocity(labels, scale)``.
+    """
+    device = next(task.transformer.parameters()).device
     schedule, blocks, report = plan(task, config, train_config.seed, device)
     flow = BlockwiseFlowModel.for_teacher(task.transformer, schedule, blocks, config.rank, config.guidance_scale)
     grid = [round(s, 6) for s in uniform_sigmas(config.fine_steps)]
@@ -292,4 +289,5 @@ def run(args) -> Path:
         checkpoint_every=max(args.steps // 4, 1),
         max_minutes=args.max_minutes,
     )
-    return distill(args.teacher, args.out, config, train_config, args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return distill(DigitsTask(args.teacher, device), args.out, config, train_config)
