@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Distillation variants trained side by side on one GPU, then `bench distill` on each model, in one device call:
 #   bash benchmarks/labs/distill/variants.sh [MINUTES]
-# Image: 2 segments x 4 steps (uniform / curvature-optimal grid), 4 segments x 2 steps (rank 2: the same storage),
-# and students keeping 8 of 10 blocks chosen by calibration, weights or first-n. Video: 2 x 4, uniform.
+# Image: 2 segments x 4 steps (uniform / curvature-optimal grid), and students keeping 8 of 10 blocks chosen by
+# calibration; with FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
+# or first-n. Video: 2 x 4, uniform.
 # Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT.
 set -u
 OUT=${OUT:-/tmp/distill-out}
@@ -19,17 +20,20 @@ train() {
 }
 train image-2x4-uniform $image --segments 2 --steps-per-segment 4 &
 train image-2x4-optimal $image --segments 2 --steps-per-segment 4 --grid optimal &
-train image-4x2-rank2 $image --segments 4 --steps-per-segment 2 --rank 2 &
 train image-2x4-calibration8 $image --segments 2 --steps-per-segment 4 --blocks calibration --keep 8 &
-train image-2x4-first8 $image --segments 2 --steps-per-segment 4 --blocks first --keep 8 &
-train image-2x4-weights8 $image --segments 2 --steps-per-segment 4 --blocks weights --keep 8 &
+if [ "${FULL:-0}" = 1 ]; then
+  train image-4x2-rank2 $image --segments 4 --steps-per-segment 2 --rank 2 &
+  train image-2x4-first8 $image --segments 2 --steps-per-segment 4 --blocks first --keep 8 &
+  train image-2x4-weights8 $image --segments 2 --steps-per-segment 4 --blocks weights --keep 8 &
+fi
 train video-2x4-uniform $video --segments 2 --steps-per-segment 4 &
 wait
 cat "$work/status"
+tar czf "$OUT/students.tar.gz" --exclude=checkpoints -C "$work" .  # kept even if a bench below is cut short
 students=$(ls -d "$work"/image-*/ 2>/dev/null | while read d; do [ -f "$d/config.json" ] && echo "$d"; done)
-python -m diffusers_block.bench distill --model digits-image --students $students --per-class 50 --out "$OUT" \
+python -m diffusers_block.bench distill --model digits-image --students $students --per-class ${PER_CLASS:-30} --out "$OUT" \
   --name distill-digits-image-variants --plot 2>&1 | grep -v Warning
 [ -f "$work/video-2x4-uniform/config.json" ] && python -m diffusers_block.bench distill --model digits-video \
-  --students "$work/video-2x4-uniform" --per-class 2 --out "$OUT" --name distill-digits-video-variants --plot 2>&1 \
+  --students "$work/video-2x4-uniform" --per-class 1 --out "$OUT" --name distill-digits-video-variants --plot 2>&1 \
   | grep -v Warning
 tar czf "$OUT/students.tar.gz" --exclude=checkpoints -C "$work" .
