@@ -124,15 +124,26 @@ class GenerationTracker:
             self._calls_in_step += 1
         self._notify("forward")
 
-    def on_shape_change(self, previous: tuple[int, ...], shape: tuple[int, ...]) -> None:
-        """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop."""
+    def on_shape_change(self, previous: tuple, shape: tuple) -> None:
+        """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop.
+
+        The call that saw the change has already been counted (its step and branch picked in :meth:`on_forward`),
+        so the new generation starts with that call as its first one: without this, the next call of a bare loop
+        would be counted as step 0 again.
+        """
         if self.stepped and self.step > 0:
             raise ShapeChangedError(
-                f"The transformer input changed shape from {previous} to {shape} at step {self.step} of a "
-                f"generation (batch size, resolution and frame count must stay fixed within one generation). "
-                f"Start a new generation with a new pipeline call, or call diffusers_block.reset_block_cache()."
+                f"The transformer input changed shape from {_describe(previous)} to {_describe(shape)} at step "
+                f"{self.step} of a "
+                f"generation (batch size, resolution, frame count and text length must stay fixed within one "
+                f"generation). Start a new generation with a new pipeline call, or call "
+                f"diffusers_block.reset_block_cache()."
             )
+        calls, context = self._calls_in_step, self._context_name
         self.on_generation_start(self.num_steps)
+        self._calls_in_step = calls
+        if context is not None:
+            self._context_names.append(context)
 
     @property
     def branches_seen(self) -> list[Hashable]:
@@ -178,6 +189,14 @@ class GenerationTracker:
                 self._scheduler.__dict__.pop(name, None)
         self._scheduler = None
         self._scheduler_originals = {}
+
+
+def _describe(shape: tuple) -> str:
+    """A cache unit's input shapes (one per stream, see ``cache.units.stream_shapes``) as words."""
+    if shape and all(isinstance(s, tuple) for s in shape):
+        names = ("hidden_states", "encoder_hidden_states")
+        return ", ".join(f"{name} {s}" for name, s in zip(names, shape))
+    return str(shape)
 
 
 class _ContextListener(StateManager):
