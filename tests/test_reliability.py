@@ -1,5 +1,6 @@
 """Reliability: step counting at the edges, shape changes of every stream, clear errors, faults, threads, leaks."""
 
+import numpy as np
 import pytest
 import torch
 from sampling import sample
@@ -49,3 +50,52 @@ def test_text_length_change_mid_generation_is_a_shape_error(family, granularity)
             else:
                 with pytest.raises(db.ShapeChangedError, match=r"encoder_hidden_states \(1, 8, \d+\) to .*\(1, 5,"):
                     model(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Config validation (diffusers_block.validation, shared by every config)
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: db.StaticScheduleConfig(update_steps={"blocks.0": 0}), TypeError, r"update_steps\['blocks.0'\] must"),
+        (lambda: db.StaticScheduleConfig(update_steps={"blocks.0": "03"}), TypeError, "a list of integer steps"),
+        (lambda: db.StaticScheduleConfig(update_steps={"blocks.0": [0, "3"]}), TypeError, r"\[1\] must be an int"),
+        (lambda: db.StaticScheduleConfig(update_steps={"blocks.0": [0, -2]}), ValueError, r"\[1\] must be an int"),
+        (lambda: db.StaticScheduleConfig(update_steps=[0, 2]), TypeError, "must map unit names to lists of steps"),
+        (lambda: db.StaticScheduleConfig(interval=True), TypeError, "interval must be an integer >= 1, got True"),
+        (lambda: db.BWCacheConfig(threshold="0.1"), TypeError, r"threshold must be a number in \[0.0, 10.0\]"),
+        (lambda: db.BWCacheConfig(threshold=float("nan")), ValueError, "threshold must be a number"),
+        (lambda: db.BWCacheConfig(warmup_steps=2.0), TypeError, "warmup_steps must be an integer"),
+        (lambda: db.SparseAttentionConfig(threshold="0.5"), TypeError, r"threshold must be a number in \(0, 1\]"),
+        (lambda: db.SparseAttentionConfig(dense_steps=True), TypeError, "dense_steps must be an integer >= 0"),
+        (lambda: db.SparseAttentionConfig(head_thresholds="0.5"), TypeError, "head_thresholds must be a tuple"),
+        (lambda: db.SparseAttentionConfig(head_thresholds=()), ValueError, "head_thresholds must be a non-empty"),
+        (lambda: db.SparseAttentionConfig(block_size=64.0), TypeError, "block_size must be a power of two"),
+        (lambda: db.SparseAttentionConfig(tile=(2, 8, "8")), TypeError, r"tile\[2\] must be an integer >= 1"),
+        (lambda: db.SparseAttentionConfig(reorder=1), TypeError, "reorder must be True or False, got 1 .int."),
+        (lambda: db.SparseAttentionConfig(fuse_rotary="no"), TypeError, "fuse_rotary must be True or False"),
+        (lambda: db.SparseAttentionConfig(refresh_schedule=((0.0, 2.5),)), TypeError, r"\[0\]\[1\] must be an int"),
+        (lambda: db.SparseAttentionConfig(stride=32, scoring="antidiagonal", block_size=16), ValueError, "stride"),
+    ],
+)
+def test_bad_config_values_name_field_value_and_range(make, error, match):
+    """A TypeError from inside Python, or a silently accepted bool or string, becomes an error naming the field."""
+    with pytest.raises(error, match=match) as raised:
+        make()
+    assert isinstance(raised.value, ValueError)  # the README's promise: every bad config value is a ValueError
+
+
+def test_numpy_scalars_are_numbers_and_come_out_as_python_values(tmp_path):
+    """Values taken from numpy (calibration results, sweeps) are accepted like Python numbers, and stored as them."""
+    config = db.BWCacheConfig(threshold=np.float32(0.25), max_consecutive_reuse=np.int64(2), warmup_steps=np.int32(1))
+    assert config == db.BWCacheConfig(threshold=0.25, max_consecutive_reuse=2, warmup_steps=1)
+    assert type(config.threshold) is float and type(config.max_consecutive_reuse) is int
+    schedule = db.StaticScheduleConfig(update_steps={"blocks.0": np.array([0, 3])}, interval=np.int64(2))
+    schedule.save(tmp_path / "schedule.json")  # plain ints: JSON-serialisable
+    assert db.StaticScheduleConfig.load(tmp_path / "schedule.json") == schedule
+    sparse = db.SparseAttentionConfig(
+        threshold=np.float32(0.5), head_thresholds=np.array([0.5, 0.75]), dense_steps=np.int64(1), reorder=np.bool_(1)
+    )
+    assert sparse.threshold == 0.5 and sparse.head_thresholds == (0.5, 0.75) and sparse.reorder is True
+    assert sparse == db.SparseAttentionConfig(threshold=0.5, head_thresholds=(0.5, 0.75), dense_steps=1)
