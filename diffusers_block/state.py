@@ -229,6 +229,36 @@ class GenerationTrackerHook(ModelHook):
         return module
 
 
+def check_not_enabled_elsewhere(
+    model: torch.nn.Module, hook_name: str, feature: str, enable: str, disable: str
+) -> None:
+    """Refuse to enable ``feature`` on ``model`` when it is already on through another owner (its pipeline, or
+    the transformer itself when enabling on the pipeline), whose tracker hook ``hook_name`` is there.
+
+    Enabling on the same object again replaces the configuration, but a transformer enabled through its pipeline
+    has no record of it on itself, so diffusers' registry would fail with "Hook ... already exists", which says
+    neither who has it nor what to do.
+    """
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(hook_name) if registry is not None else None
+    if hook is None:
+        return
+    ref = getattr(getattr(hook, "tracker", None), "_pipeline_ref", None)
+    pipeline = ref() if ref is not None else None
+    name = type(model).__name__
+    if pipeline is not None:
+        raise RuntimeError(
+            f"{type(pipeline).__name__} already has {feature} enabled on this {name}. To change its configuration "
+            f"call pipe.{enable}(config) on the pipeline again (it replaces the previous one); to enable it on the "
+            f"transformer alone, call pipe.{disable}() first."
+        )
+    raise RuntimeError(
+        f"This {name} already has {feature} enabled on the transformer itself. Call "
+        f"diffusers_block.{disable}(transformer) first, then enable it on the pipeline (or keep it on the "
+        f"transformer: that works inside the pipeline too)."
+    )
+
+
 def attach_tracker(model: torch.nn.Module, tracker: GenerationTracker) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(model)
     registry.register_hook(GenerationTrackerHook(tracker), TRACKER_HOOK)

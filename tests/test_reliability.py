@@ -5,10 +5,16 @@ import pytest
 import torch
 from sampling import sample
 from tiny_models import build_transformer, make_inputs, timestep_for
+from tiny_pipelines import build_pipeline, call_kwargs
 
 import diffusers_block as db
 
 PERMISSIVE = db.StaticScheduleConfig(interval=2, warmup_steps=2, cooldown_steps=1)
+
+
+def generate(pipe, name: str = "sd3", **kwargs) -> torch.Tensor:
+    """One seeded generation of a tiny pipeline: its latents."""
+    return pipe(**call_kwargs(name, **kwargs))[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -99,3 +105,45 @@ def test_numpy_scalars_are_numbers_and_come_out_as_python_values(tmp_path):
     )
     assert sparse.threshold == 0.5 and sparse.head_thresholds == (0.5, 0.75) and sparse.reorder is True
     assert sparse == db.SparseAttentionConfig(threshold=0.5, head_thresholds=(0.5, 0.75), dense_steps=1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Enabling on a transformer and on its pipeline
+# ------------------------------------------------------------------------------------------------------------------
+FEATURES = {
+    "block cache": (db.enable_block_cache, db.disable_block_cache, "block caching", PERMISSIVE),
+    "sparse attention": (
+        db.enable_sparse_attention,
+        db.disable_sparse_attention,
+        "sparse attention",
+        db.SparseAttentionConfig(min_tokens=0, block_size=4, dense_steps=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_enabling_on_transformer_and_pipeline_says_who_has_it(feature):
+    """Instead of diffusers' "Hook ... already exists": who has the feature, and the call that resolves it."""
+    enable, disable, words, config = FEATURES[feature]
+    pipe = build_pipeline("sd3")
+    enable(pipe, config)
+    with pytest.raises(
+        RuntimeError,
+        match=f"StableDiffusion3Pipeline already has {words} enabled on this SD3Tr.*"
+        rf"call pipe.{disable.__name__}\(\) first",
+    ):
+        enable(pipe.transformer, config)
+    reference = generate(pipe)  # the pipeline's feature is untouched by the refused call
+    disable(pipe)
+    enable(pipe.transformer, config)
+    generate(pipe)  # on the transformer alone (without the pipeline's scheduler it counts steps by calls)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"already has {words} enabled on the transformer itself.*"
+        rf"diffusers_block.{disable.__name__}\(transformer\) first",
+    ):
+        enable(pipe, config)
+    disable(pipe.transformer)
+    enable(pipe, config)
+    assert torch.equal(generate(pipe), reference)
+    disable(pipe)

@@ -16,7 +16,7 @@ from diffusers.hooks import HookRegistry
 
 from ..cache.apply import _transformers
 from ..models import SELF_ATTN, SELF_ATTN_2, resolve_adapter
-from ..state import GenerationTracker, GenerationTrackerHook
+from ..state import GenerationTracker, GenerationTrackerHook, check_not_enabled_elsewhere
 from .config import SparseAttentionConfig
 from .hooks import SPARSE_ATTENTION_HOOK, SparseAttentionHook
 from .layout import token_grid
@@ -266,6 +266,10 @@ def enable_sparse_attention(target, config: SparseAttentionConfig | None = None)
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     models = _transformers(target)
     disable_sparse_attention(target)
+    for model in models.values():
+        check_not_enabled_elsewhere(
+            model, TRACKER_HOOK, "sparse attention", "enable_sparse_attention", "disable_sparse_attention"
+        )
     tracker = _Tracker()
     parts: dict[str, SparseAttention] = {}
     try:
