@@ -1,5 +1,8 @@
 """Reliability: step counting at the edges, shape changes of every stream, clear errors, faults, threads, leaks."""
 
+import importlib
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -147,3 +150,40 @@ def test_enabling_on_transformer_and_pipeline_says_who_has_it(feature):
     enable(pipe, config)
     assert torch.equal(generate(pipe), reference)
     disable(pipe)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Kernel fast paths: a failure turns one path off on one device, with one warning giving the cause
+# ------------------------------------------------------------------------------------------------------------------
+def test_fast_path_failure_is_per_device_warned_once_and_narrow():
+    from triton.compiler.errors import CompilationError
+
+    bsa = importlib.import_module("diffusers_block.kernels.block_sparse_attention")  # the package exports a function
+    hopper = importlib.import_module("diffusers_block.kernels.block_sparse_attention_hopper")
+    from diffusers_block.kernels.runtime import FastPath
+
+    assert isinstance(bsa.TMA_PATH, FastPath) and isinstance(hopper.FAST_PATH, FastPath)  # what the launcher uses
+    path = FastPath("the test kernel")
+    ran = []
+
+    def broken():
+        raise RuntimeError("Triton Error [CUDA]: invalid argument")
+
+    with pytest.warns(RuntimeWarning, match=r"the test kernel disabled on cuda:0 .*RuntimeError: Triton Error"):
+        assert not path.run("cuda:0", broken)
+    assert not path.available("cuda:0") and path.available("cuda:1")  # the other GPU keeps its fast path
+    assert path.run("cuda:1", lambda: ran.append(1)) and ran == [1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second failure on the same device warns no more
+        path.fail("cuda:0", CompilationError("", None, "second failure"))
+    assert list(path.failures) == ["cuda:0"] and "RuntimeError" in path.failures["cuda:0"]
+    for not_a_kernel_failure in (ValueError("bad block lists"), torch.OutOfMemoryError("CUDA out of memory")):
+
+        def failing(error=not_a_kernel_failure):
+            raise error
+
+        with pytest.raises(type(not_a_kernel_failure)):
+            path.run("cuda:1", failing)
+    assert path.available("cuda:1")  # bad input and OOM are the caller's to see, not a reason to give up a kernel
+    path.reset()
+    assert path.available("cuda:0")
