@@ -187,3 +187,43 @@ def test_fast_path_failure_is_per_device_warned_once_and_narrow():
     assert path.available("cuda:1")  # bad input and OOM are the caller's to see, not a reason to give up a kernel
     path.reset()
     assert path.available("cuda:0")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torch.compile: summaries stay complete without fullgraph; fullgraph=True is refused with a message
+# ------------------------------------------------------------------------------------------------------------------
+SPARSE = db.SparseAttentionConfig(min_tokens=0, block_size=4, dense_steps=1, refresh_interval=2, threshold=0.5)
+
+
+def test_compiled_bwcache_summary_matches_eager():
+    model = build_transformer("wan")
+    db.enable_block_cache(model, db.BWCacheConfig(threshold=2.0))
+    eager, eager_summary = sample(model, "wan", steps=6), db.block_cache_summary(model)
+    assert 0 < eager_summary.fraction_saved < 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(sample(compiled, "wan", steps=6), eager)
+    summary = db.block_cache_summary(model)
+    np.testing.assert_array_equal(summary.computed, eager_summary.computed)
+    np.testing.assert_allclose(summary.indicator, eager_summary.indicator, rtol=1e-6)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="BWCache.*Compile without fullgraph=True, or use Static"):
+        sample(torch.compile(model, backend="eager", fullgraph=True), "wan", steps=2)
+    torch._dynamo.reset()
+
+
+def test_compiled_sparse_attention_summary_matches_eager():
+    model = build_transformer("wan")
+    db.enable_sparse_attention(model, SPARSE)
+    eager, eager_summary = sample(model, "wan", steps=4), db.sparse_attention_summary(model)
+    assert eager_summary.sparse_density < 1
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(sample(compiled, "wan", steps=4), eager)
+    summary = db.sparse_attention_summary(model)
+    np.testing.assert_array_equal(summary.mode, eager_summary.mode)
+    np.testing.assert_array_equal(summary.density, eager_summary.density)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="sparse attention .* cannot be part of a fullgraph=True"):
+        sample(torch.compile(model, backend="eager", fullgraph=True), "wan", steps=2)
+    torch._dynamo.reset()

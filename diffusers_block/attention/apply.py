@@ -164,9 +164,7 @@ class SparseAttention:
         self, layer: int, step: int, branch, mode: str, density: torch.Tensor | None, error: torch.Tensor | None = None
     ) -> None:
         """One attention call: its mode, kept fraction per head (None: dense) and, with ``measure_error``, its
-        relative error against dense attention."""
-        if torch.compiler.is_compiling():
-            return
+        relative error against dense attention. Never traced: the hook runs outside compiled graphs."""
         self._records.append((step, branch, layer, mode, density, error))
 
     def key_lengths(self, mask: torch.Tensor, batch: int, image: int):
