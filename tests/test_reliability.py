@@ -1,7 +1,11 @@
 """Reliability: step counting at the edges, shape changes of every stream, clear errors, faults, threads, leaks."""
 
+import gc
 import importlib
+import threading
 import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -11,13 +15,14 @@ from tiny_models import build_transformer, make_inputs, timestep_for
 from tiny_pipelines import build_pipeline, call_kwargs
 
 import diffusers_block as db
+from diffusers_block.models import resolve_adapter
 
 PERMISSIVE = db.StaticScheduleConfig(interval=2, warmup_steps=2, cooldown_steps=1)
 
 
-def generate(pipe, name: str = "sd3", **kwargs) -> torch.Tensor:
-    """One seeded generation of a tiny pipeline: its latents."""
-    return pipe(**call_kwargs(name, **kwargs))[0]
+def generate(pipe, name: str = "sd3", **pipeline_kwargs) -> torch.Tensor:
+    """One seeded generation of a tiny pipeline (6 steps, CFG): its latents."""
+    return pipe(**call_kwargs(name), **pipeline_kwargs)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -227,3 +232,147 @@ def test_compiled_sparse_attention_summary_matches_eager():
     with pytest.raises(torch._dynamo.exc.Unsupported, match="sparse attention .* cannot be part of a fullgraph=True"):
         sample(torch.compile(model, backend="eager", fullgraph=True), "wan", steps=2)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Faults, threads, memory: for every cache policy, with sparse attention on too
+# ------------------------------------------------------------------------------------------------------------------
+def _unit_names(transformer) -> list[str]:
+    return [ref.name for ref in resolve_adapter(transformer).blocks]
+
+
+#: Every policy (and the options that change what a slot holds), as config makers taking the transformer.
+POLICIES = {
+    "bwcache": lambda model: db.BWCacheConfig(threshold=2.0, warmup_steps=1),
+    "bwcache-model-scope": lambda model: db.BWCacheConfig(threshold=2.0, warmup_steps=1, scope="model"),
+    "static-rule": lambda model: PERMISSIVE,
+    "static-steps-taylor1": lambda model: db.StaticScheduleConfig(
+        update_steps={name: [0, 1, 3] for name in _unit_names(model)}, forecast="taylor1"
+    ),
+    "static-sub-block": lambda model: db.StaticScheduleConfig(interval=2, warmup_steps=1, granularity="sub_block"),
+}
+#: One pipeline driven by its scheduler (batched CFG), one that sets diffusers' cache context (cond / uncond calls).
+FAULT_PIPELINES = ("sd3", "wan")
+
+
+def _enable_both(pipe, policy: str):
+    pipe.enable_block_cache(POLICIES[policy](pipe.transformer))
+    pipe.enable_sparse_attention(SPARSE)
+    return pipe
+
+
+def _summaries(pipe) -> tuple:
+    cache, sparse = pipe.block_cache_summary(), pipe.sparse_attention_summary()
+    return cache.computed.tolist(), sparse.mode.tolist(), np.nan_to_num(sparse.density, nan=-1).tolist()
+
+
+def _assert_both_at_work(pipe) -> None:
+    """Units were reused and attention ran sparse: state that a fault, a thread or a leak could corrupt exists."""
+    assert pipe.block_cache_summary().fraction_saved > 0
+    assert pipe.sparse_attention_summary().sparse_density < 1
+
+
+class _Fault(Exception):
+    pass
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", FAULT_PIPELINES)
+def test_generation_interrupted_by_an_exception_leaves_the_next_one_clean(name, policy):
+    reference_pipe = _enable_both(build_pipeline(name), policy)
+    reference, reference_summaries = generate(reference_pipe, name), _summaries(reference_pipe)
+    _assert_both_at_work(reference_pipe)
+    pipe = _enable_both(build_pipeline(name), policy)
+    blocks = resolve_adapter(pipe.transformer).blocks
+    calls = iter(range(1, 1 << 30))
+
+    def fail_mid_generation(module, args):  # block 1, at the 4th transformer call: mid-step, mid-generation
+        if next(calls) == 4:
+            raise _Fault("injected failure")
+
+    handle = blocks[1].module.register_forward_pre_hook(fail_mid_generation)
+    with pytest.raises(_Fault):
+        generate(pipe, name)
+    handle.remove()
+    assert torch.equal(generate(pipe, name), reference)
+    assert _summaries(pipe) == reference_summaries
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_pipelines_in_threads_share_no_state(policy):
+    """Several pipelines with block cache and sparse attention, generating at the same time in threads, give what
+    each gives alone (their trackers, caches, block lists and records are their own)."""
+    names = ("sd3", "wan", "sd3")
+    pipes = [_enable_both(build_pipeline(name, seed=i), policy) for i, name in enumerate(names)]
+    alone = []
+    for pipe, name in zip(pipes, names):
+        alone.append((generate(pipe, name), _summaries(pipe)))
+        _assert_both_at_work(pipe)
+    start = threading.Barrier(len(pipes))
+
+    def run(pipe, name):
+        start.wait()
+        results = [(generate(pipe, name), _summaries(pipe)) for _ in range(2)]
+        return results
+
+    with ThreadPoolExecutor(len(pipes)) as pool:
+        together = list(pool.map(run, pipes, names))
+    for (output, summaries), results in zip(alone, together):
+        for threaded_output, threaded_summaries in results:
+            assert torch.equal(threaded_output, output)
+            assert threaded_summaries == summaries
+
+
+def _held_state(pipe) -> list:
+    """Weak references to everything the two features hold during a generation: their objects, every cached
+    residual / branch output and indicator, and every block list (and cached complement) of sparse attention."""
+    cache, sparse = pipe._diffusers_block_cache, pipe._diffusers_block_sparse_attention
+    held = [cache, cache.tracker, sparse, sparse.tracker]
+    for part in cache.caches.values():
+        held += [part, part.policy, *part.hooks]
+        for hook in part.hooks:
+            for slot in hook.slots.values():
+                held += [t for t in (*(slot.current or ()), *(slot.previous or ())) if isinstance(t, torch.Tensor)]
+                held += [slot.indicator] if isinstance(slot.indicator, torch.Tensor) else []
+    for part in sparse.parts.values():
+        held += [part, *part.hooks]
+        for hook in part.hooks:
+            for selection in hook.selections.values():
+                held += [selection.index, selection.count, *(selection.skipped or ())]
+    return [weakref.ref(obj) for obj in held]
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if issubclass(type(obj), torch.Tensor))  # type(): no lazy __class__
+
+
+def _generate_holding(pipe, name: str, policy: str) -> list:
+    """Enable both features, generate, disable both; weak references to what they held mid-generation."""
+    _enable_both(pipe, policy)
+    held = []
+
+    def grab(pipe, step, timestep, callback_kwargs):
+        if step == 3:  # mid-generation: slots and block lists are full (the pipeline frees them at its end)
+            held.extend(_held_state(pipe))
+        return callback_kwargs
+
+    generate(pipe, name, callback_on_step_end=grab)
+    _assert_both_at_work(pipe)
+    pipe.disable_sparse_attention()
+    pipe.disable_block_cache()
+    return held
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", FAULT_PIPELINES)
+def test_disable_frees_every_cached_tensor(name, policy):
+    """After disable nothing of either feature stays referenced, and the live tensors are back to their count
+    before enabling (a first round warms process-wide caches, e.g. token permutations)."""
+    pipe = build_pipeline(name)
+    _generate_holding(pipe, name, policy)
+    baseline = _live_tensors()
+    held = _generate_holding(pipe, name, policy)
+    assert len(held) > 20
+    assert _live_tensors() == baseline
+    assert [ref() for ref in held if ref() is not None] == []
