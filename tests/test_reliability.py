@@ -41,6 +41,19 @@ def test_bare_loop_shape_change_starts_a_generation_at_step_0_once():
     assert torch.equal(after_change, sample(model, "wan", steps=6, context=False, height=12, width=12))
 
 
+def test_bare_loop_shape_change_starts_a_generation_for_sparse_attention_too():
+    """Its first steps are dense again, as in a fresh run, instead of going on counting from the last generation."""
+    config = db.SparseAttentionConfig(min_tokens=0, block_size=4, dense_steps=2, refresh_interval=2, threshold=0.5)
+    model = build_transformer("wan")
+    db.enable_sparse_attention(model, config)
+    sample(model, "wan", steps=3, context=False, height=8, width=8)
+    after_change = sample(model, "wan", steps=4, context=False, height=12, width=12)
+    summary = db.sparse_attention_summary(model)
+    assert summary.num_steps == 4 and summary.mode[0, :, 0].tolist() == [0, 0, 1, 2]  # dense, dense, select, reuse
+    db.enable_sparse_attention(model, config)  # fresh hooks
+    assert torch.equal(after_change, sample(model, "wan", steps=4, context=False, height=12, width=12))
+
+
 def _text_inputs(family: str, text: int) -> dict:
     """One step's inputs with the prompt cut to ``text`` tokens (and Flux's text positions with it)."""
     inputs = make_inputs(family)
