@@ -124,15 +124,26 @@ class GenerationTracker:
             self._calls_in_step += 1
         self._notify("forward")
 
-    def on_shape_change(self, previous: tuple[int, ...], shape: tuple[int, ...]) -> None:
-        """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop."""
+    def on_shape_change(self, previous: tuple, shape: tuple) -> None:
+        """A cache unit saw its input change shape: an error inside a generation, a new one in a bare loop.
+
+        The call that saw the change has already been counted (its step and branch picked in :meth:`on_forward`),
+        so the new generation starts with that call as its first one: without this, the next call of a bare loop
+        would be counted as step 0 again.
+        """
         if self.stepped and self.step > 0:
             raise ShapeChangedError(
-                f"The transformer input changed shape from {previous} to {shape} at step {self.step} of a "
-                f"generation (batch size, resolution and frame count must stay fixed within one generation). "
-                f"Start a new generation with a new pipeline call, or call diffusers_block.reset_block_cache()."
+                f"The transformer input changed shape from {_describe(previous)} to {_describe(shape)} at step "
+                f"{self.step} of a "
+                f"generation (batch size, resolution, frame count and text length must stay fixed within one "
+                f"generation). Start a new generation with a new pipeline call, or call "
+                f"diffusers_block.reset_block_cache()."
             )
+        calls, context = self._calls_in_step, self._context_name
         self.on_generation_start(self.num_steps)
+        self._calls_in_step = calls
+        if context is not None:
+            self._context_names.append(context)
 
     @property
     def branches_seen(self) -> list[Hashable]:
@@ -180,6 +191,14 @@ class GenerationTracker:
         self._scheduler_originals = {}
 
 
+def _describe(shape: tuple) -> str:
+    """A cache unit's input shapes (one per stream, see ``cache.units.stream_shapes``) as words."""
+    if shape and all(isinstance(s, tuple) for s in shape):
+        names = ("hidden_states", "encoder_hidden_states")
+        return ", ".join(f"{name} {s}" for name, s in zip(names, shape))
+    return str(shape)
+
+
 class _ContextListener(StateManager):
     """Receives diffusers' cache context: ``_set_cache_context`` calls ``set_context`` on StateManager attributes."""
 
@@ -208,6 +227,36 @@ class GenerationTrackerHook(ModelHook):
 
     def reset_state(self, module):
         return module
+
+
+def check_not_enabled_elsewhere(
+    model: torch.nn.Module, hook_name: str, feature: str, enable: str, disable: str
+) -> None:
+    """Refuse to enable ``feature`` on ``model`` when it is already on through another owner (its pipeline, or
+    the transformer itself when enabling on the pipeline), whose tracker hook ``hook_name`` is there.
+
+    Enabling on the same object again replaces the configuration, but a transformer enabled through its pipeline
+    has no record of it on itself, so diffusers' registry would fail with "Hook ... already exists", which says
+    neither who has it nor what to do.
+    """
+    registry = getattr(model, "_diffusers_hook", None)
+    hook = registry.get_hook(hook_name) if registry is not None else None
+    if hook is None:
+        return
+    ref = getattr(getattr(hook, "tracker", None), "_pipeline_ref", None)
+    pipeline = ref() if ref is not None else None
+    name = type(model).__name__
+    if pipeline is not None:
+        raise RuntimeError(
+            f"{type(pipeline).__name__} already has {feature} enabled on this {name}. To change its configuration "
+            f"call pipe.{enable}(config) on the pipeline again (it replaces the previous one); to enable it on the "
+            f"transformer alone, call pipe.{disable}() first."
+        )
+    raise RuntimeError(
+        f"This {name} already has {feature} enabled on the transformer itself. Call "
+        f"diffusers_block.{disable}(transformer) first, then enable it on the pipeline (or keep it on the "
+        f"transformer: that works inside the pipeline too)."
+    )
 
 
 def attach_tracker(model: torch.nn.Module, tracker: GenerationTracker) -> None:

@@ -247,7 +247,7 @@ def test_sparse_attention_with_a_cache(digits_tab):
 def test_sparse_bad_inputs_give_messages(digits_tab):
     with pytest.raises(gr.Error, match="Nothing to accelerate"):
         digits_tab.generate(REQUEST, CacheSettings(policy="none"))
-    with pytest.raises(gr.Error, match=r"SparseAttentionConfig.threshold must be in \(0, 1\]"):
+    with pytest.raises(gr.Error, match=r"SparseAttentionConfig.threshold must be a number in \(0, 1\]"):
         digits_tab.generate(REQUEST, STATIC, sparse=replace(SPARSE, threshold=0.0))
 
 

@@ -15,8 +15,9 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..cache.apply import _transformers
+from ..cache.units import stream_shapes
 from ..models import SELF_ATTN, SELF_ATTN_2, resolve_adapter
-from ..state import GenerationTracker, GenerationTrackerHook
+from ..state import GenerationTracker, GenerationTrackerHook, check_not_enabled_elsewhere
 from .config import SparseAttentionConfig
 from .hooks import SPARSE_ATTENTION_HOOK, SparseAttentionHook
 from .layout import token_grid
@@ -124,6 +125,7 @@ class SparseAttention:
         # (step, branch, layer, mode, density (H,) tensor or None, relative error 0-d tensor or None)
         self._records: list[tuple] = []
         self._key_length_cache: dict = {}
+        self._input_shape: tuple | None = None  # of the last transformer call, to see a bare loop's new generation
         text_first = JOINT_TEXT_FIRST.get(self.family)
         for ref in adapter.blocks:
             for name, role, module in ref.sub_blocks():
@@ -156,17 +158,27 @@ class SparseAttention:
             self._records.clear()
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
+        self._follow_shape(args, kwargs)
         self.grid = token_grid(self.family, self.model.config, args, kwargs) if self.config.reorder else None
         self.text_tokens = 0
         self._key_length_cache.clear()
+
+    def _follow_shape(self, args: tuple, kwargs: dict) -> None:
+        """In a bare loop (no scheduler, no cache context) a new input shape starts a new generation, as it does for
+        block caching: its first steps are dense again and old block lists are dropped. Where steps are known, a
+        shape change mid-generation only makes the next calls select anew, so it is left to block caching to
+        refuse."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        shape = stream_shapes(hidden, kwargs.get("encoder_hidden_states"))
+        previous, self._input_shape = self._input_shape, shape
+        if previous is not None and shape != previous and not self.tracker.stepped:
+            self.tracker.on_shape_change(previous, shape)
 
     def record(
         self, layer: int, step: int, branch, mode: str, density: torch.Tensor | None, error: torch.Tensor | None = None
     ) -> None:
         """One attention call: its mode, kept fraction per head (None: dense) and, with ``measure_error``, its
-        relative error against dense attention."""
-        if torch.compiler.is_compiling():
-            return
+        relative error against dense attention. Never traced: the hook runs outside compiled graphs."""
         self._records.append((step, branch, layer, mode, density, error))
 
     def key_lengths(self, mask: torch.Tensor, batch: int, image: int):
@@ -266,6 +278,10 @@ def enable_sparse_attention(target, config: SparseAttentionConfig | None = None)
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     models = _transformers(target)
     disable_sparse_attention(target)
+    for model in models.values():
+        check_not_enabled_elsewhere(
+            model, TRACKER_HOOK, "sparse attention", "enable_sparse_attention", "disable_sparse_attention"
+        )
     tracker = _Tracker()
     parts: dict[str, SparseAttention] = {}
     try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
+from .. import validation
 
 APPROXIMATIONS = (None, "zeroth", "first", "cached")
 SCORINGS = ("mean", "antidiagonal")
@@ -72,64 +75,43 @@ class SparseAttentionConfig:
     measure_error: bool = False
 
     def __post_init__(self):
-        def fail(field: str, value, allowed: str):
-            raise ValueError(f"SparseAttentionConfig.{field} must be {allowed}; got {value!r}")
+        owner = type(self).__name__
+        check = functools.partial(validation.check_field, self)
 
-        if not 0.0 < float(self.threshold) <= 1.0:
-            fail("threshold", self.threshold, "in (0, 1]")
+        def fraction(owner: str, name: str, value) -> float:
+            return validation.number(owner, name, value, 0, 1, low_open=True)
+
+        check("threshold", fraction)
         if self.head_thresholds is not None:
-            values = tuple(float(t) for t in self.head_thresholds)
-            if not values or not all(0.0 < t <= 1.0 for t in values):
-                fail("head_thresholds", self.head_thresholds, "a non-empty tuple of values in (0, 1]")
-            object.__setattr__(self, "head_thresholds", values)
-        if not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            fail("dense_steps", self.dense_steps, "an int >= 0")
-        if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
-            fail("refresh_interval", self.refresh_interval, "an int >= 1")
+            check("head_thresholds", validation.sequence, fraction, "a tuple of numbers in (0, 1], one per head")
+            if not self.head_thresholds:
+                validation.fail(owner, "head_thresholds", (), "a non-empty tuple of numbers in (0, 1]")
+        check("dense_steps", validation.integer, 0)
+        check("refresh_interval", validation.integer, 1)
         if self.refresh_schedule is not None:
-            allowed = "(fraction, interval) pairs, fractions ascending from 0.0 and below 1, intervals ints >= 1"
-            try:
-                schedule = tuple((float(start), interval) for start, interval in self.refresh_schedule)
-            except (TypeError, ValueError):
-                fail("refresh_schedule", self.refresh_schedule, allowed)
-            starts = [start for start, _ in schedule]
-            if (
-                not schedule
-                or starts[0] != 0.0
-                or any(b <= a for a, b in zip(starts, starts[1:]))
-                or starts[-1] >= 1.0
-                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for _, i in schedule)
-            ):
-                fail("refresh_schedule", self.refresh_schedule, allowed)
-            object.__setattr__(self, "refresh_schedule", schedule)
-        bs = self.block_size
-        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
-            fail("block_size", bs, "a power of two (>= 16 on GPU)")
-        if not isinstance(self.min_blocks, int) or self.min_blocks < 0:
-            fail("min_blocks", self.min_blocks, "an int >= 0")
-        if self.max_blocks is not None and (not isinstance(self.max_blocks, int) or self.max_blocks < 1):
-            fail("max_blocks", self.max_blocks, "None or an int >= 1")
-        if self.max_blocks is not None and self.max_blocks < self.min_blocks:
-            fail("max_blocks", self.max_blocks, f">= min_blocks ({self.min_blocks})")
-        if not isinstance(self.local_blocks, int) or self.local_blocks < -1:
-            fail("local_blocks", self.local_blocks, "an int >= -1 (-1: not even the own block)")
-        if self.approximation not in APPROXIMATIONS:
-            fail("approximation", self.approximation, f"one of {APPROXIMATIONS}")
-        tile = tuple(self.tile)
-        if len(tile) != 3 or not all(isinstance(t, int) and t >= 1 for t in tile):
-            fail("tile", self.tile, "three ints >= 1 (frames, rows, cols)")
-        object.__setattr__(self, "tile", tile)
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            fail("min_tokens", self.min_tokens, "an int >= 0")
-        if self.scoring not in SCORINGS:
-            fail("scoring", self.scoring, f"one of {SCORINGS}")
-        st = self.stride
-        if not isinstance(st, int) or st < 1 or st & (st - 1) or (self.scoring == "antidiagonal" and st > bs):
-            fail("stride", st, f"a power of two <= block_size ({bs})")
-        if not isinstance(self.fuse_rotary, bool):
-            fail("fuse_rotary", self.fuse_rotary, "a bool")
-        if not isinstance(self.measure_error, bool):
-            fail("measure_error", self.measure_error, "a bool")
+            check("refresh_schedule", _checked_refresh_schedule)
+        check("block_size", validation.power_of_two, "a power of two (>= 16 on GPU)")
+        check("min_blocks", validation.integer, 0)
+        if self.max_blocks is not None:
+            check("max_blocks", validation.integer, max(1, self.min_blocks))
+        check("local_blocks", validation.integer, -1)  # -1: not even the own block
+        check("approximation", validation.choice, APPROXIMATIONS)
+        check(
+            "tile",
+            validation.sequence,
+            lambda owner, name, value: validation.integer(owner, name, value, 1),
+            "three ints >= 1 (frames, rows, cols)",
+        )
+        if len(self.tile) != 3:
+            validation.fail(owner, "tile", self.tile, "three ints >= 1 (frames, rows, cols)")
+        check("min_tokens", validation.integer, 0)
+        check("scoring", validation.choice, SCORINGS)
+        check("stride", validation.power_of_two, f"a power of two <= block_size ({self.block_size})")
+        if self.scoring == "antidiagonal" and self.stride > self.block_size:
+            validation.fail(owner, "stride", self.stride, f"a power of two <= block_size ({self.block_size})")
+        check("reorder", validation.boolean)
+        check("fuse_rotary", validation.boolean)
+        check("measure_error", validation.boolean)
 
     def thresholds(self, heads: int) -> tuple[float, ...]:
         """The threshold of each of ``heads`` heads."""
@@ -164,3 +146,23 @@ class SparseAttentionConfig:
         ):
             return "select"
         return "reuse"
+
+
+def _checked_refresh_schedule(owner: str, name: str, schedule) -> tuple[tuple[float, int], ...]:
+    """``(fraction, interval)`` pairs: fractions ascending from 0.0 and below 1, intervals ints >= 1."""
+    allowed = "(fraction, interval) pairs, fractions ascending from 0.0 and below 1, intervals ints >= 1"
+
+    def pair(owner: str, item: str, value) -> tuple[float, int]:
+        items = validation.sequence(owner, item, value, lambda o, n, v: v, "a (fraction, interval) pair")
+        if len(items) != 2:
+            validation.fail(owner, item, value, "a (fraction, interval) pair")
+        start, interval = items
+        return validation.number(owner, f"{item}[0]", start, 0, 1, high_open=True), validation.integer(
+            owner, f"{item}[1]", interval, 1
+        )
+
+    schedule = validation.sequence(owner, name, schedule, pair, allowed)
+    starts = [start for start, _ in schedule]
+    if not schedule or starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        validation.fail(owner, name, schedule, allowed)
+    return schedule

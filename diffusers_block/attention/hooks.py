@@ -110,6 +110,15 @@ def _native_backend(module: torch.nn.Module):
         yield
 
 
+#: Why the hook runs outside compiled graphs (dynamo shows it when ``fullgraph=True`` refuses the graph break).
+EAGER_ONLY = (
+    "diffusers_block sparse attention runs each hooked self-attention outside torch.compile graphs (its block "
+    "selection and records are Python decisions on the host), so it cannot be part of a fullgraph=True graph. "
+    "Compile without fullgraph=True (the rest of the model is still compiled), or call disable_sparse_attention() "
+    "before compiling with fullgraph=True"
+)
+
+
 class SparseAttentionHook(ModelHook):
     """On one self-attention module: per call, dense or sparse by the step; keeps this layer's block lists."""
 
@@ -132,7 +141,10 @@ class SparseAttentionHook(ModelHook):
         self._call: dict | None = None
 
     # -- forward ------------------------------------------------------------------------------------------------
+    @torch.compiler.disable(reason=EAGER_ONLY)
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        """Under ``torch.compile`` this runs eagerly between graphs: traced, the selection's host reads would break
+        the graph anyway, and the per-call records (the summary) would be lost."""
         controller = self.controller
         tracker = controller.tracker
         hidden = get_argument(args, kwargs, "hidden_states", self._hidden_index)

@@ -261,7 +261,7 @@ def _autotuned_configs() -> dict:
             found[name] = {str(key): str(config) for key, config in cache.items()}
         tma = getattr(bsa, "_block_sparse_attn_fwd_tma_autotuned", None)
         found["attention_tma_race"] = {str(k): str(c) for k, c in getattr(tma, "cache", {}).items()}
-        found["tma_failure"] = getattr(bsa, "_tma_failure", None)
+        found["tma_failure"] = dict(getattr(getattr(bsa, "TMA_PATH", None), "failures", {})) or None
     except Exception as error:  # pragma: no cover - informational only
         found["error"] = str(error)
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models import UnsupportedModelError
-from ..state import GenerationTracker
+from ..state import TRACKER_HOOK, GenerationTracker, check_not_enabled_elsewhere
 from .block_cache import BlockCache
 from .bwcache import BWCacheConfig
 from .policy import CacheConfig
@@ -59,6 +59,8 @@ def enable_block_cache(target, config: CacheConfig | None = None):
     config = BWCacheConfig() if config is None else config
     models = _transformers(target)
     disable_block_cache(target)
+    for model in models.values():
+        check_not_enabled_elsewhere(model, TRACKER_HOOK, "block caching", "enable_block_cache", "disable_block_cache")
     tracker = GenerationTracker()
     caches: dict[str, BlockCache] = {}
     try:

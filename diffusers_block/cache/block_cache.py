@@ -13,6 +13,13 @@ from .policy import CacheConfig
 from .summary import COMPUTED, NOT_RUN, REUSED, BlockCacheSummary
 from .units import BlockUnit, SubBlockUnit
 
+#: Shown by dynamo when ``fullgraph=True`` refuses the graph break of a runtime policy's record.
+RUNTIME_POLICY_EAGER = (
+    "diffusers_block block caching with a runtime policy (BWCache) decides from indicators read on the host and "
+    "records each decision outside compiled graphs, so it cannot be part of a fullgraph=True graph. Compile without "
+    "fullgraph=True, or use StaticScheduleConfig (a fixed schedule compiles with fullgraph=True)"
+)
+
 
 def _units(model: torch.nn.Module, granularity: str) -> list[tuple[str, torch.nn.Module, object]]:
     adapter = resolve_adapter(model)
@@ -73,7 +80,16 @@ class BlockCache:
 
     def record(self, unit: int, computed: bool, indicator: torch.Tensor | None = None) -> None:
         if torch.compiler.is_compiling():
-            return  # compiled runs only support planned policies; their summary is rebuilt from the plan
+            if self.policy.planned:
+                return  # nothing to trace: the summary of a compiled run is rebuilt from the plan
+            self._record_outside_graph(unit, computed, indicator)
+            return
+        self._records.append((self.tracker.step, self.tracker.branch, unit, computed, indicator))
+
+    @torch.compiler.disable(reason=RUNTIME_POLICY_EAGER)
+    def _record_outside_graph(self, unit: int, computed: bool, indicator: torch.Tensor | None) -> None:
+        """A runtime policy's decisions exist only as they are made, so under ``torch.compile`` (without
+        ``fullgraph``) they are recorded eagerly, between graphs; a traced append would be lost."""
         self._records.append((self.tracker.step, self.tracker.branch, unit, computed, indicator))
 
     def summary(self) -> BlockCacheSummary:

@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-from .policy import CacheConfig, CachePolicy, check_choice, check_float, check_int
+from .. import validation
+from .policy import CacheConfig, CachePolicy
 from .slot import CacheSlot
 
 SCOPES = ("block", "model")
@@ -43,12 +44,11 @@ class BWCacheConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        owner = type(self).__name__
-        check_float(owner, "threshold", self.threshold, 0.0, 10.0)
-        check_int(owner, "max_consecutive_reuse", self.max_consecutive_reuse, 0, 1000)
-        check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
-        check_choice(owner, "scope", self.scope, SCOPES)
+        validation.check_field(self, "threshold", validation.number, 0.0, 10.0)
+        validation.check_field(self, "max_consecutive_reuse", validation.integer, 0, 1000)
+        validation.check_field(self, "warmup_steps", validation.integer, 0)
+        validation.check_field(self, "cooldown_steps", validation.integer, 0)
+        validation.check_field(self, "scope", validation.choice, SCOPES)
 
     def build(self, unit_names: Sequence[str]) -> BWCachePolicy:
         return BWCachePolicy(self, unit_names)

@@ -36,8 +36,7 @@ class BlockCacheHook(ModelHook):
         # Planned policies without forecasting never read the step here, so a compiled transformer is not
         # specialised on it (the plan arrives as `planned_compute`, set between calls).
         step = tracker.step if cache.reads_step else -1
-        hidden = self.unit.input_tensor(args, kwargs)
-        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else ()
+        shape = self.unit.input_shapes(args, kwargs)
         key = (tracker.branch, self.calls_this_forward)
         self.calls_this_forward += 1
         slot = self.slots.get(key)

@@ -8,12 +8,13 @@ values out of the forward; a *runtime* policy decides each unit when it is calle
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from .. import validation
 
 if TYPE_CHECKING:
     from .slot import CacheSlot
@@ -22,23 +23,6 @@ Granularity = Literal["block", "sub_block"]
 Forecast = Literal["none", "taylor1"]
 GRANULARITIES = ("block", "sub_block")
 FORECASTS = ("none", "taylor1")
-
-
-def check_int(owner: str, name: str, value, low: int, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}.{name} must be an integer {allowed}, got {value!r}")
-
-
-def check_float(owner: str, name: str, value, low: float, high: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        allowed = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
-        raise ValueError(f"{owner}.{name} must be a number {allowed}, got {value!r}")
-
-
-def check_choice(owner: str, name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}.{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -56,9 +40,8 @@ class CacheConfig:
     forecast: Forecast = "none"
 
     def __post_init__(self) -> None:
-        owner = type(self).__name__
-        check_choice(owner, "granularity", self.granularity, GRANULARITIES)
-        check_choice(owner, "forecast", self.forecast, FORECASTS)
+        validation.check_field(self, "granularity", validation.choice, GRANULARITIES)
+        validation.check_field(self, "forecast", validation.choice, FORECASTS)
 
     def build(self, unit_names: Sequence[str]) -> CachePolicy:
         raise NotImplementedError

@@ -21,11 +21,11 @@ class CacheSlot:
         self.previous: Tensors | None = None
         self.computed_step = -1
         self.previous_step = -1
-        self.input_shape: tuple[int, ...] | None = None
+        self.input_shape: tuple[tuple[int, ...], ...] | None = None  # per input stream (units.stream_shapes)
         self.reuses = 0
         self.indicator: torch.Tensor | float | None = None
 
-    def store(self, tensors: Tensors, step: int, input_shape: tuple[int, ...], keep_previous: bool) -> None:
+    def store(self, tensors: Tensors, step: int, input_shape: tuple, keep_previous: bool) -> None:
         self.previous = self.current if keep_previous else None
         self.previous_step = self.computed_step
         self.current = tensors
@@ -33,7 +33,7 @@ class CacheSlot:
         self.input_shape = input_shape
         self.reuses = 0
 
-    def matches(self, input_shape: tuple[int, ...]) -> bool:
+    def matches(self, input_shape: tuple) -> bool:
         return self.current is not None and self.input_shape == input_shape
 
 

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .policy import CacheConfig, CachePolicy, check_int
+from .. import validation
+from .policy import CacheConfig, CachePolicy
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,10 @@ class StaticScheduleConfig(CacheConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        owner = type(self).__name__
-        check_int(owner, "interval", self.interval, 1)
-        check_int(owner, "warmup_steps", self.warmup_steps, 0)
-        check_int(owner, "cooldown_steps", self.cooldown_steps, 0)
-        if not isinstance(self.update_steps, Mapping):
-            raise ValueError(
-                f"{owner}.update_steps must map unit names to lists of steps, got {type(self.update_steps).__name__}"
-            )
-        frozen = {}
-        for name, steps in self.update_steps.items():
-            steps = tuple(sorted(set(steps)))
-            if not steps or steps[0] != 0 or any(isinstance(s, bool) or not isinstance(s, int) for s in steps):
-                raise ValueError(
-                    f"{owner}.update_steps[{name!r}] must be a list of non-negative integer steps containing 0 "
-                    f"(a unit must compute at the first step before it can be reused), got {list(steps)}"
-                )
-            frozen[str(name)] = steps
-        object.__setattr__(self, "update_steps", frozen)
+        validation.check_field(self, "interval", validation.integer, 1)
+        validation.check_field(self, "warmup_steps", validation.integer, 0)
+        validation.check_field(self, "cooldown_steps", validation.integer, 0)
+        object.__setattr__(self, "update_steps", _checked_update_steps(type(self).__name__, self.update_steps))
 
     def computes(self, unit_name: str, step: int, num_steps: int | None) -> bool:
         steps = self.update_steps.get(unit_name)
@@ -91,6 +78,34 @@ class StaticScheduleConfig(CacheConfig):
         if unknown:
             raise ValueError(f"Schedule file {path} has unknown fields {sorted(unknown)}")
         return cls(**data)
+
+
+def _checked_update_steps(owner: str, update_steps) -> dict[str, tuple[int, ...]]:
+    """``{unit name: sorted unique steps}``; each list must hold step 0, since a unit must compute once before it
+    can be reused. Steps from JSON or numpy are fine; a lone number or a string is not a list of steps."""
+    if not isinstance(update_steps, Mapping):
+        raise validation.ConfigTypeError(
+            f"{owner}.update_steps must map unit names to lists of steps, e.g. {{'blocks.0': [0, 4, 8]}}, got "
+            f"{update_steps!r} ({type(update_steps).__name__})"
+        )
+    frozen = {}
+    for name, steps in update_steps.items():
+        field_name = f"update_steps[{name!r}]"
+        steps = validation.sequence(
+            owner,
+            field_name,
+            steps,
+            lambda owner, item, value: validation.integer(owner, item, value, 0),
+            "a list of integer steps, e.g. [0, 4, 8]",
+        )
+        steps = tuple(sorted(set(steps)))
+        if not steps or steps[0] != 0:
+            raise ValueError(
+                f"{owner}.{field_name} must be a list of non-negative integer steps containing 0 (a unit must "
+                f"compute at the first step before it can be reused), got {list(steps)}"
+            )
+        frozen[str(name)] = steps
+    return frozen
 
 
 class StaticSchedulePolicy(CachePolicy):

@@ -13,6 +13,18 @@ import torch
 from ..models import ENCODER, HIDDEN, BlockListSpec, UnsupportedModelError, argument_index, get_argument
 
 
+def stream_shapes(hidden, encoder) -> tuple[tuple[int, ...], ...]:
+    """What a cache slot is keyed on: the hidden stream's shape, and the text stream's where the unit gets one.
+
+    Reusing a residual computed for other shapes would fail deep inside tensor code or, where shapes broadcast,
+    silently give wrong values; a change is caught instead (a new generation, or ShapeChangedError mid-way).
+    """
+    shapes = (tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else (),)
+    if isinstance(encoder, torch.Tensor):
+        shapes += (tuple(encoder.shape),)
+    return shapes
+
+
 class SubBlockUnit:
     """An attention or FFN module: caches its output as is."""
 
@@ -22,10 +34,16 @@ class SubBlockUnit:
         self._input_index = argument_index(module, "hidden_states")
         if self._input_index is None:
             self._input_index = 0  # first positional argument, e.g. FeedForward(x)
+        self._encoder_index = argument_index(module, "encoder_hidden_states")
         self._bare = True
 
     def input_tensor(self, args: tuple, kwargs: dict):
         return get_argument(args, kwargs, self._input_name, self._input_index)
+
+    def input_shapes(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the streams the output depends on: a joint attention's output has the text length too."""
+        encoder = get_argument(args, kwargs, "encoder_hidden_states", self._encoder_index)
+        return stream_shapes(self.input_tensor(args, kwargs), encoder)
 
     def extract(self, args: tuple, kwargs: dict, output) -> tuple:
         self._bare = isinstance(output, torch.Tensor)
@@ -51,6 +69,11 @@ class BlockUnit:
 
     def input_tensor(self, args: tuple, kwargs: dict):
         return get_argument(args, kwargs, self.spec.hidden_arg, self._hidden_index)
+
+    def input_shapes(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], ...]:
+        """Shapes of both streams: a cached text residual only fits text of the length it was computed for."""
+        inputs = self._inputs(args, kwargs)
+        return stream_shapes(inputs[HIDDEN], inputs[ENCODER])
 
     def _inputs(self, args: tuple, kwargs: dict) -> dict:
         return {

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import torch
 
@@ -84,7 +83,7 @@ GPU_CONFIGS = [
 ]
 #: Hopper (sm_90+) candidates that load K/V tiles with the tensor-memory copy engine (host TensorDescriptors);
 #: they race the pointer configs above in one autotuner. DIFFUSERS_BLOCK_TMA=0 keeps to the pointer configs, and a
-#: TMA compile or launch failure falls back to them for the rest of the process.
+#: TMA compile or launch failure falls back to them on that device for the rest of the process (:data:`TMA_PATH`).
 TMA_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 TMA = os.environ.get("DIFFUSERS_BLOCK_TMA", "1") != "0"
 #: TMA needs 16-byte aligned base addresses and strides.
@@ -646,37 +645,30 @@ def block_sparse_attention(
         _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
         return (out, lse) if return_lse else out
     with torch.cuda.device(q.device):
-        if hopper.eligible(q, k, v, block_index, block_size, approximation):
-            try:  # Hopper, wide lists: the warp-specialized Gluon kernel (its docstring says why and when)
-                hopper.launch(q, k, v, out, out_rows, lse, block_index, block_count, scale, block_size)
-                return (out, lse) if return_lse else out
-            except Exception as error:  # compile/launch failure: the Triton-language kernel from now on
-                hopper.disable(error)
+        # Hopper, wide lists: the warp-specialized Gluon kernel (its docstring says why and when); a compile or
+        # launch failure turns it off on this device and the Triton-language kernel serves the call.
+        if hopper.eligible(q, k, v, block_index, block_size, approximation) and hopper.FAST_PATH.run(
+            q.device, lambda: hopper.launch(q, k, v, out, out_rows, lse, block_index, block_count, scale, block_size)
+        ):
+            return (out, lse) if return_lse else out
         if _tma_eligible(k, v, approximation):
             descriptors = tuple(
                 TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]) for t in (k, v)
             )
-            try:
-                _launch(args[:3] + descriptors + args[5:], meta, grid, block_size, tma=True)
+            tma_args = args[:3] + descriptors + args[5:]
+            if TMA_PATH.run(q.device, lambda: _launch(tma_args, meta, grid, block_size, tma=True)):
                 return (out, lse) if return_lse else out
-            except Exception as error:  # compile/launch failure of the TMA configs: pointer configs from now on
-                _disable_tma(error)
         _launch(args, meta, grid, block_size, tma=False)
     return (out, lse) if return_lse else out
 
 
-_tma_failure: str | None = None
-
-
-def _disable_tma(error: Exception) -> None:
-    global _tma_failure
-    _tma_failure = f"{type(error).__name__}: {error}"
-    warnings.warn(f"block_sparse_attention: TMA path disabled after a failure ({_tma_failure[:300]})", stacklevel=3)
+#: The TMA configs, turned off per device after a compile or launch failure there (pointer configs serve it then).
+TMA_PATH = runtime.FastPath("the TMA configs of the block-sparse attention kernel")
 
 
 def _tma_eligible(k: torch.Tensor, v: torch.Tensor, approximation: str | None) -> bool:
     """TMA descriptors are possible: Hopper or newer, 16-bit inputs, aligned, no approximation pass."""
-    if not (TMA and TensorDescriptor is not None and _tma_failure is None and approximation is None):
+    if not (TMA and TensorDescriptor is not None and approximation is None and TMA_PATH.available(k.device)):
         return False
     head_dim = k.shape[-1]
     if k.dtype not in (torch.float16, torch.bfloat16) or head_dim != triton.next_power_of_2(head_dim) or head_dim < 16:

@@ -29,7 +29,8 @@ routes calls here (:func:`eligible`) where it measured faster than the Triton-la
 (:func:`wide_enough`; at head dim 64 dense lists and the cached approximation's complement, at 128 from 8% of the
 blocks). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it
 was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless)
-and any failure falls back to the Triton-language kernel for the rest of the process. Measured in
+and a compile or launch failure falls back to the Triton-language kernel on that device for the rest of the process
+(:data:`FAST_PATH`). Measured in
 ``benchmarks/labs/gluon-hopper-attention/``, ``benchmarks/labs/pingpong-attention/`` and ``bench attention`` (H100, dense lists, share of cuDNN's
 throughput at 32K / 75K tokens): head dim 64 97.0% / 95.2% (Triton-language kernel 90.2% / 90.8%), head dim 128 with
 the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel without the ping-pong 84.8% / 81.9%).
@@ -38,11 +39,11 @@ the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel w
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager
 
 import torch
 
+from . import runtime
 from .runtime import triton
 
 try:  # Gluon is experimental (Triton >= 3.5); without it the Triton-language kernel serves.
@@ -63,7 +64,7 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "eligible", "enabled", "launch", "tma_view", "turned_off", "wide_enough"]
+__all__ = ["CONFIG", "FAST_PATH", "eligible", "enabled", "launch", "tma_view", "turned_off", "wide_enough"]
 
 #: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the labs' candidates on an
 #: H100 (16 query rows per consumer warp). BLOCK_M 64 is one consumer warpgroup with a register cap that fits two CTAs
@@ -691,19 +692,21 @@ if IMPORTED:
             mbarrier.invalidate(empty.index(i))
 
 
-_failure: str | None = None
+#: Turned off per device after a compile or launch failure there (the Triton-language kernel serves it then).
+FAST_PATH = runtime.FastPath("the Gluon Hopper attention kernel")
 
 
-def enabled() -> bool:
-    """Gluon imported, not switched off, not failed before, and a validated Triton (unless switched on)."""
-    if not IMPORTED or SWITCH == "0" or _failure is not None:
+def enabled(device=None) -> bool:
+    """Gluon imported, not switched off, not failed before (on ``device``, if given), and a validated Triton
+    (unless switched on)."""
+    if not IMPORTED or SWITCH == "0" or (device is not None and not FAST_PATH.available(device)):
         return False
     return SWITCH == "1" or ".".join(triton.__version__.split(".")[:2]) in VALIDATED_TRITON
 
 
 def eligible(q, k, v, block_index, block_size: int, approximation) -> bool:
     """Whether this kernel serves a call (the inputs have passed the launcher's checks)."""
-    if not enabled() or approximation is not None or not q.is_cuda:
+    if not q.is_cuda or not enabled(q.device) or approximation is not None:
         return False
     head_dim = q.shape[-1]
     if head_dim not in CONFIG or q.dtype not in (torch.float16, torch.bfloat16):
@@ -731,15 +734,6 @@ def turned_off():
         yield
     finally:
         SWITCH = saved
-
-
-def disable(error: Exception) -> None:
-    """After a compile or launch failure: the Triton-language kernel from now on (warned once)."""
-    global _failure
-    _failure = f"{type(error).__name__}: {error}"
-    warnings.warn(
-        f"block_sparse_attention: Gluon Hopper kernel disabled after a failure ({_failure[:300]})", stacklevel=3
-    )
 
 
 def descriptor(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
