@@ -112,7 +112,9 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
     import shutil
 
     from diffusers_block.train.digits_video import train_digits_video
-    from diffusers_block.zoo import DIGITS_VIDEO, load_digits_video_pipeline
+    from diffusers_block.zoo import load_digits_video_pipeline, model_path
+
+    shipped_video = model_path("digits-video")
 
     out = train_digits_video(
         str(tmp_path),
@@ -120,7 +122,7 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
         steps=1,
         clips=4,
         flow_batch_size=2,
-        vae_from=str(DIGITS_VIDEO),
+        vae_from=str(shipped_video),
         canvas=64,
         digit_size=14,
         width=128,
@@ -129,7 +131,7 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
     shutil.rmtree(out / "vae")
     pipe, encoder = load_digits_video_pipeline(out)
     assert pipe.transformer.config.num_layers == 2 and pipe.transformer.config.num_attention_heads == 2
-    shipped = safetensors_file(DIGITS_VIDEO / "vae" / "diffusion_pytorch_model.safetensors")
+    shipped = safetensors_file(shipped_video / "vae" / "diffusion_pytorch_model.safetensors")
     for name, tensor in pipe.vae.state_dict().items():
         torch.testing.assert_close(tensor, shipped[name].float())
     clips = pipe(
