@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file as safetensors_file
 
 from diffusers_block.train.loop import TrainConfig, train
@@ -83,6 +84,9 @@ def test_digits_video_recipe_trains_saves_and_loads(tmp_path):
     out = train_digits_video(str(tmp_path), vae_steps=1, steps=1, clips=8, vae_batch_size=2, flow_batch_size=2)
     for stage in ("vae", "transformer"):
         assert (tmp_path / "runs" / stage / "train_log.jsonl").is_file()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == index["tokenizer"] == ["diffusers_block.zoo.no_text_encoder", "NoTextEncoder"]
+    assert type(DiffusionPipeline.from_pretrained(out)).__name__ == "WanPipeline"  # plain diffusers loading works
     pipe, encoder = load_digits_video_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     assert len(pipe.vae.config.latents_mean) == pipe.vae.config.z_dim  # statistics set from the training latents

@@ -1,7 +1,9 @@
 """The small trained models that ship in this repository (``models/``), loaded offline with ``from_pretrained``.
 
 Where they are found (an explicit path, ``DIFFUSERS_BLOCK_MODELS``, the source checkout): :func:`.locate.model_path`.
-Their stock pipelines import transformers (the ``models`` extra).
+Their stock pipelines import transformers (the ``models`` extra) and load with plain
+``DiffusionPipeline.from_pretrained(folder)`` too (text slots: :class:`.no_text_encoder.NoTextEncoder`); the loaders
+here add the label encoder, dtype defaults and quiet loading.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from .._extras import require
 from .label_encoder import ClipLabelEncoder, LabelEncoder
 from .locate import ENV_VAR, ModelNotFoundError, model_path
+from .no_text_encoder import NoTextEncoder, expected_placeholders, null_components
 
 _STOCK_PIPELINES = "the shipped digits models' stock pipelines (StableDiffusion3Pipeline, WanPipeline)"
 
@@ -28,8 +31,8 @@ def load_digits_image_pipeline(path: str | Path | None = None, device: str = "cp
 
     path = model_path("digits-image", path)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    absent = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **absent).to(device)
+    with expected_placeholders():
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **null_components(path)).to(device)
     encoder = LabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
     return pipe, encoder
 
@@ -58,7 +61,8 @@ def load_digits_video_pipeline(
     shipped_vae = (
         {} if (path / "vae").is_dir() else {"vae": AutoencoderKLWan.from_pretrained(model_path("digits-video") / "vae")}
     )
-    pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None, **shipped_vae).to(device)
+    with expected_placeholders():
+        pipe = WanPipeline.from_pretrained(path, dtype=dtype, **null_components(path), **shipped_vae).to(device)
     pipe.vae.to(torch.float32)
     encoder = ClipLabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
     return pipe, encoder
@@ -69,6 +73,7 @@ __all__ = [
     "ClipLabelEncoder",
     "LabelEncoder",
     "ModelNotFoundError",
+    "NoTextEncoder",
     "load_digits_image_pipeline",
     "load_digits_video_pipeline",
     "model_path",
