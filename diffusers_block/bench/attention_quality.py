@@ -126,7 +126,7 @@ def run(args) -> dict:
     print(f"dense attention: per-frame accuracy {reference_accuracy:.1%}")
     payload = {
         "benchmark": "attention-quality",
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "reference": {"accuracy": reference_accuracy},

@@ -233,7 +233,7 @@ def run(args) -> dict:
         "benchmark": "policy",
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "policy": {
             "path": policy_path,
             "config": dict(pipe.transformer.config),

@@ -197,7 +197,7 @@ def run(args) -> dict:
     print(f"uncached: accuracy {results[0].reference_accuracy:.1%}, {results[0].reference_seconds:.2f} s per run")
     payload = {
         "benchmark": "quality",
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "bac_validated": choices,
