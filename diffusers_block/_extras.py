@@ -45,7 +45,8 @@ def require(extra: str, module: str, purpose: str | None = None) -> ModuleType:
         if error.name is not None and not (module == error.name or module.startswith(f"{error.name}.")):
             raise  # the package is there but one of its own imports failed: that error says more than ours would
         raise MissingExtraError(
-            f"{module} is not installed; {purpose or EXTRAS[extra]} needs it. Install it with: {install_command(extra)}"
+            f"{module} is not installed; it is needed for {purpose or EXTRAS[extra]}. Install it with: "
+            f"{install_command(extra)}"
         ) from error
 
 

@@ -93,7 +93,7 @@ def test_tested_diffusers_imports(version):
 
 
 def test_a_missing_extra_names_the_install_command(monkeypatch):
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails as if scikit-learn were absent
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import fails as if scikit-learn were absent
     from diffusers_block.data import digits
 
     with pytest.raises(_extras.MissingExtraError, match=r'pip install "diffusers-block\[train\]"'):

@@ -36,8 +36,10 @@ _DIRECTIONS = np.array([(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1
 
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    datasets = require("train", "sklearn.datasets", "the digits data set (scikit-learn's load_digits)")
-    data = datasets.load_digits()
+    require("train", "sklearn", "the digits data set (scikit-learn's load_digits)")
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
     return (data.images / 16.0).astype(np.float32), data.target.astype(np.int64)
 
 
