@@ -8,9 +8,9 @@ and bare transformers.
 
 import diffusers as _diffusers
 
-from ._compat import check_diffusers
+from ._compat import check_diffusers as _check_diffusers
 
-check_diffusers(_diffusers.__version__)  # before anything touches diffusers internals
+_check_diffusers(_diffusers.__version__)  # before anything touches diffusers internals
 
 from .attention import (  # noqa: E402
     SparseAttentionConfig,

@@ -87,6 +87,14 @@ def test_untested_diffusers_is_refused_with_the_fix(version):
     _compat.check_diffusers(version, environ={"DIFFUSERS_BLOCK_SKIP_VERSION_CHECK": "1"})
 
 
+def test_import_refuses_an_untested_diffusers():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DIFFUSERS_BLOCK_SKIP_VERSION_CHECK", None)
+    code = "import diffusers\ndiffusers.__version__ = '0.43.0'\nimport diffusers_block"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "ImportError: diffusers-block supports diffusers >=0.42,<0.43" in out.stderr
+
+
 @pytest.mark.parametrize("version", ["0.42.0", "0.42.1", "0.42.0.dev0"])
 def test_tested_diffusers_imports(version):
     _compat.check_diffusers(version, environ={})
