@@ -6,14 +6,20 @@ Importing the package adds ``enable_block_cache``, ``disable_block_cache`` and `
 and bare transformers.
 """
 
-from .attention import (
+import diffusers as _diffusers
+
+from ._compat import check_diffusers as _check_diffusers
+
+_check_diffusers(_diffusers.__version__)  # before anything touches diffusers internals
+
+from .attention import (  # noqa: E402
     SparseAttentionConfig,
     SparseAttentionSummary,
     disable_sparse_attention,
     enable_sparse_attention,
     sparse_attention_summary,
 )
-from .cache import (
+from .cache import (  # noqa: E402
     BlockCacheSummary,
     BWCacheConfig,
     CacheConfig,
@@ -26,10 +32,10 @@ from .cache import (
     reset_block_cache,
     tune_schedule,
 )
-from .distill import BlockwiseFlowModel, disable_blockwise_flow, enable_blockwise_flow
-from .models import UnsupportedModelError, supported_families
-from .pipeline_methods import install_pipeline_methods
-from .state import ShapeChangedError, cache_context
+from .distill import BlockwiseFlowModel, disable_blockwise_flow, enable_blockwise_flow  # noqa: E402
+from .models import UnsupportedModelError, supported_families  # noqa: E402
+from .pipeline_methods import install_pipeline_methods  # noqa: E402
+from .state import ShapeChangedError, cache_context  # noqa: E402
 
 __version__ = "0.1.0"
 

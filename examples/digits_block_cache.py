@@ -19,7 +19,7 @@ import diffusers_block
 from diffusers_block.eval.classifier import DigitClassifier
 from diffusers_block.eval.digits import class_accuracy, generate_digits
 from diffusers_block.eval.metrics import psnr, ssim
-from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_image_pipeline
+from diffusers_block.zoo import load_digits_image_pipeline, model_path
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
     pipe, encoder = load_digits_image_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).to(args.device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier")).to(args.device).eval()
     labels = torch.tensor([int(d) for d in args.digits]).repeat(args.rows)
 
     def generate():

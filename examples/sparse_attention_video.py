@@ -17,7 +17,7 @@ import diffusers_block
 from diffusers_block.eval.classifier import DigitClassifier
 from diffusers_block.eval.digits import balanced_clip_labels, class_accuracy, generate_clips
 from diffusers_block.eval.metrics import psnr
-from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_video_pipeline
+from diffusers_block.zoo import load_digits_video_pipeline, model_path
 
 SMALL_MODEL = dict(block_size=32, min_tokens=0, dense_steps=2)
 SETTINGS = {
@@ -38,7 +38,7 @@ def main() -> None:
 
     pipe, encoder = load_digits_video_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).to(args.device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier")).to(args.device).eval()
     digits, motions = (labels[: args.clips] for labels in balanced_clip_labels(1))
 
     def generate() -> torch.Tensor:

@@ -69,3 +69,46 @@ def test_environment_names_the_commit_given_by_the_runner(monkeypatch):
     assert report.environment(torch.device("cpu"))["git"] == "0123abc"
     monkeypatch.delenv("DIFFUSERS_BLOCK_COMMIT")
     assert report.environment(torch.device("cpu"))["git"] != "0123abc"
+
+
+@pytest.fixture
+def dirty_tree(monkeypatch):
+    from diffusers_block.bench import report
+
+    monkeypatch.setattr(report, "_describe", lambda: "0123abc-dirty")
+    monkeypatch.delenv(report.ALLOW_DIRTY, raising=False)
+    monkeypatch.delenv("DIFFUSERS_BLOCK_COMMIT", raising=False)
+    return report
+
+
+def test_a_dirty_tree_is_refused_before_the_benchmark_runs(dirty_tree, tmp_path):
+    with pytest.raises(dirty_tree.DirtyTreeError, match="--allow-dirty"):
+        main(["cache", "--model", "tiny-wan", "--device", "cpu", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(dirty_tree.DirtyTreeError):
+        dirty_tree.environment(torch.device("cpu"))  # labs write through this too
+
+
+def test_an_allowed_dirty_tree_is_flagged_loudly(dirty_tree, monkeypatch, capsys):
+    env = dirty_tree.environment(torch.device("cpu"), allow_dirty=True)
+    assert env["git"] == "0123abc-dirty" and env["dirty"] is True
+    assert "WARNING: benchmarking a dirty tree" in capsys.readouterr().err
+    monkeypatch.setenv(dirty_tree.ALLOW_DIRTY, "1")
+    assert dirty_tree.environment(torch.device("cpu"))["dirty"] is True
+
+
+def test_the_runner_commit_vouches_for_a_stale_copy(dirty_tree, monkeypatch):
+    monkeypatch.setenv("DIFFUSERS_BLOCK_COMMIT", "4567def")
+    env = dirty_tree.environment(torch.device("cpu"))
+    assert env["git"] == "4567def" and env["dirty"] is False
+
+
+def test_every_committed_result_names_a_clean_commit_or_is_listed_in_the_changelog():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    changelog = (root / "CHANGELOG.md").read_text()
+    for path in sorted((root / "benchmarks").rglob("*.json")):
+        commit = str(json.loads(path.read_text()).get("environment", {}).get("git"))
+        if commit.endswith("-dirty"):
+            assert path.name in changelog, f"{path.name} records {commit}: rerun it clean, or document it"

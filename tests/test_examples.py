@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ def test_sparse_attention_video_example(tmp_path):
         text=True,
         timeout=600,
         check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # this tree's package, whatever the environment has installed
     )
     rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.strip()}
     assert {"dense", "dropped", "cached"} <= set(rows)

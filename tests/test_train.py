@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file as safetensors_file
 
 from diffusers_block.train.loop import TrainConfig, train
@@ -83,6 +84,9 @@ def test_digits_video_recipe_trains_saves_and_loads(tmp_path):
     out = train_digits_video(str(tmp_path), vae_steps=1, steps=1, clips=8, vae_batch_size=2, flow_batch_size=2)
     for stage in ("vae", "transformer"):
         assert (tmp_path / "runs" / stage / "train_log.jsonl").is_file()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == index["tokenizer"] == ["diffusers_block.zoo.no_text_encoder", "NoTextEncoder"]
+    assert type(DiffusionPipeline.from_pretrained(out)).__name__ == "WanPipeline"  # plain diffusers loading works
     pipe, encoder = load_digits_video_pipeline(out)
     pipe.set_progress_bar_config(disable=True)
     assert len(pipe.vae.config.latents_mean) == pipe.vae.config.z_dim  # statistics set from the training latents
@@ -112,7 +116,9 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
     import shutil
 
     from diffusers_block.train.digits_video import train_digits_video
-    from diffusers_block.zoo import DIGITS_VIDEO, load_digits_video_pipeline
+    from diffusers_block.zoo import load_digits_video_pipeline, model_path
+
+    shipped_video = model_path("digits-video")
 
     out = train_digits_video(
         str(tmp_path),
@@ -120,7 +126,7 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
         steps=1,
         clips=4,
         flow_batch_size=2,
-        vae_from=str(DIGITS_VIDEO),
+        vae_from=str(shipped_video),
         canvas=64,
         digit_size=14,
         width=128,
@@ -129,7 +135,7 @@ def test_long_sequence_video_recipe_shares_the_shipped_autoencoder(tmp_path):
     shutil.rmtree(out / "vae")
     pipe, encoder = load_digits_video_pipeline(out)
     assert pipe.transformer.config.num_layers == 2 and pipe.transformer.config.num_attention_heads == 2
-    shipped = safetensors_file(DIGITS_VIDEO / "vae" / "diffusion_pytorch_model.safetensors")
+    shipped = safetensors_file(shipped_video / "vae" / "diffusion_pytorch_model.safetensors")
     for name, tensor in pipe.vae.state_dict().items():
         torch.testing.assert_close(tensor, shipped[name].float())
     clips = pipe(

@@ -11,7 +11,7 @@ from diffusers_block.eval.classifier import DigitClassifier
 from diffusers_block.eval.digits import balanced_labels, class_accuracy, generate_digits
 from diffusers_block.eval.harness import compare
 from diffusers_block.eval.metrics import psnr
-from diffusers_block.zoo import DIGITS_IMAGE, load_digits_image_pipeline
+from diffusers_block.zoo import load_digits_image_pipeline, model_path
 
 STEPS = 20
 
@@ -21,7 +21,7 @@ def digits():
     os.environ["HF_HUB_OFFLINE"] = "1"
     pipe, encoder = load_digits_image_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(DIGITS_IMAGE.parent / "digit-classifier").eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier")).eval()
     return pipe, encoder, classifier
 
 

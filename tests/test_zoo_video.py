@@ -14,7 +14,7 @@ from diffusers_block.eval.digits import (
     motion_accuracy,
     motion_axes_accuracy,
 )
-from diffusers_block.zoo import DIGIT_CLASSIFIER, load_digits_video_pipeline
+from diffusers_block.zoo import load_digits_video_pipeline, model_path
 
 STEPS = 10
 
@@ -24,7 +24,7 @@ def video():
     os.environ["HF_HUB_OFFLINE"] = "1"
     pipe, encoder = load_digits_video_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    return pipe, encoder, DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).eval()
+    return pipe, encoder, DigitClassifier.from_pretrained(model_path("digit-classifier")).eval()
 
 
 def test_shipped_video_model_draws_the_requested_digits(video):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._extras import pyplot
+
 NOT_RUN, DENSE, SELECTED, REUSED, FALLBACK = -1, 0, 1, 2, 3
 MODES = {"dense": DENSE, "select": SELECTED, "reuse": REUSED, "fallback": FALLBACK}
 
@@ -82,7 +84,7 @@ class SparseAttentionSummary:
 
     def plot(self, path: str | Path | None = None, *, branch: int = 0):
         """Heatmap steps x layers of the kept fraction (mean over heads); returns the matplotlib figure."""
-        import matplotlib.pyplot as plt
+        plt = pyplot(headless=False)
 
         data = np.nanmean(np.where(self.mode[branch][..., None] == NOT_RUN, np.nan, self.density[branch]), axis=-1)
         fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(self.layer_names) + 2), max(3, 0.2 * self.num_steps + 1)))
@@ -97,7 +99,7 @@ class SparseAttentionSummary:
 
     def plot_mask(self, path: str | Path | None = None, *, layer: str | int | None = None, head: int = 0):
         """Picture of one block mask (query blocks down, key blocks across); returns the matplotlib figure."""
-        import matplotlib.pyplot as plt
+        plt = pyplot(headless=False)
 
         mask = self.block_mask(layer, head)
         fig, ax = plt.subplots(figsize=(5, 5))

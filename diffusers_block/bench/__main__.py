@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import attention, attention_quality, cache, distill, policy, quality
+from . import attention, attention_quality, cache, distill, policy, quality, report
 
 COMMANDS = {
     "cache": cache,
@@ -27,14 +27,19 @@ def main(argv: Sequence[str] | None = None):
     commands = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         summary = module.__doc__.splitlines()[0]
-        module.add_arguments(
-            commands.add_parser(
-                name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-            )
+        command = commands.add_parser(
+            name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(command)
+        command.add_argument(
+            "--allow-dirty",
+            action="store_true",
+            help='run on a tree with uncommitted changes (the result is flagged "dirty": true); refused otherwise',
         )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in result files as the command line
+    report.check_tree(args.allow_dirty)  # before the run, so that a refusal costs nothing
     return COMMANDS[args.command].run(args)
 
 

@@ -978,7 +978,7 @@ def run(args) -> dict:
         "benchmark": "attention",
         "command": report.command_line(getattr(args, "argv", [])),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
     }
 
     def checkpoint(partial: dict) -> None:

@@ -24,16 +24,17 @@ from .. import SparseAttentionConfig, disable_sparse_attention, enable_sparse_at
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, class_accuracy, generate_clips
 from ..eval.metrics import psnr, ssim
-from ..zoo import DIGIT_CLASSIFIER, DIGITS_VIDEO, MODELS_DIR, load_digits_video_pipeline
+from ..zoo import load_digits_video_pipeline, model_path
 from . import refresh as refresh_option
 from . import report
 
-#: Video models: folder, canvas size (px), and how to train it where it does not ship. "digits-video-64" is a
+#: Video models: folder (None: found by name, zoo.locate.model_path), canvas size (px), and how to train it where it
+#: does not ship. "digits-video-64" is a
 #: long-sequence probe (2,304 tokens instead of 576) for sparse attention, trained on the shipped autoencoder.
 MODELS = {
-    "digits-video": (DIGITS_VIDEO, 32, None),
+    "digits-video": (None, 32, None),
     "digits-video-64": (
-        MODELS_DIR / "digits-video-64",
+        None,
         64,
         "python -m diffusers_block.train digits-video --out models/digits-video-64 --vae models/digits-video "
         "--canvas 64 --digit-size 14 --width 128 --layers 8 --clips 10000 --flow-batch-size 128 --steps 20000 "
@@ -62,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     path, size, train_command = MODELS[args.model]
+    path = model_path(args.model, path, train_command)
     pipe, encoder = load_digits_video_pipeline(path, device=args.device, train_command=train_command)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(DIGIT_CLASSIFIER).to(device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier")).to(device).eval()
     digits, motions = (labels[: args.clips] for labels in balanced_clip_labels(-(-args.clips // 80)))
 
     def generate():
@@ -124,7 +126,7 @@ def run(args) -> dict:
     print(f"dense attention: per-frame accuracy {reference_accuracy:.1%}")
     payload = {
         "benchmark": "attention-quality",
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "reference": {"accuracy": reference_accuracy},

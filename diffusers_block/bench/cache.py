@@ -257,7 +257,7 @@ def run(args) -> dict:
         "benchmark": "cache",
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "models": {},
     }
     for name in args.model:

@@ -34,16 +34,13 @@ from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits, motion_accuracy
 from ..eval.metrics import frechet_distance, psnr, ssim
 from ..state import cache_context
-from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, DIGITS_VIDEO, load_digits_image_pipeline, load_digits_video_pipeline
+from ..zoo import load_digits_image_pipeline, load_digits_video_pipeline, model_path
 from . import attention, report
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
 from .cache import sample
 
-MODELS = {"digits-image": DIGITS_IMAGE, "digits-video": DIGITS_VIDEO}
-STUDENTS = {
-    "digits-image": DIGITS_IMAGE.parent / "digits-image-distilled",
-    "digits-video": DIGITS_VIDEO.parent / "digits-video-distilled",
-}
+MODELS = ("digits-image", "digits-video")  # shipped teachers, found by zoo.locate.model_path
+STUDENTS = {model: f"{model}-distilled" for model in MODELS}  # their shipped students, found the same way
 SOLVERS = {
     "euler": lambda: FlowMatchEulerDiscreteScheduler(shift=1.0),
     "unipc": lambda: UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0),
@@ -54,9 +51,9 @@ SOLVERS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="digits-image", help=f"one of {sorted(MODELS)}")
+    parser.add_argument("--model", default="digits-image", choices=MODELS)
     parser.add_argument("--students", nargs="*", help="distilled student folders (default: the shipped one)")
-    parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
+    parser.add_argument("--classifier", help="classifier folder (default: the shipped one)")
     parser.add_argument("--reference-steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, help="teacher CFG (default: 3 image, 5 video)")
     parser.add_argument("--per-class", type=int, default=50, help="images per digit, or clips per (digit, motion)")
@@ -114,16 +111,15 @@ class _Workload:
 
     def __init__(self, args) -> None:
         self.video = args.model == "digits-video"
-        path = MODELS[args.model]
         if self.video:
-            self.pipe, self.encoder = load_digits_video_pipeline(path, device=args.device)
+            self.pipe, self.encoder = load_digits_video_pipeline(device=args.device)
             self.digits, self.motions = balanced_clip_labels(args.per_class)
             self.labels = self.digits
             clips, _ = make_moving_digits(len(self.digits), "test", frames=17, size=32, seed=0)
             self.real = (clips + 1) / 2
             self.guidance = 5.0 if args.guidance is None else args.guidance
         else:
-            self.pipe, self.encoder = load_digits_image_pipeline(path, device=args.device)
+            self.pipe, self.encoder = load_digits_image_pipeline(device=args.device)
             self.labels = balanced_labels(args.per_class)
             self.real = (load_digit_images("test", 32)[0] + 1) / 2
             self.guidance = 3.0 if args.guidance is None else args.guidance
@@ -160,7 +156,7 @@ def run(args) -> dict:
         return timing(args)
     work = _Workload(args)
     device = torch.device(args.device)
-    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier", args.classifier)).to(device).eval()
     real_features = classifier.embed(work.real * 2 - 1)
     pipe = work.pipe
     teacher_scheduler = pipe.scheduler
@@ -189,7 +185,7 @@ def run(args) -> dict:
 
     row(f"teacher-{args.reference_steps}-cfg", reference, reference_seconds, reference_flops)
     budgets = set()
-    for path in args.students or [STUDENTS[args.model]]:
+    for path in args.students or [model_path(STUDENTS[args.model])]:
         student = load(path)
         enable_blockwise_flow(pipe, student)
         try:

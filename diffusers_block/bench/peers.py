@@ -1,7 +1,7 @@
 """The caches users would pick instead of ours, switched on and off the same way as ours, for side-by-side runs.
 
 cache-dit's DBCache runs through ``cache_dit.enable_cache`` when the package is installed (``pip install
-diffusers-block[peers]``). diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache) are applied with their ``apply_*`` functions, so
+"diffusers-block[peers]"``). diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache) are applied with their ``apply_*`` functions, so
 they also work on transformers without ``CacheMixin`` (SD3, DiT, PixArt), and removed by their hook names. Their
 hooks need a cache context, which SD3, DiT, PixArt and Allegro pipelines never set; the quality benchmark wraps each
 pipeline call in ``diffusers_block.cache_context(transformer, "cond")`` so that they can run at all there.
@@ -16,6 +16,7 @@ import io
 
 from diffusers.hooks import HookRegistry
 
+from .._extras import require
 from ..cache import CacheConfig, disable_block_cache, enable_block_cache
 from ..eval.harness import Acceleration
 
@@ -120,7 +121,7 @@ def mag_cache(threshold: float, ratios: list[float], steps: int) -> Acceleration
 def cache_dit_dbcache(threshold: float, warmup: int) -> Acceleration:
     """cache-dit's DBCache (F1B0: the first block always computes and decides for the rest). cache-dit patches the
     pipeline's class while enabled, so run it on one pipeline at a time."""
-    import cache_dit
+    cache_dit = require("peers", "cache_dit", "cache-dit's DBCache")
 
     config = cache_dit.DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold, max_warmup_steps=warmup

@@ -55,13 +55,14 @@ from ..pipelines.policy.calibrate import (
 from ..pipelines.policy.envs import EnvPool
 from ..pipelines.policy.flops import DenoiserFlops, computed_per_unit
 from ..pipelines.policy.rollout import (
-    DEFAULT_POLICY,
     EVAL_SEED,
+    POLICY,
     cache_config,
     evenly_spaced,
     load_policy,
     run_episodes,
 )
+from ..zoo.locate import model_path
 from . import report
 
 RUNS = ("uncached", "bac", "uniform", "bwcache", "skip-steps", "ddim", "bac-paper", "bac-taylor1", "bac-no-union")
@@ -69,7 +70,7 @@ STEPS = 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default=DEFAULT_POLICY)
+    parser.add_argument("--policy", help="policy folder (default: the shipped one)")
     parser.add_argument("--tasks", nargs="+", help="default: every task of the policy")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task")
     parser.add_argument("--max-steps", type=int, default=200, help="environment steps before an episode fails")
@@ -223,7 +224,8 @@ def measure_latency(pipe, bac, uniform, obs, task: str, repeats: int, graphs: bo
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    pipe = load_policy(args.policy, args.device)
+    policy_path = str(model_path(POLICY, args.policy))
+    pipe = load_policy(policy_path, args.device)
     scheduler_config = pipe.scheduler.config
     tasks = args.tasks or pipe.task_names
     path = report.result_path(args.out, args.name, device)
@@ -231,15 +233,15 @@ def run(args) -> dict:
         "benchmark": "policy",
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "policy": {
-            "path": args.policy,
+            "path": policy_path,
             "config": dict(pipe.transformer.config),
             "parameters": sum(p.numel() for p in pipe.transformer.parameters()),
         },
     }
     print(
-        f"policy {args.policy}: {payload['policy']['parameters']:,} parameters, tasks {tasks}, on "
+        f"policy {policy_path}: {payload['policy']['parameters']:,} parameters, tasks {tasks}, on "
         f"{report.device_name(device)}"
     )
 

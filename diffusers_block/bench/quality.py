@@ -19,16 +19,17 @@ from pathlib import Path
 import torch
 
 from .. import BWCacheConfig, StaticScheduleConfig, cache_context
+from .._extras import pyplot
 from ..cache.bac import record_features, schedule_from_features, uncached_output
 from ..cache.tuning import candidate_name, tune_schedule_from_features
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, balanced_labels, generate_clips, generate_digits
 from ..eval.harness import compare
-from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, DIGITS_VIDEO, load_digits_image_pipeline, load_digits_video_pipeline
+from ..zoo import load_digits_image_pipeline, load_digits_video_pipeline, model_path
 from . import peers, report
 
-MODELS = {"digits-image": DIGITS_IMAGE, "digits-video": DIGITS_VIDEO}
+MODELS = ("digits-image", "digits-video")  # shipped, found by zoo.locate.model_path
 MAGCACHE_THRESHOLDS = (0.02, 0.06, 0.12, 0.24)
 
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="digits-image", help=f"one of {sorted(MODELS)}, or a directory holding one of them"
     )
-    parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
+    parser.add_argument("--classifier", help="classifier folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, help="default: 3 for the image model, 5 for the video model")
     parser.add_argument(
@@ -118,8 +119,8 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
             runs += [peers.mag_cache(t, ratios, args.steps) for t in MAGCACHE_THRESHOLDS]
         try:
             runs += [peers.cache_dit_dbcache(t, warmup) for t in (0.04, 0.08, 0.12, 0.2)]
-        except ImportError:
-            print("cache-dit is not installed (pip install cache-dit): its DBCache is left out")
+        except ImportError as error:
+            print(f"{error}: its DBCache is left out")
     if args.only:
         runs = [run for run in runs if re.search(args.only, run.name)]
     return runs
@@ -131,7 +132,7 @@ def _workload(args):
     Calibration runs (BAC, MagCache) and validation runs (bac-validated's choice) use other labels and seeds than
     the evaluated ones and than each other (no test leakage).
     """
-    path = MODELS.get(args.model, args.model)
+    path = model_path(args.model) if args.model in MODELS else model_path(Path(args.model).name, args.model)
     video = (Path(path) / "transformer" / "config.json").is_file() and "Wan" in (
         Path(path) / "transformer" / "config.json"
     ).read_text()
@@ -170,7 +171,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     pipe, labels, generate, kind = _workload(args)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(args.classifier).to(device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier", args.classifier)).to(device).eval()
     choices = {}
     runs = accelerations(
         args, pipe, lambda pipe: generate(pipe, "calibrate"), lambda pipe: generate(pipe, "validate"), choices
@@ -196,7 +197,7 @@ def run(args) -> dict:
     print(f"uncached: accuracy {results[0].reference_accuracy:.1%}, {results[0].reference_seconds:.2f} s per run")
     payload = {
         "benchmark": "quality",
-        "environment": report.environment(device),
+        "environment": report.environment(device, args.allow_dirty),
         "command": report.command_line(args.argv),
         "args": {k: v for k, v in vars(args).items() if k != "argv"},
         "bac_validated": choices,
@@ -211,10 +212,7 @@ def run(args) -> dict:
 
 
 def _plot(rows: list[dict], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     families = {}

@@ -12,6 +12,7 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -29,11 +30,23 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    """The commit the numbers come from: ``DIFFUSERS_BLOCK_COMMIT`` when set (a copy of the tree whose git metadata
-    is stale or missing, as on a remote GPU runner), else ``git describe`` of this checkout."""
-    if os.environ.get("DIFFUSERS_BLOCK_COMMIT"):
-        return os.environ["DIFFUSERS_BLOCK_COMMIT"]
+#: Set to 1 to write results from a tree with uncommitted changes (what ``--allow-dirty`` does for one run).
+ALLOW_DIRTY = "DIFFUSERS_BLOCK_ALLOW_DIRTY"
+
+
+class DirtyTreeError(RuntimeError):
+    """The checkout has uncommitted changes, so no commit names the code a result would come from."""
+
+
+def git_commit() -> tuple[str | None, bool]:
+    """(commit, dirty): ``DIFFUSERS_BLOCK_COMMIT`` when set (a copy of the tree whose git metadata is stale or missing,
+    as on a remote GPU runner: whoever sets it vouches that the copy is that commit), else ``git describe --dirty``
+    of this checkout. ``dirty``: the checkout's tracked files differ from the commit (the name ends in ``-dirty``)."""
+    commit = os.environ.get("DIFFUSERS_BLOCK_COMMIT") or _describe()
+    return commit, commit is not None and commit.endswith("-dirty")
+
+
+def _describe() -> str | None:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -47,6 +60,22 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def check_tree(allow_dirty: bool = False) -> tuple[str | None, bool]:
+    """(commit, dirty), refusing a dirty tree (:class:`DirtyTreeError`) unless ``allow_dirty`` or
+    ``DIFFUSERS_BLOCK_ALLOW_DIRTY=1``; an allowed one is warned about on stderr. A committed result must name the
+    code it came from, and ``abc1234-dirty`` names none: benchmarks call this before they run, not after."""
+    commit, dirty = git_commit()
+    if dirty:
+        if not (allow_dirty or os.environ.get(ALLOW_DIRTY) == "1"):
+            raise DirtyTreeError(
+                f"the working tree has uncommitted changes ({commit}), so the result would name no commit. Commit "
+                f'first, or pass --allow-dirty (or set {ALLOW_DIRTY}=1) to write it flagged "dirty": true; on a '
+                f"copy whose git metadata is stale, DIFFUSERS_BLOCK_COMMIT names the commit instead."
+            )
+        print(f'WARNING: benchmarking a dirty tree ({commit}); the result is flagged "dirty": true', file=sys.stderr)
+    return commit, dirty
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -57,7 +86,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, allow_dirty: bool = False) -> dict:
+    """Where and from what a result comes; refuses a dirty tree unless allowed (:func:`check_tree`)."""
+    commit, dirty = check_tree(allow_dirty)
     return {
         "device": device_name(device),
         "python": platform.python_version(),
@@ -66,7 +97,8 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "diffusers": _version("diffusers"),
         "diffusers_block": _version("diffusers-block"),
-        "git": _git_commit(),
+        "git": commit,
+        "dirty": dirty,
         "platform": platform.platform(),
         "timestamp": datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._extras import pyplot
+
 NOT_RUN, REUSED, COMPUTED = -1, 0, 1
 
 
@@ -62,10 +64,7 @@ class BlockCacheSummary:
 
     def plot(self, path: str | Path, branch: int = 0, title: str | None = None) -> Path:
         """Draw the steps x units heatmap of one branch (computed / reused / not run) to an image file."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        plt = pyplot()
         from matplotlib.colors import ListedColormap
 
         grid = self.computed[branch].T  # units on the vertical axis, steps along the horizontal one

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._extras import require
+
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -34,6 +36,7 @@ _DIRECTIONS = np.array([(0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1), (1
 
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+    require("train", "sklearn", "the digits data set (scikit-learn's load_digits)")
     from sklearn.datasets import load_digits
 
     data = load_digits()

@@ -18,7 +18,9 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home: the demo must start offline
 
-import gradio as gr  # noqa: E402
+from .._extras import require  # noqa: E402
+
+gr = require("demo", "gradio")
 
 from .image import DigitsImageTab  # noqa: E402
 from .pipeline import AnyPipelineTab  # noqa: E402

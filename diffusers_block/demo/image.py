@@ -15,7 +15,7 @@ import torch
 
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_labels, class_accuracy, generate_digits
-from ..zoo import DIGITS_IMAGE, load_digits_image_pipeline
+from ..zoo import load_digits_image_pipeline, model_path
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
@@ -98,7 +98,7 @@ class DigitsImageTab:
     def _load(self) -> _DigitsModel:
         pipe, encoder = load_digits_image_pipeline(device=self.device)
         pipe.set_progress_bar_config(disable=True)
-        classifier = DigitClassifier.from_pretrained(DIGITS_IMAGE.parent / "digit-classifier")
+        classifier = DigitClassifier.from_pretrained(model_path("digit-classifier"))
         classifier = classifier.to(self.device).eval()
         generate_digits(pipe, encoder, torch.tensor([0]), 2)  # warm-up, so the first timed run is not the slowest
         return _DigitsModel(pipe, encoder, classifier)

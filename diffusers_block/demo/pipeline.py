@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..models import UnsupportedModelError, resolve_adapter, supported_families
+from ..zoo.no_text_encoder import is_absent, null_components
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
@@ -83,7 +84,7 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype):
                 f"(save one with `pipe.save_pretrained(folder)`)."
             )
     # Components saved as None (e.g. a pipeline saved without its text encoders) must be passed as None again.
-    absent = _absent_components(path) if looks_local else {}
+    absent = _null_components(path) if looks_local else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else source, dtype=dtype, **absent)
     except Exception as error:  # whatever the hub client or a component raises: one line in the page
@@ -125,12 +126,11 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype):
     return pipe, PipelineInfo(source, type(pipe).__name__, tuple(described), conditioning)
 
 
-def _absent_components(folder: Path) -> dict[str, None]:
+def _null_components(folder: Path) -> dict[str, None]:
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        return null_components(folder)
     except (OSError, json.JSONDecodeError) as error:
         raise PipelineLoadError(f"Cannot read `{folder / 'model_index.json'}`: {error}") from error
-    return {name: None for name, value in index.items() if value in ([None, None], None) and not name.startswith("_")}
 
 
 def _conditioning(pipe) -> str:
@@ -139,7 +139,7 @@ def _conditioning(pipe) -> str:
         return "class_labels"
     if "prompt" in params:
         encoders = {n: m for n, m in pipe.components.items() if n.startswith(("text_encoder", "tokenizer"))}
-        if encoders and all(m is None for m in encoders.values()):
+        if encoders and all(is_absent(m) for m in encoders.values()):
             raise PipelineLoadError(
                 f"Loaded {type(pipe).__name__}, but it was saved without its text encoders and tokenizers "
                 f"({', '.join(encoders)}), so the demo cannot turn a prompt into embeddings. Load a complete "

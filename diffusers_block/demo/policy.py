@@ -46,12 +46,15 @@ def available() -> str | None:
     """Why the policy tab cannot be shown on this install, or None."""
     import importlib.util
 
-    from ..pipelines.policy.rollout import DEFAULT_POLICY
+    from .._extras import install_command
+    from ..zoo.locate import ModelNotFoundError, model_path
 
-    if not os.path.isfile(os.path.join(DEFAULT_POLICY, "model_index.json")):
-        return f"no trained policy at {DEFAULT_POLICY}"
+    try:
+        model_path("policy-metaworld")
+    except ModelNotFoundError as error:
+        return str(error)
     if importlib.util.find_spec("metaworld") is None:
-        return "Meta-World is not installed (pip install metaworld)"
+        return f"Meta-World is not installed ({install_command('policy')})"
     return None
 
 

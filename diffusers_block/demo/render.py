@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .. import BlockCacheSummary
+from .._extras import pyplot
 from .runner import SideBySide
 
 
@@ -150,10 +151,7 @@ def trajectories(
     """
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colours = ("#3b6ea5", "#f4a259")
     fig, ax = plt.subplots(figsize=(8.0, 4.8))

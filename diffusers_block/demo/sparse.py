@@ -16,6 +16,7 @@ from PIL import Image
 
 import diffusers_block
 
+from .._extras import pyplot
 from ..kernels.antidiagonal_masses import MIN_STRIDE_ROWS
 from .checks import number, whole
 
@@ -84,7 +85,7 @@ def mask_image(summary, layer: int, head: int) -> Image.Image | None:
     except (ValueError, KeyError) as error:  # every step ran dense: no mask was selected
         gr.Warning(f"No block mask to draw: {error}")
         return None
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     kept = summary.block_mask(layer, head).mean()
     figure.axes[0].set_title(

@@ -18,7 +18,7 @@ import torch
 from ..data.digits import MOTIONS
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import class_accuracy, generate_clips, motion_accuracy, motion_axes_accuracy
-from ..zoo import DIGITS_IMAGE, load_digits_video_pipeline
+from ..zoo import ModelNotFoundError, load_digits_video_pipeline, model_path
 from . import render
 from .checks import check_repeats, check_seed, check_steps
 from .controls import (
@@ -114,10 +114,10 @@ class DigitsVideoTab:
     @staticmethod
     def available() -> str | None:
         """Why the tab cannot be shown on this install, or None."""
-        from ..zoo import DIGITS_VIDEO
-
-        if not (DIGITS_VIDEO / "model_index.json").is_file():
-            return f"no trained video model at {DIGITS_VIDEO}"
+        try:
+            model_path("digits-video")
+        except ModelNotFoundError as error:
+            return str(error)
         return None
 
     def __init__(self, device: str = "cpu") -> None:
@@ -127,7 +127,7 @@ class DigitsVideoTab:
     def _load(self) -> _VideoModel:
         pipe, encoder = load_digits_video_pipeline(device=self.device)
         pipe.set_progress_bar_config(disable=True)
-        classifier = DigitClassifier.from_pretrained(DIGITS_IMAGE.parent / "digit-classifier")
+        classifier = DigitClassifier.from_pretrained(model_path("digit-classifier"))
         classifier = classifier.to(self.device).eval()
         generate_clips(
             pipe, encoder, torch.tensor([0]), torch.tensor([0]), steps=2, frames=FRAMES, size=SIZE

@@ -127,12 +127,12 @@ def main(argv=None) -> dict:
     import argparse
     import json
 
-    from ..zoo import DIGIT_CLASSIFIER, DIGITS_IMAGE, load_digits_image_pipeline
+    from ..zoo import load_digits_image_pipeline, model_path
     from .classifier import DigitClassifier
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", default=str(DIGITS_IMAGE))
-    parser.add_argument("--classifier", default=str(DIGIT_CLASSIFIER))
+    parser.add_argument("--model", help="pipeline folder (default: the shipped digits-image)")
+    parser.add_argument("--classifier", help="classifier folder (default: the shipped one)")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=3.0)
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     pipe, encoder = load_digits_image_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    classifier = DigitClassifier.from_pretrained(args.classifier).to(args.device).eval()
+    classifier = DigitClassifier.from_pretrained(model_path("digit-classifier", args.classifier)).to(args.device).eval()
     labels = balanced_labels(args.per_class)
     images = generate_digits(pipe, encoder, labels, args.steps, args.guidance)
     result = {

@@ -7,8 +7,9 @@ Two stages, both through :func:`diffusers_block.train.loop.train`:
 2. ``SD3Transformer2DModel`` + a :class:`LabelEncoder` trained jointly with rectified flow (x_t = (1 - t) x0 + t
    noise, target noise - x0, t logit-normal as in SD3), labels dropped 10% of the time for classifier-free guidance.
 
-The result is saved as a stock ``StableDiffusion3Pipeline`` (no tokenizers or text encoders: prompts are the label
-encoder's embeddings, saved beside it in ``label_encoder/``), loadable offline with ``from_pretrained``.
+The result is saved as a stock ``StableDiffusion3Pipeline`` (its tokenizer and text-encoder slots hold
+``NoTextEncoder``: prompts are the label encoder's embeddings, saved beside it in ``label_encoder/``), loadable offline
+with plain ``DiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 
 from ..data.digits import load_digit_images
 from ..zoo.label_encoder import LabelEncoder
+from ..zoo.no_text_encoder import fill_text_slots
 from .loop import TrainConfig, train
 
 IMAGE_SIZE = 32
@@ -195,6 +197,7 @@ def train_digits_image(
         text_encoder_3=None,
         tokenizer_3=None,
     )
+    fill_text_slots(pipe)  # loadable with plain DiffusionPipeline.from_pretrained
     pipe.save_pretrained(out)
     encoder.to("cpu", torch.bfloat16).save_pretrained(out / "label_encoder")
     return out

@@ -12,8 +12,9 @@ Two stages, both through :func:`diffusers_block.train.loop.train`:
 2. ``WanTransformer3DModel`` + a :class:`ClipLabelEncoder` trained jointly with rectified flow (x_t = (1 - t) x0 +
    t noise, target noise - x0, logit-normal t), labels dropped 10% of the time for classifier-free guidance.
 
-The result is saved as a stock ``WanPipeline`` (no tokenizer or text encoder: prompts are the label encoder's
-embeddings, saved beside it in ``label_encoder/``), loadable offline with ``from_pretrained``.
+The result is saved as a stock ``WanPipeline`` (its tokenizer and text-encoder slots hold ``NoTextEncoder``:
+prompts are the label encoder's embeddings, saved beside it in ``label_encoder/``), loadable offline with plain
+``DiffusionPipeline.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 from ..data.digits import MOTIONS, make_moving_digits
 from ..zoo.label_encoder import ClipLabelEncoder
+from ..zoo.no_text_encoder import fill_text_slots
 from .digits_image import LABEL_DROPOUT, generator_for_step, rectified_flow_loss
 from .loop import TrainConfig, train
 
@@ -240,6 +242,7 @@ def train_digits_video(
         text_encoder=None,
         tokenizer=None,
     )
+    fill_text_slots(pipe)  # loadable with plain DiffusionPipeline.from_pretrained
     pipe.save_pretrained(out)
     encoder.to("cpu", torch.bfloat16).save_pretrained(out / "label_encoder")
     return out

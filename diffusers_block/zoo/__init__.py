@@ -1,4 +1,10 @@
-"""The small trained models that ship in this repository (``models/``), loaded offline with ``from_pretrained``."""
+"""The small trained models that ship in this repository (``models/``), loaded offline with ``from_pretrained``.
+
+Where they are found (an explicit path, ``DIFFUSERS_BLOCK_MODELS``, the source checkout): :func:`.locate.model_path`.
+Their stock pipelines import transformers (the ``models`` extra) and load with plain
+``DiffusionPipeline.from_pretrained(folder)`` too (text slots: :class:`.no_text_encoder.NoTextEncoder`); the loaders
+here add the label encoder, dtype defaults and quiet loading.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,33 @@ from pathlib import Path
 
 import torch
 
+from .._extras import require
 from .label_encoder import ClipLabelEncoder, LabelEncoder
+from .locate import ENV_VAR, ModelNotFoundError, model_path
+from .no_text_encoder import NoTextEncoder, expected_placeholders, null_components
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-DIGITS_IMAGE = MODELS_DIR / "digits-image"
-DIGITS_VIDEO = MODELS_DIR / "digits-video"
-DIGIT_CLASSIFIER = MODELS_DIR / "digit-classifier"
+_STOCK_PIPELINES = "the shipped digits models' stock pipelines (StableDiffusion3Pipeline, WanPipeline)"
 
 
-def load_digits_image_pipeline(path: str | Path = DIGITS_IMAGE, device: str = "cpu", dtype: torch.dtype | None = None):
+def load_digits_image_pipeline(path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
     """The class-conditioned digits StableDiffusion3Pipeline and its label encoder.
 
     Generate with ``pipe(**encoder.prompt_kwargs([3, 7]), num_inference_steps=50, guidance_scale=3.0)``.
+    ``path``: the pipeline folder (default: found by :func:`.locate.model_path`).
     """
+    require("models", "transformers", _STOCK_PIPELINES)
     from diffusers import StableDiffusion3Pipeline
 
-    path = _trained(path, "digits-image")
+    path = model_path("digits-image", path)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    absent = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **absent).to(device)
+    with expected_placeholders():
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=dtype, **null_components(path)).to(device)
     encoder = LabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
     return pipe, encoder
 
 
 def load_digits_video_pipeline(
-    path: str | Path = DIGITS_VIDEO,
+    path: str | Path | None = None,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     train_command: str | None = None,
@@ -45,31 +53,28 @@ def load_digits_video_pipeline(
     digits have the same size on any canvas. ``train_command``: what the error for a missing folder should suggest
     (default: the shipped recipe).
     """
+    require("models", "transformers", _STOCK_PIPELINES)
     from diffusers import AutoencoderKLWan, WanPipeline
 
-    path = _trained(path, "digits-video", train_command)
+    path = model_path("digits-video", path, train_command)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    shared = {} if (path / "vae").is_dir() else {"vae": AutoencoderKLWan.from_pretrained(DIGITS_VIDEO / "vae")}
-    pipe = WanPipeline.from_pretrained(path, dtype=dtype, text_encoder=None, tokenizer=None, **shared).to(device)
+    shipped_vae = (
+        {} if (path / "vae").is_dir() else {"vae": AutoencoderKLWan.from_pretrained(model_path("digits-video") / "vae")}
+    )
+    with expected_placeholders():
+        pipe = WanPipeline.from_pretrained(path, dtype=dtype, **null_components(path), **shipped_vae).to(device)
     pipe.vae.to(torch.float32)
     encoder = ClipLabelEncoder.from_pretrained(path / "label_encoder", dtype=dtype).to(device)
     return pipe, encoder
 
 
-def _trained(path: str | Path, recipe: str, train_command: str | None = None) -> Path:
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        command = train_command or f"python -m diffusers_block.train {recipe} --out {path}"
-        raise FileNotFoundError(f"No trained pipeline at {path}; train one with `{command}`")
-    return path
-
-
 __all__ = [
-    "DIGITS_IMAGE",
-    "DIGITS_VIDEO",
-    "DIGIT_CLASSIFIER",
+    "ENV_VAR",
     "ClipLabelEncoder",
     "LabelEncoder",
+    "ModelNotFoundError",
+    "NoTextEncoder",
     "load_digits_image_pipeline",
     "load_digits_video_pipeline",
+    "model_path",
 ]

@@ -41,7 +41,7 @@ from ... import StaticScheduleConfig
 from ...cache.bac import candidate_schedules, record_features, schedule_from_features, select_schedule
 from .envs import EnvPool
 from .pipeline import DiffusionPolicyPipeline
-from .rollout import DEFAULT_POLICY, load_policy, run_episodes
+from .rollout import load_policy, run_episodes
 
 CALIBRATION_SEED = 500  # Meta-World MT1 seed of calibration episodes (evaluation uses 1000, demos 0 and 1)
 VALIDATION_SEED = 600  # Meta-World MT1 seed of the episodes a validated choice between schedules is measured on
@@ -178,7 +178,7 @@ def default_bac_schedule(
 def main(argv=None) -> StaticScheduleConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", nargs="+", help="tasks to calibrate on (default: all the policy's tasks)")
-    parser.add_argument("--policy", default=DEFAULT_POLICY)
+    parser.add_argument("--policy", help="policy folder (default: the shipped one)")
     parser.add_argument("--updates", type=int, default=10, help="update steps per sub-block (BAC's M)")
     parser.add_argument("--bubbling-union", type=int, default=5, help="top-n variable sub-blocks (paper: 5 in sim)")
     parser.add_argument(

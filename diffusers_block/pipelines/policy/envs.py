@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..._extras import require
+
 # The tasks the shipped policy is trained and evaluated on, with their scripted experts (metaworld.policies).
 EXPERTS = {
     "reach-v3": "SawyerReachV3Policy",
@@ -43,8 +45,8 @@ def check_task(task: str, known: Sequence[str] | None = None) -> str:
 
 def make_env(task: str, seed: int):
     """One Meta-World MT1 environment of ``task`` whose goal variations are fixed by ``seed``."""
-    import gymnasium as gym
-    import metaworld  # noqa: F401  (registers the Meta-World/* environments)
+    gym = require("policy", "gymnasium")
+    metaworld = require("policy", "metaworld")  # registers the Meta-World/* environments
 
     if task not in metaworld.env_dict.ALL_V3_ENVIRONMENTS:
         raise UnknownTaskError(f"unknown Meta-World task {task!r}; e.g. {list(EXPERTS)}")
@@ -71,7 +73,7 @@ def reset_to(env, variation: int) -> np.ndarray:
 
 
 def make_expert(task: str):
-    from metaworld import policies
+    policies = require("policy", "metaworld.policies")
 
     return getattr(policies, EXPERTS[check_task(task)])()
 

@@ -34,11 +34,12 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ... import BWCacheConfig, StaticScheduleConfig
+from ...zoo.locate import model_path
 from .envs import EnvPool, UnknownTaskError
 from .pipeline import DiffusionPolicyPipeline
 
 CACHES = ("none", "bac", "uniform", "bwcache", "skip-steps")
-DEFAULT_POLICY = str(Path(__file__).resolve().parents[3] / "models" / "policy-metaworld")  # the shipped policy
+POLICY = "policy-metaworld"  # the shipped policy, found by zoo.locate.model_path
 EVAL_SEED = 1000  # Meta-World MT1 seed of evaluation episodes; the demos came from seeds 0 and 1
 
 
@@ -78,7 +79,9 @@ def cache_config(name: str, pipe, steps: int, updates: int, schedule: str | None
     raise ValueError(f"--cache must be one of {CACHES}, got {name!r}")
 
 
-def load_policy(path: str = DEFAULT_POLICY, device: str = "cpu", scheduler: str = "ddpm") -> DiffusionPolicyPipeline:
+def load_policy(path: str | None = None, device: str = "cpu", scheduler: str = "ddpm") -> DiffusionPolicyPipeline:
+    """The policy at ``path`` (default: the shipped one) with ``scheduler`` (ddpm, ddim, or as saved)."""
+    path = model_path(POLICY, path)
     pipe = DiffusionPolicyPipeline.from_pretrained(path, torch_dtype=torch.float32).to(device)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", nargs="+", required=True, help="Meta-World task(s) of the policy, e.g. reach-v3")
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task (all run as one batch)")
-    parser.add_argument("--policy", default=DEFAULT_POLICY)
+    parser.add_argument("--policy", help="policy folder (default: the shipped one)")
     parser.add_argument("--cache", choices=CACHES, default="none")
     parser.add_argument("--schedule", help="BAC schedule JSON (--cache bac; default: calibrate now)")
     parser.add_argument(
@@ -225,7 +228,7 @@ def main(argv=None) -> dict:
     for task in args.task:
         if task not in pipe.task_names:
             raise UnknownTaskError(
-                f"the policy at {args.policy} was not trained for task {task!r}; it was trained for {pipe.task_names}"
+                f"the policy at {args.policy or model_path(POLICY)} was not trained for task {task!r}; it was trained for {pipe.task_names}"
             )
     config = cache_config(args.cache, pipe, args.steps, args.updates, args.schedule)
     if config is not None:
