@@ -61,6 +61,7 @@ class CacheConfig:
         check_choice(owner, "forecast", self.forecast, FORECASTS)
 
     def build(self, unit_names: Sequence[str]) -> CachePolicy:
+        """The runtime policy for a model whose cache units are ``unit_names`` (called by ``enable_block_cache``)."""
         raise NotImplementedError
 
 
