@@ -146,6 +146,7 @@ class UnsupportedModelError(ValueError):
 
 
 def supported_families() -> list[str]:
+    """Names of the model families in the adapter table (``"dit"``, ``"flux"``, ``"wan"``, ...)."""
     return list(FAMILIES)
 
 

@@ -34,6 +34,7 @@ class SparseAttentionSummary:
 
     @property
     def num_steps(self) -> int:
+        """Denoising steps recorded."""
         return self.mode.shape[1]
 
     @property

@@ -51,6 +51,7 @@ class BWCacheConfig(CacheConfig):
         validation.check_field(self, "scope", validation.choice, SCOPES)
 
     def build(self, unit_names: Sequence[str]) -> BWCachePolicy:
+        """The runtime policy for a model whose cache units are ``unit_names`` (called by ``enable_block_cache``)."""
         return BWCachePolicy(self, unit_names)
 
 

@@ -44,6 +44,7 @@ class CacheConfig:
         validation.check_field(self, "forecast", validation.choice, FORECASTS)
 
     def build(self, unit_names: Sequence[str]) -> CachePolicy:
+        """The runtime policy for a model whose cache units are ``unit_names`` (called by ``enable_block_cache``)."""
         raise NotImplementedError
 
 

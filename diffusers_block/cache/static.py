@@ -38,6 +38,7 @@ class StaticScheduleConfig(CacheConfig):
         object.__setattr__(self, "update_steps", _checked_update_steps(type(self).__name__, self.update_steps))
 
     def computes(self, unit_name: str, step: int, num_steps: int | None) -> bool:
+        """Whether ``unit_name`` is computed (not reused) at ``step`` of a ``num_steps``-step generation."""
         steps = self.update_steps.get(unit_name)
         if steps is not None:
             return step in steps
@@ -46,6 +47,7 @@ class StaticScheduleConfig(CacheConfig):
         return (step - self.warmup_steps) % self.interval == 0
 
     def build(self, unit_names: Sequence[str]) -> StaticSchedulePolicy:
+        """The runtime policy for a model whose cache units are ``unit_names``; unknown ``update_steps`` names raise."""
         unknown = sorted(set(self.update_steps) - set(unit_names))
         if unknown:
             raise ValueError(
@@ -56,6 +58,7 @@ class StaticScheduleConfig(CacheConfig):
 
     # -- JSON ---------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Every field as JSON-ready values (what ``save`` writes)."""
         return {
             "granularity": self.granularity,
             "forecast": self.forecast,
@@ -66,10 +69,12 @@ class StaticScheduleConfig(CacheConfig):
         }
 
     def save(self, path: str | Path) -> None:
+        """Write the schedule as JSON; ``StaticScheduleConfig.load(path)`` reads it back."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> StaticScheduleConfig:
+        """Read a schedule written by ``save``; an unreadable file or an unknown field raises ``ValueError``."""
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as error:

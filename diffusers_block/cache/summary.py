@@ -28,22 +28,27 @@ class BlockCacheSummary:
 
     @property
     def num_steps(self) -> int:
+        """Denoising steps recorded."""
         return self.computed.shape[1]
 
     @property
     def evaluations(self) -> int:
+        """Unit evaluations that ran (computed or reused), over every branch and step."""
         return int((self.computed != NOT_RUN).sum())
 
     @property
     def fraction_computed(self) -> float:
+        """Share of unit evaluations that were computed (1.0 when nothing ran)."""
         total = self.evaluations
         return float((self.computed == COMPUTED).sum() / total) if total else 1.0
 
     @property
     def fraction_saved(self) -> float:
+        """Share of unit evaluations that reused a cached tensor: ``1 - fraction_computed``."""
         return 1.0 - self.fraction_computed
 
     def to_dict(self) -> dict:
+        """Unit names, branches, fractions and the computed array as JSON-ready values."""
         return {
             "unit_names": self.unit_names,
             "branches": [str(b) for b in self.branches],

@@ -44,11 +44,13 @@ class StudentScheduler(FlowMatchEulerDiscreteScheduler):
 
     @classmethod
     def for_schedule(cls, schedule: SegmentSchedule) -> StudentScheduler:
+        """A scheduler (no shift) that steps on ``schedule``'s sigma grid."""
         scheduler = cls(shift=1.0, use_dynamic_shifting=False)
         scheduler.schedule = schedule
         return scheduler
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        """The student's grid; another step count, custom ``sigmas`` or ``timesteps`` raise ``ValueError``."""
         if sigmas is not None or timesteps is not None:
             raise ValueError(
                 "a blockwise-flow student runs on its own schedule: call the pipeline without `sigmas` or "

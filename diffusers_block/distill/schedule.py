@@ -49,10 +49,12 @@ class SegmentSchedule:
 
     @property
     def num_steps(self) -> int:
+        """Steps of the student (the ``num_inference_steps`` to pass the pipeline)."""
         return len(self.sigmas) - 1
 
     @property
     def num_segments(self) -> int:
+        """Segments, one student each."""
         return len(self.steps_per_segment)
 
     @property
@@ -65,6 +67,7 @@ class SegmentSchedule:
 
     @property
     def segment_of_step(self) -> tuple[int, ...]:
+        """The segment that owns each step."""
         return tuple(k for k, n in enumerate(self.steps_per_segment) for _ in range(n))
 
     def step_at(self, sigma: float) -> int:
@@ -79,6 +82,7 @@ class SegmentSchedule:
         )
 
     def segment_at(self, sigma: float) -> int:
+        """The segment whose student serves the step starting at ``sigma``; ValueError off the grid."""
         return self.segment_of_step[self.step_at(sigma)]
 
 
