@@ -181,6 +181,7 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
     device = next(task.transformer.parameters()).device
     schedule, blocks, report = plan(task, config, train_config.seed, device)
     flow = BlockwiseFlowModel.for_teacher(task.transformer, schedule, blocks, config.rank, config.guidance_scale)
+    flow.to(device)  # the students' parametrizations read these factors beside the teacher's weights
     grid = [round(s, 6) for s in uniform_sigmas(config.fine_steps)]
     keep = [grid.index(round(s, 6)) for s in schedule.sigmas]
     states, labels, _ = teacher_flow(
