@@ -51,12 +51,18 @@ def _transformers(target) -> dict[str, torch.nn.Module]:
     return found
 
 
+def default_cache_config() -> CacheConfig:
+    """What :func:`enable_block_cache` uses without a config (chosen by measurement: ``docs/defaults.md``)."""
+    return BWCacheConfig()
+
+
 def enable_block_cache(target, config: CacheConfig | None = None):
-    """Cache transformer blocks of a diffusers pipeline or transformer with ``config`` (default: BWCacheConfig()).
+    """Cache transformer blocks of a diffusers pipeline or transformer with ``config`` (default:
+    :func:`default_cache_config`).
 
     Enabling again replaces the previous configuration. Returns ``target``.
     """
-    config = BWCacheConfig() if config is None else config
+    config = default_cache_config() if config is None else config
     models = _transformers(target)
     disable_block_cache(target)
     tracker = GenerationTracker()
