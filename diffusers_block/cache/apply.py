@@ -52,8 +52,14 @@ def _transformers(target) -> dict[str, torch.nn.Module]:
 
 
 def default_cache_config() -> CacheConfig:
-    """What :func:`enable_block_cache` uses without a config (chosen by measurement: ``docs/defaults.md``)."""
-    return BWCacheConfig()
+    """What :func:`enable_block_cache` uses without a config: BWCache at threshold 0.1 deciding once per transformer
+    call (``scope="model"``: every block follows the first block's indicator, so the blocks' inputs and cached
+    residuals stay consistent with each other).
+
+    Chosen by measurement among the zero-calibration policies on both shipped digits models (``docs/defaults.md``):
+    against per-block BWCache 0.1 (the previous default) it computes less block work at 6-8 dB higher PSNR on both.
+    """
+    return BWCacheConfig(threshold=0.1, scope="model")
 
 
 def enable_block_cache(target, config: CacheConfig | None = None):
