@@ -25,7 +25,7 @@ from diffusers_block.demo.pipeline import (  # noqa: E402
     PipelineRequest,
     to_tensor,
 )
-from diffusers_block.demo.policy import PolicyRequest, PolicyTab  # noqa: E402
+from diffusers_block.demo.policy import PolicyRequest, PolicyTab, closest_approach  # noqa: E402
 from diffusers_block.demo.sparse import SparseSettings, sparse_available  # noqa: E402
 from diffusers_block.demo.video import CELL, FRAMES, DigitsVideoTab, VideoRequest  # noqa: E402
 
@@ -351,7 +351,7 @@ def test_policy_uniform_schedule_numbers(policy_tab):
         assert summary["policy_hz"] > 0 and summary["loop_hz"] > 0
         assert run.first_chunk.shape == (1, 8, 4)
         steps = int(summary["mean_episode_steps"])
-        assert run.hands[0].shape == run.objects[0].shape == (steps + 1, 2)  # start, then one point per env step
+        assert run.hands[0].shape == run.objects[0].shape == (steps + 1, 3)  # start, then one point per env step
     assert np.array_equal(result.baseline.hands[0][0], result.accelerated.hands[0][0])  # same goal variation
     assert 0 < result.first_chunk_rel_l2 < 10
     assert result.accelerated.heatmap is not None and result.baseline.heatmap is None
@@ -360,6 +360,47 @@ def test_policy_uniform_schedule_numbers(policy_tab):
     assert any("baseline" in d for d in reports) and any("accelerated" in d for d in reports)
     with pytest.raises(RuntimeError, match="not enabled"):  # nothing of the request stays on the policy
         block_cache_summary(policy_tab.slot._value.pipe)
+
+
+@needs_policy
+def test_policy_paths_show_the_point_meta_world_scores(policy_tab):
+    """The gripper path ends where Meta-World's success is measured (the fingertips' centre, ``tcp_center``), not at
+    the hand position the observation reports, 4.5 cm higher: drawn from the hand, an accelerated episode that
+    failed with its fingertips 5.6 cm under the goal ended on the goal in the plot (the default request, seed 0)."""
+    result = policy_tab.generate(replace(POLICY_REQUEST, policy="none"))
+    env = policy_tab.slot._value.pools[("reach-v3", 1)]._local.envs[0].unwrapped  # where the last rollout stopped
+    # The offset from hand to fingertips is measured at reset; opening or closing the fingers moves it by a few mm.
+    np.testing.assert_allclose(result.accelerated.hands[0][-1], env.tcp_center, atol=5e-3)
+    np.testing.assert_allclose(result.accelerated.goals[0], env._target_pos, atol=1e-6)
+    distance = np.linalg.norm(env.tcp_center - env._target_pos)  # what reach-v3's success compares with 5 cm
+    assert closest_approach(result.accelerated)[0] <= distance + 5e-3
+    assert "closest approach of the fingertips" in result.metrics
+
+
+def test_policy_rollouts_run_on_one_thread_per_pool():
+    """Two threads made a 100-step chunk of the tiny policy cost 20x the CPU time of one (spinning pools); the tab
+    limits torch's and the BLAS libraries' pools while it rolls out, and gives them back after."""
+    from threadpoolctl import threadpool_info
+
+    from diffusers_block.demo.policy import POLICY_THREADS, _threads
+
+    saved = torch.get_num_threads()
+    with _threads(POLICY_THREADS):
+        assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    assert torch.get_num_threads() == saved
+    with _threads(None):  # on a GPU: untouched
+        assert torch.get_num_threads() == saved
+
+
+def test_trajectories_mark_failed_episodes_and_show_height():
+    """A path that ends on the goal in x-y but under it in z: the side view shows the gap, the end is a cross."""
+    goal = np.array([0.0, 0.8, 0.25])
+    hand = np.linspace([0.0, 0.6, 0.2], [0.0, 0.8, 0.19], 20)
+    picture = render.trajectories([("accelerated", [hand], [hand * 0], [False])], [goal], "t")
+    wide = render.trajectories([("accelerated", [hand], [hand * 0], [True])], [goal], "t")
+    assert picture.size == wide.size and picture.size[0] > 2 * picture.size[1]  # two views side by side
+    assert np.abs(np.asarray(picture, float) - np.asarray(wide, float)).sum() > 0  # failure drawn unlike success
 
 
 @needs_policy

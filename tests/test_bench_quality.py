@@ -63,3 +63,45 @@ def test_bac_validated_runs_share_one_uncached_validation_run_and_choose_as_alon
     for updates in (5, 3):
         alone = tune_schedule_from_features(model, features, validation_run, updates)  # its own reference run
         assert choices[f"bac-validated-{updates}"] == {"chosen": alone.options, "relative_errors": alone.distances}
+
+
+def test_candidates_include_the_default_and_with_variants_their_taylor1_and_sub_block_versions():
+    args = argparse.Namespace(
+        steps=50, thresholds=[0.1], intervals=[4], bac_fractions=[], only=None, no_peers=True, variants=True
+    )
+    names = [run.name for run in accelerations(args, None, None)]
+    assert names[0] == "default"  # enable_block_cache() without a config, measured as such
+    for family in ("bwcache-0.1", "bwcache-model-0.1", "static-4"):
+        assert {family, f"{family}-taylor1", f"{family}-sub", f"{family}-sub-taylor1"} <= set(names)
+    args.variants = False
+    assert "bwcache-model-0.1-taylor1" not in [run.name for run in accelerations(args, None, None)]
+
+
+def test_limit_spreads_the_scored_labels_over_digits_and_motions():
+    from diffusers_block.bench.quality import _subset
+    from diffusers_block.eval.digits import balanced_clip_labels
+
+    digits, motions = _subset(argparse.Namespace(limit=8), *balanced_clip_labels(1))
+    assert len(digits) == len(motions) == 8
+    assert len(set(digits.tolist())) == 8 and len(set(motions.tolist())) >= 5  # not the first 8 pairs (all digit 0)
+    everything = balanced_clip_labels(1)
+    assert all(a is b for a, b in zip(_subset(argparse.Namespace(limit=None), *everything), everything))
+
+
+def test_repeats_zero_keeps_the_counted_run_and_times_nothing():
+    import math
+
+    import torch
+
+    from diffusers_block.eval.harness import _measure
+
+    model = build_transformer("wan")
+    runs = []
+
+    def generate(pipe):
+        runs.append(1)
+        return sample(pipe.transformer, "wan", steps=2, seed=0)
+
+    output, seconds, work = _measure(type("P", (), {"transformer": model})(), generate, 0)
+    assert len(runs) == 1 and math.isnan(seconds) and work > 0
+    assert torch.equal(output, sample(model, "wan", steps=2, seed=0).float().cpu())

@@ -7,6 +7,7 @@ from tiny_pipelines import PIPELINES, build_pipeline, call_kwargs
 from torch._dynamo.utils import counters
 
 import diffusers_block as db
+from diffusers_block.cache.apply import default_cache_config
 
 PERMISSIVE = db.StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=1)
 SEPARATE_CFG = {"flux", "wan", "wan22"}  # cond and uncond are two transformer calls per step
@@ -57,6 +58,18 @@ def test_default_policy_and_changed_shapes_between_calls(name):
     fresh = build_pipeline(name)
     fresh.enable_block_cache()
     assert torch.equal(changed, generate(fresh, name, steps=8, batch_size=2, height=12, width=12))
+
+
+@pytest.mark.parametrize("name", ["sd3", "wan"])
+def test_default_policy_is_the_measured_winner(name):
+    """enable_block_cache() without a config: per-model BWCache (docs/defaults.md), so at every step all blocks
+    compute or all reuse (per-block BWCache, the old default, skipped blocks one by one)."""
+    assert default_cache_config() == db.BWCacheConfig(threshold=0.1, scope="model")
+    pipe = build_pipeline(name)
+    pipe.enable_block_cache()
+    generate(pipe, name, steps=12)
+    computed = pipe.block_cache_summary().computed  # (branch, step, block)
+    assert (computed == computed[..., :1]).all()  # the first block decides for all
 
 
 def test_scheduler_swapped_after_enabling():

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .. import BWCacheConfig, StaticScheduleConfig, cache_context
 from .._extras import pyplot
+from ..cache.apply import default_cache_config
 from ..cache.bac import record_features, schedule_from_features, uncached_output
 from ..cache.tuning import candidate_name, tune_schedule_from_features
 from ..data.digits import MOTIONS
@@ -54,7 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--only", help="run only the caches whose name matches this regular expression")
     parser.add_argument("--no-peers", action="store_true", help="skip diffusers' own caches")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the sub-block and taylor1-forecast variants of every BWCache and static candidate",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="score only this many of the balanced labels, spread evenly over them (small CPU runs of the video model)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed runs per cache after the counted warm-up run; 0 keeps the warm-up's output and times nothing",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", help="results file name (default: quality-<model>)")
@@ -78,19 +95,23 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
         return not args.only or re.search(args.only, name) is not None
 
     warmup, cooldown = max(1, args.steps // 10), max(1, args.steps // 25)
-    runs = [peers.ours(f"bwcache-{t:g}", BWCacheConfig(threshold=t)) for t in args.thresholds]
-    runs += [peers.ours(f"bwcache-model-{t:g}", BWCacheConfig(threshold=t, scope="model")) for t in args.thresholds]
-    runs += [
-        peers.ours(f"static-{k}", StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown))
-        for k in args.intervals
-    ]
-    runs += [
-        peers.ours(
-            f"static-{k}-taylor1",
-            StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown, forecast="taylor1"),
-        )
-        for k in args.intervals
-    ]
+    runs = [peers.ours("default", default_cache_config())]  # what enable_block_cache() uses with no arguments
+    families = {  # name -> config; taylor1 and sub-block variants of each with --variants
+        **{f"bwcache-{t:g}": BWCacheConfig(threshold=t) for t in args.thresholds},
+        **{f"bwcache-model-{t:g}": BWCacheConfig(threshold=t, scope="model") for t in args.thresholds},
+        **{
+            f"static-{k}": StaticScheduleConfig(interval=k, warmup_steps=warmup, cooldown_steps=cooldown)
+            for k in args.intervals
+        },
+    }
+    variants = getattr(args, "variants", False)
+    for name, config in families.items():
+        runs.append(peers.ours(name, config))
+        if variants or name.startswith("static-"):
+            runs.append(peers.ours(f"{name}-taylor1", replace(config, forecast="taylor1")))
+        if variants:
+            runs.append(peers.ours(f"{name}-sub", replace(config, granularity="sub_block")))
+            runs.append(peers.ours(f"{name}-sub-taylor1", replace(config, granularity="sub_block", forecast="taylor1")))
 
     features = None  # one uncached calibration recording serves every BAC schedule
     reference = None  # and one uncached validation run every bac-validated choice
@@ -126,6 +147,18 @@ def accelerations(args, pipe, calibration_run, validation_run=None, choices: dic
     return runs
 
 
+def _subset(args, *labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``--limit``: that many of the labels, at evenly spaced positions (every digit, and every motion of the video
+    model, still appears when the limit allows); otherwise all of them."""
+    limit = getattr(args, "limit", None)
+    if limit is None or limit >= len(labels[0]):
+        return labels
+    if limit < 1:
+        raise SystemExit(f"--limit must be at least 1, got {limit}")
+    keep = torch.linspace(0, len(labels[0]) - 1, limit).round().long()
+    return tuple(t[keep] for t in labels)
+
+
 def _workload(args):
     """The pipeline, the labels scored, and generate(pipe, split) for the chosen model (split: evaluate, calibrate or validate).
 
@@ -139,7 +172,7 @@ def _workload(args):
     if video:
         pipe, encoder = load_digits_video_pipeline(path, device=args.device)
         guidance = 5.0 if args.guidance is None else args.guidance
-        digits, motions = balanced_clip_labels(args.per_class)
+        digits, motions = _subset(args, *balanced_clip_labels(args.per_class))
         inputs = {
             "evaluate": (digits, motions, 0),
             "calibrate": (torch.arange(10), torch.arange(10) % len(MOTIONS), 100),
@@ -154,7 +187,7 @@ def _workload(args):
 
     pipe, encoder = load_digits_image_pipeline(path, device=args.device)
     guidance = 3.0 if args.guidance is None else args.guidance
-    labels = balanced_labels(args.per_class)
+    (labels,) = _subset(args, balanced_labels(args.per_class))
 
     inputs = {"evaluate": (labels, 0), "calibrate": (balanced_labels(1), 100), "validate": (balanced_labels(1), 200)}
 

@@ -5,8 +5,13 @@ a batch of Meta-World environments (:class:`EnvPool`) chunk by chunk, once plain
 schedule, or DDIM with fewer steps), from the same goal variations and the same noise seed. What a visitor wants to
 know is whether the robot still succeeds and how much faster it can be controlled, so the tab shows success, per-chunk
 latency (p50 / p99), the achieved control frequency, denoiser work saved, how far the first chunk's actions moved,
-and the end-effector and object paths of both runs (MuJoCo's renderer is off on a headless CPU, so the paths are
+and the gripper and object paths of both runs (MuJoCo's renderer is off on a headless CPU, so the paths are
 drawn from the observations instead of frames).
+
+The gripper path is the point Meta-World scores, the centre of the two fingertips (``tcp_center``), 4.5 cm below the
+hand position the observation reports: drawn from the hand, an episode that stopped with its fingertips 5.6 cm under
+the goal (failed: reach succeeds within 5 cm, in 3-D) ended on the goal in the x-y plot. The plot has a side view
+(x-z) beside the top view and marks each episode's end as succeeded or failed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # no display and no GL on the demo's machines: simulate, never render
@@ -31,7 +37,8 @@ from .runner import ModelSlot, Report  # noqa: E402
 
 MAX_EPISODES = 10
 MIN_ENV_STEPS, MAX_ENV_STEPS = 8, 500  # at least one chunk; Meta-World's own episodes are 500 steps
-HAND, OBJECT, GOAL = slice(0, 2), slice(4, 6), slice(36, 38)  # x-y of the 39-d state observation's parts
+HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)  # x-y-z of the 39-d state observation's parts
+REACH_RADIUS = 0.05  # reach-v3 succeeds when the fingertips' centre comes this close to the goal (metres, 3-D)
 CALIBRATION_CHUNKS = (0, 2)  # BAC calibrates on histories seen at these chunks of an uncached rollout (other seeds)
 POLICIES = {  # label in the page -> PolicyRequest.policy
     "BAC (calibrated schedule)": "bac",
@@ -63,7 +70,7 @@ class PolicyRequest:
     task: str = "reach-v3"
     episodes: int = 1
     seed: int = 0  # goal variations seed, seed + 1, ... and the noise of both runs
-    max_env_steps: int = 96
+    max_env_steps: int = 64  # reach-v3 succeeds in about 50 steps; a failing episode costs 8 chunks, not 12
     steps: int = 100  # DDPM steps per chunk of the baseline
     policy: str = "bac"  # "bac" | "uniform" | "bwcache" | "ddim" | "none"
     updates: int = 10  # BAC / uniform: steps at which each sub-block computes
@@ -127,9 +134,9 @@ class PolicyRun:
     summary: dict  # RolloutResult.summary(): success_rate, latency_ms_p50 / p99, policy_hz, loop_hz, ...
     success: list[bool]
     first_chunk: np.ndarray  # (episodes, n_action_steps, action_dim), planned from the same first observations
-    hands: list[np.ndarray]  # per episode, (env steps + 1, 2): x-y of the end-effector
-    objects: list[np.ndarray]
-    goals: list[np.ndarray]
+    hands: list[np.ndarray]  # per episode, (env steps + 1, 3): x-y-z of the fingertips' centre (what is scored)
+    objects: list[np.ndarray]  # per episode, (env steps + 1, 3)
+    goals: list[np.ndarray]  # per episode, (3,)
     block_work_per_chunk: float  # Linear calls inside the transformer blocks, per chunk
     heatmap: object | None = None  # the cache heatmap of the last chunk (None: no block cache)
 
@@ -160,11 +167,43 @@ class PolicyResult:
         return self.baseline.summary["latency_ms_p50"] / self.accelerated.summary["latency_ms_p50"]
 
 
+#: CPU threads for the policy's rollouts. Its transformer is tiny (batch <= 10, 18 tokens, 256 wide): split over two
+#: threads, each op costs more in synchronisation than in arithmetic, and the BLAS libraries loaded beside torch
+#: (numpy's OpenBLAS and a second one) spin their idle threads. On a busy 2-core machine, one episode of 16
+#: environment steps at 100 DDPM steps took 113 CPU-seconds with the default pools against 7.6 with one thread each.
+POLICY_THREADS = 1
+
+
+@contextmanager
+def _threads(count: int | None):
+    """Every thread pool (torch's OpenMP, the BLAS libraries) limited to ``count`` for the block (None: unchanged)."""
+    if count is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # torch's own pool only
+        threadpool_limits = None
+    try:
+        if threadpool_limits is None:
+            yield
+        else:
+            with threadpool_limits(count):
+                yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class _RecordingPool:
-    """An :class:`EnvPool` that also keeps every observation each environment went through (for the paths)."""
+    """An :class:`EnvPool` that also keeps every observation each environment went through (for the paths), and
+    the offset from the hand position observed to the fingertips' centre that Meta-World scores (``tcp_center``:
+    nearly constant, since the gripper keeps its orientation: opening or closing the fingers moves it by a few mm;
+    measured at reset, zero for a pool stepped in workers)."""
 
     def __init__(self, pool) -> None:
-        self.pool, self.tasks, self.paths = pool, pool.tasks, []
+        self.pool, self.tasks, self.paths, self.offsets = pool, pool.tasks, [], []
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -172,7 +211,18 @@ class _RecordingPool:
     def reset(self, variations):
         obs = self.pool.reset(variations)
         self.paths = [[o] for o in obs]
+        local = getattr(self.pool, "_local", None)
+        if local is None:
+            self.offsets = [np.zeros(3, np.float32) for _ in obs]
+        else:
+            self.offsets = [
+                np.asarray(env.unwrapped.tcp_center, np.float32) - o[HAND] for env, o in zip(local.envs, obs)
+            ]
         return obs
+
+    def fingertips(self, path: np.ndarray, episode: int) -> np.ndarray:
+        """(steps, 3) x-y-z of the fingertips' centre along an episode's observations."""
+        return path[:, HAND] + self.offsets[episode]
 
     def step(self, actions, active):
         observations, done, executed = self.pool.step(actions, active)
@@ -259,7 +309,7 @@ class PolicyTab:
             result.summary(config.n_action_steps),
             result.success,
             first[0],
-            [p[:, HAND] for p in paths],
+            [pool.fingertips(p, i) for i, p in enumerate(paths)],
             [p[:, OBJECT] for p in paths],
             [p[0, GOAL] for p in paths],
             counter.calls / max(result.chunks, 1),
@@ -286,7 +336,7 @@ class PolicyTab:
         from ..pipelines.policy.rollout import uniform_schedule
 
         request = request.checked()
-        with self.slot.use() as model:
+        with self.slot.use() as model, _threads(POLICY_THREADS if self.device == "cpu" else None):
             pipe = model.pipe
             pipe.disable_block_cache()  # every request disables in its finally; this guards against a foreign caller
             pipe.scheduler = DDPMScheduler.from_config(model.ddpm_config)
@@ -318,9 +368,12 @@ class PolicyTab:
                 pipe.scheduler = DDPMScheduler.from_config(model.ddpm_config)
         result = PolicyResult(request, baseline, accelerated, config, calibration_seconds)
         result.picture = render.trajectories(
-            [("baseline", baseline.hands, baseline.objects), ("accelerated", accelerated.hands, accelerated.objects)],
+            [
+                ("baseline", baseline.hands, baseline.objects, baseline.success),
+                ("accelerated", accelerated.hands, accelerated.objects, accelerated.success),
+            ],
             baseline.goals,
-            f"{request.task}, {request.episodes} episode(s): x-y paths",
+            f"{request.task}, {request.episodes} episode(s): gripper (fingertips' centre) and object paths",
         )
         result.metrics = metrics_table(result, self.device)
         return result
@@ -425,6 +478,11 @@ class PolicyTab:
 POLICIES_LABEL = {name: label for label, name in POLICIES.items()}
 
 
+def closest_approach(run: PolicyRun) -> list[float]:
+    """Per episode, the smallest 3-D distance (metres) between the fingertips' centre and the goal."""
+    return [float(np.linalg.norm(hand - goal, axis=1).min()) for hand, goal in zip(run.hands, run.goals)]
+
+
 def metrics_table(result: PolicyResult, device: str) -> str:
     """The numbers of both rollouts as a Markdown table (baseline | accelerated), then the acceleration used."""
     base, fast = result.baseline.summary, result.accelerated.summary
@@ -433,8 +491,19 @@ def metrics_table(result: PolicyResult, device: str) -> str:
     def success(run: PolicyRun) -> str:
         return f"{sum(run.success)}/{len(run.success)} ({np.mean(run.success):.0%})"
 
-    rows = [
-        ("success", success(result.baseline), success(result.accelerated)),
+    def closest(run: PolicyRun) -> str:
+        return ", ".join(f"{100 * d:.1f} cm" for d in closest_approach(run))
+
+    rows = [("success", success(result.baseline), success(result.accelerated))]
+    if request.task == "reach-v3":
+        rows.append(
+            (
+                "closest approach of the fingertips to the goal (3-D; success within 5 cm)",
+                closest(result.baseline),
+                closest(result.accelerated),
+            )
+        )
+    rows += [
         ("chunk latency p50", f"{base['latency_ms_p50']:.1f} ms", f"{fast['latency_ms_p50']:.1f} ms"),
         ("chunk latency p99", f"{base['latency_ms_p99']:.1f} ms", f"{fast['latency_ms_p99']:.1f} ms"),
         ("speed-up (p50 latency)", "1.00x", f"**{result.speedup:.2f}x**"),

@@ -142,34 +142,46 @@ def pictures(
 
 
 def trajectories(
-    runs: list[tuple[str, list[np.ndarray], list[np.ndarray]]], goals: list[np.ndarray], title: str
+    runs: list[tuple[str, list[np.ndarray], list[np.ndarray], list[bool]]], goals: list[np.ndarray], title: str
 ) -> Image.Image:
-    """End-effector (solid) and object (dotted) x-y paths of every episode, one colour per run, goals as stars.
+    """Gripper (solid) and object (dotted) paths of every episode, one colour per run, goals as stars: a top view
+    (x-y) and a side view (x-z), so that a miss in height shows. Each episode's end is a dot if it succeeded and a
+    cross if it failed.
 
-    ``runs``: (label, hand paths, object paths), each path (steps, 2); the robot's closed loop drawn from the
-    observations, since the simulator renders no frames here (MuJoCo rendering is off on a headless CPU).
+    ``runs``: (label, gripper paths, object paths, success per episode), each path (steps, 3); the robot's closed
+    loop drawn from the observations, since the simulator renders no frames here (MuJoCo rendering is off on a
+    headless CPU).
     """
     import io
 
     plt = pyplot()
 
     colours = ("#3b6ea5", "#f4a259")
-    fig, ax = plt.subplots(figsize=(8.0, 4.8))
-    for (label, hands, objects), colour in zip(runs, colours):
-        for i, (hand, obj) in enumerate(zip(hands, objects)):
-            ax.plot(
-                hand[:, 0], hand[:, 1], "-", color=colour, lw=1.6, label=f"{label}: end-effector" if i == 0 else None
-            )
-            ax.plot(obj[:, 0], obj[:, 1], ":", color=colour, lw=1.6, label=f"{label}: object" if i == 0 else None)
-            ax.plot(hand[-1, 0], hand[-1, 1], "o", color=colour, ms=4)
-    for i, goal in enumerate(goals):
-        ax.plot(goal[0], goal[1], "*", color="#2a9d3f", ms=12, label="goal" if i == 0 else None)
-    ax.set_xlabel("x (m)")
-    ax.set_ylabel("y (m)")
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: never over a path
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.4))
+    for ax, (other, name) in zip(axes, ((1, "y"), (2, "z"))):
+        for (label, hands, objects, success), colour in zip(runs, colours):
+            for i, (hand, obj) in enumerate(zip(hands, objects)):
+                first = i == 0 and other == 1
+                ax.plot(
+                    hand[:, 0], hand[:, other], "-", color=colour, lw=1.6, label=f"{label}: gripper" if first else None
+                )
+                ax.plot(
+                    obj[:, 0], obj[:, other], ":", color=colour, lw=1.6, label=f"{label}: object" if first else None
+                )
+                ax.plot(
+                    hand[-1, 0], hand[-1, other], "o" if success[i] else "X", color=colour, ms=5 if success[i] else 9
+                )
+        for i, goal in enumerate(goals):
+            ax.plot(goal[0], goal[other], "*", color="#2a9d3f", ms=12, label="goal" if i == 0 and other == 1 else None)
+        ax.set_xlabel("x (m)")
+        ax.set_ylabel(f"{name} (m)")
+        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_title(f"{'top view' if other == 1 else 'side view'} (x-{name})", fontsize=9)
+    axes[0].plot([], [], "o", color="grey", ms=5, label="end: succeeded")
+    axes[0].plot([], [], "X", color="grey", ms=9, label="end: failed")
+    fig.suptitle(title, fontsize=10)
+    fig.legend(fontsize=7, loc="center right")  # beside the axes: never over a path
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)

@@ -71,12 +71,16 @@ class BlockWorkCounter:
 
 
 def _measure(pipe, generate: Callable[[object], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float, int]:
-    """An untimed warm-up run that counts the block work, then ``repeats`` timed runs: output, median s, work."""
+    """An untimed warm-up run that counts the block work, then ``repeats`` timed runs: output, median s, work.
+
+    ``repeats=0`` times nothing (seconds NaN) and returns the warm-up run's output: fidelity and work only."""
     counter = BlockWorkCounter(pipe.transformer)
     try:
-        generate(pipe)
+        warmup = generate(pipe)
     finally:
         counter.remove()
+    if repeats == 0:
+        return warmup.float().cpu(), float("nan"), counter.calls
     times, output = [], None
     for _ in range(repeats):
         if torch.cuda.is_available():
