@@ -23,6 +23,10 @@ SHIPPED = {
     "digit-classifier": "python -m diffusers_block.eval.classifier --out {path}",
     "policy-metaworld": "python -m diffusers_block.train policy --out {path}",
     "digits-image-distilled": "python -m diffusers_block.train distill --teacher models/digits-image --out {path}",
+}
+#: How to make each model, the shipped ones and those the repository does not ship yet.
+RECIPES = {
+    **SHIPPED,
     "digits-video-distilled": "python -m diffusers_block.train distill --teacher models/digits-video --guidance 5 "
     "--out {path}",
 }
@@ -44,7 +48,7 @@ def model_path(
 ) -> Path:
     """The folder of model ``name`` (e.g. ``"digits-image"``): ``path`` if given, else ``$DIFFUSERS_BLOCK_MODELS/name``,
     else the source checkout's ``models/name``; :class:`ModelNotFoundError` naming all three when none holds it.
-    ``train_command``: what the error suggests to make the model (default: its recipe in :data:`SHIPPED`)."""
+    ``train_command``: what the error suggests to make the model (default: its recipe in :data:`RECIPES`)."""
     if path is not None:
         folder = Path(path).expanduser()
         if holds_model(folder):
@@ -74,7 +78,7 @@ def model_path(
 
 
 def _make(name: str, folder: Path | None, train_command: str | None) -> str:
-    command = train_command or SHIPPED.get(name)
+    command = train_command or RECIPES.get(name)
     if command is None:
         return ""
     return f"Train one with `{command.format(path=folder if folder is not None else f'models/{name}')}`."
