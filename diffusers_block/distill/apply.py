@@ -33,7 +33,7 @@ from .model import BlockwiseFlowModel
 from .schedule import SegmentSchedule
 
 ROUTING_HOOK = "diffusers_block.blockwise_flow"
-_ATTR = "_diffusers_block_flow"
+_ATTR = "_diffusers_block_flow"  # on a pipeline served by students: its own scheduler, restored on disable
 COND, UNCOND = "cond", "uncond"  # the context names of pipelines that call once per CFG branch
 
 
@@ -145,13 +145,6 @@ def _run_on_second_half(student, args: tuple, kwargs: dict):
     return output
 
 
-class _Attached:
-    def __init__(self, student: BlockwiseFlowModel, students: torch.nn.ModuleList, scheduler) -> None:
-        self.student = student
-        self.students = students
-        self.teacher_scheduler = scheduler
-
-
 def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
     """Serve ``pipe``'s denoising with ``student``'s segment students; returns ``pipe``.
 
@@ -181,9 +174,9 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
     students = student.to(teacher.device).build_students(teacher)
     hook = SegmentRoutingHook(students, student.schedule, pipe)
     HookRegistry.check_if_exists_or_initialize(teacher).register_hook(hook, ROUTING_HOOK)
-    attached = _Attached(student, students, pipe.scheduler)
+    teacher_scheduler = pipe.scheduler
     pipe.scheduler = StudentScheduler.for_schedule(student.schedule)
-    setattr(pipe, _ATTR, attached)
+    setattr(pipe, _ATTR, teacher_scheduler)  # what disable restores
     setattr(pipe, SERVING_ATTR, {f"segment_{k}": s for k, s in enumerate(students)})
     return pipe
 
@@ -202,12 +195,12 @@ def disable_blockwise_flow(pipe) -> None:
 
     Block caching and sparse attention enabled while the students served are removed with them.
     """
-    attached: _Attached | None = getattr(pipe, _ATTR, None)
-    if attached is None:
+    teacher_scheduler = getattr(pipe, _ATTR, None)
+    if teacher_scheduler is None:
         return
     disable_block_cache(pipe)
     disable_sparse_attention(pipe)
     delattr(pipe, SERVING_ATTR)
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).remove_hook(ROUTING_HOOK, recurse=False)
-    pipe.scheduler = attached.teacher_scheduler
+    pipe.scheduler = teacher_scheduler
     delattr(pipe, _ATTR)
