@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from ..state import cache_context
 from ..zoo import load_digits_image_pipeline, load_digits_video_pipeline, model_path
 from . import attention, report
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
-from .cache import sample
+from .cache import sample, timed
 
 MODELS = ("digits-image", "digits-video")  # shipped teachers, found by zoo.locate.model_path
 STUDENTS = {model: f"{model}-distilled" for model in MODELS}  # their shipped students, found the same way
@@ -141,13 +140,8 @@ def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[
         counter.remove()
     output, times = work.generate(steps, guidance), []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        output = work.generate(steps, guidance)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        ms, output, _ = timed(lambda: work.generate(steps, guidance), work.pipe.device)
+        times.append(ms / 1e3)
     return output.float().cpu(), statistics.median(times), counter.flops / 2
 
 
@@ -301,7 +295,7 @@ def timing(args) -> dict:
     keep = args.keep or max(1, round(0.8 * len(names)))
     sparse = _sparse_config(num_tokens(arch), cpu)
     cache = StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=1)
-    attention_backend = attention._cudnn if not cpu else _no_context
+    attention_backend = attention._cudnn if not cpu else nullcontext
 
     runs = {}
     with torch.inference_mode(), attention_backend():
@@ -326,13 +320,7 @@ def timing(args) -> dict:
         times = {name: [] for name in runs}
         for _ in range(args.repeats):  # round-robin, so clock drift does not favour one run
             for name, run in runs.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed(run, device)[0] / 1e3)
     reference = statistics.median(times["teacher-50-cfg-dense"])
     rows = [
         {"name": name, "seconds": statistics.median(t), "speedup": reference / statistics.median(t), "times_s": t}
@@ -377,8 +365,3 @@ def _student_run(students, schedule, latents, prompts, sparse=None, cache=None):
                     disable_sparse_attention(student)
 
     return run
-
-
-@contextmanager
-def _no_context():
-    yield

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ..distill.importance import calibration_scores, choose_blocks, weight_score
 from ..distill.model import BlockwiseFlowModel, block_names
 from ..distill.schedule import SegmentSchedule, euler_defects, optimal_grid, split_steps, uniform_sigmas
 from ..distill.trajectories import GuidedVelocity, solve, transformer_velocity
+from .digits_image import generator_for_step
 from .loop import TrainConfig, train
 
 CALIBRATION_SAMPLES = 256
@@ -95,7 +97,7 @@ def teacher_flow(task, n: int, sigmas, keep, guidance_scale: float, batch: int, 
     (len(keep), n, ...) on the CPU, labels, velocities or None), generated in batches under bf16 autocast on GPU."""
     generator = torch.Generator(device).manual_seed(seed)
     states, labels, velocities = [], [], []
-    autocast = torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else _null()
+    autocast = torch.autocast("cuda", torch.bfloat16) if torch.device(device).type == "cuda" else nullcontext()
     for start in range(0, n, batch):
         count = min(batch, n - start)
         chosen = task.sample_labels(count, generator)
@@ -107,14 +109,6 @@ def teacher_flow(task, n: int, sigmas, keep, guidance_scale: float, batch: int, 
         if v is not None:
             velocities.append(v.cpu())
     return torch.cat(states, dim=1), torch.cat(labels), (torch.cat(velocities, dim=1) if velocities else None)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def plan(task, config: DistillConfig, seed: int, device) -> tuple[SegmentSchedule, list[list[str]], dict]:
@@ -205,7 +199,7 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
 
     def sample_batch(step: int, rank: int, device) -> list[dict]:
         x_all, y_all, s_all = on_device.setdefault(device, (states.to(device), labels.to(device), sigmas.to(device)))
-        generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
+        generator = generator_for_step(step, rank, config.seed, device)
         batch = []
         for k, n in enumerate(schedule.steps_per_segment):
             index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)

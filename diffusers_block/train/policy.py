@@ -23,6 +23,7 @@ from ..pipelines.policy.data import DemoDataset
 from ..pipelines.policy.model import PolicyTransformer
 from ..pipelines.policy.normalizer import PolicyNormalizer
 from ..pipelines.policy.pipeline import DiffusionPolicyPipeline
+from .digits_image import generator_for_step
 from .loop import TrainConfig, train
 
 TRAIN_TIMESTEPS = 100  # Diffusion Policy's DDPM schedule
@@ -73,7 +74,7 @@ def train_policy(
 
     def sample_batch(step: int, rank: int, device: torch.device) -> dict:
         data = dataset.to(device)  # a no-op after the first batch
-        g = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
+        g = generator_for_step(step, rank, config.seed, device)
         batch = data.sample(config.batch_size, g)
         batch["noise"] = torch.randn(batch["actions"].shape, generator=g, device=device)
         batch["t"] = torch.randint(0, TRAIN_TIMESTEPS, (config.batch_size,), generator=g, device=device)
