@@ -14,6 +14,7 @@ with plain ``DiffusionPipeline.from_pretrained``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,10 +81,10 @@ def generator_for_step(step: int, rank: int, seed: int, device: torch.device) ->
 
 
 def train_vae(config: TrainConfig, images: torch.Tensor, kl_weight: float = 1e-4) -> AutoencoderKL:
-    on_device = {}
+    on_device = functools.cache(images.to)  # one copy per device, not one per step
 
     def sample_batch(step, rank, device):
-        data = on_device.setdefault(device, images.to(device))
+        data = on_device(device)
         g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(data), (config.batch_size,), generator=g, device=device)
         return {"images": _random_shift(data[index], g)}
@@ -115,10 +116,12 @@ def train_flow_transformer(config: TrainConfig, vae: AutoencoderKL, images: torc
     encoder = LabelEncoder(num_classes=10, num_tokens=4, dim=width, pooled_dim=width)
     model = torch.nn.ModuleDict({"transformer": transformer, "label_encoder": encoder})
 
-    on_device = {}
+    @functools.cache  # one copy per device, not one per step
+    def on_device(device):
+        return means.to(device), stds.to(device), labels.to(device)
 
     def sample_batch(step, rank, device):
-        mu, sigma, y = on_device.setdefault(device, (means.to(device), stds.to(device), labels.to(device)))
+        mu, sigma, y = on_device(device)
         g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(mu), (config.batch_size,), generator=g, device=device)
         x0 = (mu[index] + sigma[index] * torch.randn(mu[index].shape, generator=g, device=device) - shift) * scale

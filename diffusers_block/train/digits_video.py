@@ -19,6 +19,7 @@ prompts are the label encoder's embeddings, saved beside it in ``label_encoder/`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,10 +80,10 @@ def make_clips(
 
 
 def train_vae(config: TrainConfig, clips: torch.Tensor, kl_weight: float = 1e-4) -> AutoencoderKLWan:
-    on_device = {}
+    on_device = functools.cache(clips.to)  # one copy per device, not one per step
 
     def sample_batch(step, rank, device):
-        data = on_device.setdefault(device, clips.to(device))
+        data = on_device(device)
         g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(data), (config.batch_size,), generator=g, device=device)
         start = int(torch.randint(0, FRAMES - VAE_WINDOW + 1, (1,), generator=g, device=device))
@@ -140,12 +141,12 @@ def train_flow_transformer(
     encoder = ClipLabelEncoder(num_digits=10, num_motions=len(MOTIONS), dim=transformer.config.text_dim)
     model = torch.nn.ModuleDict({"transformer": transformer, "label_encoder": encoder})
 
-    on_device = {}
+    @functools.cache  # one copy per device, not one per step
+    def on_device(device):
+        return means.to(device), stds.to(device), digits.to(device), motions.to(device)
 
     def sample_batch(step, rank, device):
-        mu, sigma, d, m = on_device.setdefault(
-            device, (means.to(device), stds.to(device), digits.to(device), motions.to(device))
-        )
+        mu, sigma, d, m = on_device(device)
         g = generator_for_step(step, rank, config.seed, device)
         index = torch.randint(0, len(mu), (config.batch_size,), generator=g, device=device)
         sample = mu[index] + sigma[index] * torch.randn(mu[index].shape, generator=g, device=device)

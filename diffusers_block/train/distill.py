@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -195,10 +196,13 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
     sigmas = torch.tensor(schedule.sigmas)
     first_step = [sum(schedule.steps_per_segment[:k]) for k in range(schedule.num_segments)]
     share = max(config.batch_size // schedule.num_segments, 1)
-    on_device = {}
+
+    @functools.cache  # one copy per device: copying the trajectories every step made training transfer-bound
+    def on_device(device):
+        return states.to(device), labels.to(device), sigmas.to(device)
 
     def sample_batch(step: int, rank: int, device) -> list[dict]:
-        x_all, y_all, s_all = on_device.setdefault(device, (states.to(device), labels.to(device), sigmas.to(device)))
+        x_all, y_all, s_all = on_device(device)
         generator = generator_for_step(step, rank, config.seed, device)
         batch = []
         for k, n in enumerate(schedule.steps_per_segment):

@@ -15,11 +15,11 @@ train() {
   echo "$name rc=$? $(date +%T)" >> "$work/status"
   tar czf "$OUT/$name.tar.gz" --exclude=checkpoints -C "$work" "$name" "$name.log"
 }
-train image ${IMAGE_LIMIT:-330} --teacher models/digits-image --guidance 3 --fine-steps 48 --trajectories 20000 \
-  --segments 2 --steps-per-segment 4 --steps ${IMAGE_STEPS:-1200} --batch-size 4096 --max-minutes 4 &
-train video ${VIDEO_LIMIT:-330} --teacher models/digits-video --guidance 5 --fine-steps 32 --trajectories 4000 \
-  --generation-batch 256 --segments 2 --steps-per-segment 4 --steps ${VIDEO_STEPS:-400} --batch-size 512 \
-  --max-minutes 4 &
+train image ${IMAGE_LIMIT:-300} --teacher models/digits-image --guidance 3 --fine-steps 48 --trajectories 20000 \
+  --segments 2 --steps-per-segment 4 --steps ${IMAGE_STEPS:-2000} --batch-size 4096 --max-minutes 2.5 &
+train video ${VIDEO_LIMIT:-300} --teacher models/digits-video --guidance 5 --fine-steps 32 --trajectories 4000 \
+  --generation-batch 256 --segments 2 --steps-per-segment 4 --steps ${VIDEO_STEPS:-1500} --batch-size 512 \
+  --max-minutes 2.5 &
 wait
 cat "$work/status"
 [ -f "$work/image/config.json" ] && python -m diffusers_block.bench distill --model digits-image \

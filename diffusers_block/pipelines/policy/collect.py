@@ -54,7 +54,9 @@ def collect(
         expert, envs = make_expert(task), {}
         for episode in range(episodes):
             env_seed = seed + episode // VARIATIONS
-            env = envs.setdefault(env_seed, make_env(task, env_seed))
+            if env_seed not in envs:
+                envs[env_seed] = make_env(task, env_seed)
+            env = envs[env_seed]
             result = expert_episode(env, expert, episode % VARIATIONS, max_steps, hold_steps)
             if result is None:
                 dropped += 1
