@@ -5,7 +5,6 @@
 set -u
 OUT=${OUT:-/tmp/distill-out}
 STUDENTS=${STUDENTS:-models}
-python -m diffusers_block.bench distill --model digits-image --students "$STUDENTS/digits-image-distilled" --per-class ${IMAGE_PER_CLASS:-30} --out "$OUT" \
-  --name distill-digits-image-h100 --plot 2>&1 | grep -v Warning
-[ -d "$STUDENTS/digits-video-distilled" ] && python -m diffusers_block.bench distill --model digits-video \
-  --students "$STUDENTS/digits-video-distilled" --per-class ${VIDEO_PER_CLASS:-2} --out "$OUT" --name distill-digits-video-h100 --plot 2>&1 | grep -v Warning
+timeout -k 5 ${IMAGE_LIMIT:-120} python -m diffusers_block.bench distill --model digits-image --students "$STUDENTS/digits-image-distilled" --per-class ${IMAGE_PER_CLASS:-30} --out "$OUT" --plot 2>&1 | grep -v Warning
+[ -d "$STUDENTS/digits-video-distilled" ] && timeout -k 5 ${VIDEO_LIMIT:-120} python -m diffusers_block.bench distill --model digits-video \
+  --students "$STUDENTS/digits-video-distilled" --per-class ${VIDEO_PER_CLASS:-2} --out "$OUT" --plot 2>&1 | grep -v Warning
