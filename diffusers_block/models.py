@@ -216,7 +216,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional)
                 for attr, optional in (
                     ("noise_refiner", False),
-                    ("context_refiner", False),
+                    ("context_refiner", True),  # Bria-Fibo-2 refines no text
                     ("siglip_refiner", True),
                     ("layers", False),
                 )
@@ -231,6 +231,49 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "nucleus_moe",
             ("NucleusMoEImageTransformer2DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+        ),
+        FamilySpec(
+            "hunyuan_dit",
+            ("HunyuanDiT2DModel",),
+            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),  # the long skips enter as extra arguments
+        ),
+        FamilySpec(
+            "hunyuanvideo15",
+            ("HunyuanVideo15Transformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "joyimage",
+            ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
+            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+        ),
+        FamilySpec(  # sub-blocks sit one level down (block.block), so only whole blocks are cached
+            "hidream",
+            ("HiDreamImageTransformer2DModel",),
+            (
+                BlockListSpec("double_stream_blocks", (HIDDEN, ENCODER)),
+                BlockListSpec("single_stream_blocks", (HIDDEN,)),
+            ),
+        ),
+        FamilySpec(
+            "cosmos",
+            ("CosmosTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
+        FamilySpec(  # the second stream is audio: video and audio tokens update each other every block
+            "ltx2",
+            ("LTX2VideoTransformer3DModel",),
+            (
+                BlockListSpec(
+                    "transformer_blocks", (HIDDEN, ENCODER), _BASIC_SUB_BLOCKS, encoder_arg="audio_hidden_states"
+                ),
+            ),
+        ),
+        FamilySpec("prx", ("PRXTransformer2DModel",), (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}),)),
+        FamilySpec(
+            "omnigen",
+            ("OmniGenTransformer2DModel",),
+            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attn", FFN: "mlp"}),),
         ),
         FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
             "policy",

@@ -20,3 +20,4 @@ not_a_dit(
     "a mixture-of-transformers vision-language model whose layers take packed understanding and generation "
     "sequences (und_seq, gen_seq), not a denoiser called once per step on latents",
 )
+not_a_dit("DreamLiteTransformer2DModel", "the attention layer inside the DreamLite U-Net, like Transformer2DModel")
