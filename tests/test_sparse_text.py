@@ -74,10 +74,10 @@ class _Spy:
                 sample: sel for (branch, i, sample), sel in hook.selections.items() if i == index and branch == 0
             }
             if out is not None and frame is not None:
+                grid = hook.controller.grid
                 self.calls.append(
-                    dict(hook=hook, call=call, image=frame["image"], out=out, selections=selections, grid=None)
+                    dict(hook=hook, call=call, image=frame["image"], out=out, selections=selections, grid=grid)
                 )
-                self.calls[-1]["grid"] = hook.controller.grid
             return out
 
         monkeypatch.setattr(SparseAttentionHook, "attend", attend)
@@ -145,7 +145,6 @@ def test_joint_text_stays_exact_at_high_sparsity(family, monkeypatch):
     db.enable_sparse_attention(model, VERY_SPARSE)
     with torch.no_grad():
         model(**_inputs(family))
-    attended = {record["hook"].name for record in spy.calls}
     joint = [r for r in spy.calls if r["hook"].text != "separate"]
     assert {r["hook"].name for r in joint} == {
         ref.name + "." + attr
@@ -160,7 +159,19 @@ def test_joint_text_stays_exact_at_high_sparsity(family, monkeypatch):
         if record["hook"].text != "separate":
             assert text in texts, (record["hook"].name, text)
     assert any(cuts), "the config must really drop image blocks"
-    assert attended
+    db.disable_sparse_attention(model)
+
+
+def test_sd35_second_attention_is_image_only(monkeypatch):
+    """SD3.5's dual-attention blocks: ``attn`` is joint (text last), ``attn2`` attends over the image tokens only."""
+    model = build_transformer("sd3", dual_attention_layers=(0, 1))
+    spy = _Spy(monkeypatch)
+    db.enable_sparse_attention(model, VERY_SPARSE)
+    with torch.no_grad():
+        model(**_inputs("sd3"))
+    texts = {record["hook"].name: _check_call(record, VERY_SPARSE)[0] for record in spy.calls}
+    assert texts["transformer_blocks.0.attn"] == SHORT_TEXT and texts["transformer_blocks.0.attn2"] == 0
+    assert texts["transformer_blocks.1.attn2"] == 0
     db.disable_sparse_attention(model)
 
 
