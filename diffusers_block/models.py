@@ -26,6 +26,12 @@ CROSS_ATTN = "cross_attn"
 FFN = "ffn"
 FFN_CONTEXT = "ffn_context"
 
+# Where the text tokens sit in the sequence a block list's self-attention (``self_attn`` role) attends over.
+TEXT_FIRST = "first"  # joint attention over [text, image]
+TEXT_LAST = "last"  # joint attention over [image, text]
+TEXT_SEPARATE = "separate"  # no text in self-attention: it reaches the image through cross-attention, or not at all
+TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE)
+
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
 _WAN_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}
@@ -44,6 +50,13 @@ class BlockListSpec:
     that branch. ``hidden_arg`` / ``encoder_arg`` name the streams in the block's forward (the "encoder" stream is
     whatever second stream a block updates: text, or LTX-2's audio). An ``optional`` list may be None or empty
     (a model built without it).
+
+    ``text`` says where the text tokens sit in the sequence the ``self_attn`` sub-block attends over, which sparse
+    attention needs to keep text queries dense and text keys in every image query's lists: ``"first"`` or
+    ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor or
+    by the block itself), ``"separate"`` (the self-attention sees image tokens only; text, if any, comes through
+    cross-attention), or None (unknown: sparse attention refuses the model, block caching still works). A
+    ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
     """
 
     attr: str
@@ -52,9 +65,14 @@ class BlockListSpec:
     hidden_arg: str = "hidden_states"
     encoder_arg: str = "encoder_hidden_states"
     optional: bool = False
+    text: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "sub_blocks", dict(self.sub_blocks))
+        if self.text is not None and self.text not in TEXT_PLACEMENTS:
+            raise ValueError(
+                f"BlockListSpec({self.attr!r}).text must be one of {TEXT_PLACEMENTS} or None (unknown); got {self.text!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,30 +86,40 @@ FAMILIES: Mapping[str, FamilySpec] = {
     spec.name: spec
     for spec in (
         FamilySpec(
-            "dit", ("DiTTransformer2DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
+            "dit",
+            ("DiTTransformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "pixart",
             ("PixArtTransformer2DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "sd3",
             ("SD3Transformer2DModel",),
-            (BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), {**_JOINT_SUB_BLOCKS, SELF_ATTN_2: "attn2"}),),
+            (
+                BlockListSpec(
+                    "transformer_blocks",
+                    (ENCODER, HIDDEN),
+                    {**_JOINT_SUB_BLOCKS, SELF_ATTN_2: "attn2"},
+                    text=TEXT_LAST,  # JointAttnProcessor2_0: [image, text]
+                ),
+            ),
         ),
         FamilySpec(
             "flux",
             ("FluxTransformer2DModel",),
             (
-                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # the block concatenates [text, image] and its attention gets them as one sequence
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(
             "cogvideox",
             ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
         ),
         FamilySpec(
             "wan",
@@ -104,40 +132,51 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 "AnyFlowTransformer3DModel",
                 "AnyFlowFARTransformer3DModel",
             ),
-            (BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS),),
+            (BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(  # VACE blocks run on the control stream and return (hint for the main blocks, control stream)
             "wan_vace",
             ("WanVACETransformer3DModel",),
             (
-                BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS),
-                BlockListSpec("vace_blocks", (OUTPUT, HIDDEN), _WAN_SUB_BLOCKS, hidden_arg="control_hidden_states"),
+                BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec(
+                    "vace_blocks",
+                    (OUTPUT, HIDDEN),
+                    _WAN_SUB_BLOCKS,
+                    hidden_arg="control_hidden_states",
+                    text=TEXT_SEPARATE,
+                ),
             ),
         ),
         FamilySpec(
             "hunyuanvideo",
             ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
             (
-                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
             ),
         ),
         FamilySpec(
-            "ltx", ("LTXVideoTransformer3DModel",), (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),)
+            "ltx",
+            ("LTXVideoTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "mochi",
             ("MochiTransformer3DModel",),
             (
                 BlockListSpec(
-                    "transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff", FFN_CONTEXT: "ff_context"}
+                    "transformer_blocks",
+                    (HIDDEN, ENCODER),
+                    {SELF_ATTN: "attn1", FFN: "ff", FFN_CONTEXT: "ff_context"},
+                    text=TEXT_LAST,  # MochiAttnProcessor2_0: [image, valid text] per sample
                 ),
             ),
         ),
         FamilySpec(
             "allegro",
             ("AllegroTransformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "motif_video",
@@ -278,7 +317,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
             "policy",
             ("PolicyTransformer",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
     )
 }
@@ -353,6 +392,16 @@ def _family_of(model: torch.nn.Module) -> FamilySpec | None:
     return None
 
 
+def _generic_text_placement(returns: tuple[str, ...], sub_blocks: Mapping[str, str]) -> str | None:
+    """Text placement of an unlisted block list, only where it cannot be wrong: a one-stream block with a
+    cross-attention gets its text there, so its self-attention sees image tokens only. A two-stream block attends
+    jointly over text and image in an order the registry does not tell, and a one-stream block without
+    cross-attention may carry text inside its sequence (unified single-stream models): both unknown (None)."""
+    if returns == (HIDDEN,) and CROSS_ATTN in sub_blocks:
+        return TEXT_SEPARATE
+    return None
+
+
 def _generic_block_lists(model: torch.nn.Module) -> tuple[BlockListSpec, ...]:
     """Block lists of an unlisted family, from diffusers' private TransformerBlockRegistry."""
     try:
@@ -388,6 +437,7 @@ def _generic_block_lists(model: torch.nn.Module) -> tuple[BlockListSpec, ...]:
                 sub_blocks,
                 hidden_arg=getattr(meta, "hidden_states_argument_name", None) or "hidden_states",
                 encoder_arg=getattr(meta, "encoder_hidden_states_argument_name", None) or "encoder_hidden_states",
+                text=_generic_text_placement(returns, sub_blocks),
             )
         )
     return tuple(specs)

@@ -47,6 +47,17 @@ CASES = [
         dict(threshold=0.7, local_blocks=1, forced_keys=(90, 100), dense_queries=(90, 100)),
     ),
     ("min_max", 1, 2, 128, 128, 64, 16, dict(threshold=0.95, min_blocks=2, max_blocks=3)),
+    # Text queries of joint attention keep every block, whatever max_blocks says; image queries keep the text.
+    (
+        "dense_text_uncapped",
+        1,
+        2,
+        100,
+        100,
+        24,
+        16,
+        dict(threshold=0.05, max_blocks=1, local_blocks=-1, forced_keys=(85, 100), dense_queries=(85, 100)),
+    ),
     ("per_head", 1, 3, 96, 96, 16, 16, dict(threshold=[0.3, 0.6, 0.99])),
     ("cross_lengths", 1, 1, 64, 112, 32, 16, dict(threshold=0.8, local_blocks=-1)),
     ("all_kept", 1, 2, 70, 70, 32, 16, dict(threshold=1.0)),

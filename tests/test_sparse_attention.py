@@ -14,9 +14,9 @@ from tiny_pipelines import PIPELINES, build_pipeline, call_kwargs
 
 import diffusers_block as db
 from diffusers_block.attention import token_grid, token_permutation
-from diffusers_block.attention.apply import JOINT_TEXT_FIRST
 from diffusers_block.attention.hooks import SPARSE_ATTENTION_HOOK
 from diffusers_block.attention.summary import DENSE, REUSED, SELECTED
+from diffusers_block.models import FAMILIES as ADAPTERS
 
 # Tiny models have 32-128 tokens: blocks of 8 tokens, nothing too short to be sparse.
 ALL_KEPT = db.SparseAttentionConfig(threshold=1.0, dense_steps=0, block_size=8, min_tokens=0)
@@ -171,7 +171,10 @@ def test_family_cached_skipped_blocks_are_exact_on_the_selection_call(family):
     db.disable_sparse_attention(model)
 
 
-@pytest.mark.parametrize("family", sorted(JOINT_TEXT_FIRST))
+JOINT = sorted(name for name, spec in ADAPTERS.items() if spec.block_lists[0].text in ("first", "last"))
+
+
+@pytest.mark.parametrize("family", JOINT)
 def test_joint_attention_keeps_text(family):
     """Joint families: the text tokens are found in the sequence (the right count), every query block keeps the text
     key blocks, and text queries keep everything, even at a tiny threshold."""

@@ -267,10 +267,11 @@ _SPECS: dict[str, _Spec] = {
 
 
 @torch.no_grad()
-def build_transformer(family: str, seed: int = 0) -> torch.nn.Module:
+def build_transformer(family: str, seed: int = 0, **config) -> torch.nn.Module:
+    """``config`` overrides entries of the family's tiny config (e.g. SD3.5's ``dual_attention_layers``)."""
     spec = _SPECS[family]
     torch.manual_seed(seed)
-    model = spec.cls(**spec.config)
+    model = spec.cls(**{**spec.config, **config})
     random_init_(model, seed, smooth_timesteps=False)
     return model.eval()  # built in fp32 (the default dtype)
 

@@ -4,6 +4,11 @@
 ``self_attn`` and ``self_attn_2`` sub-block roles) and a generation tracker on the transformer (step and CFG
 branch, as block caching uses, but its own instance, so that the two features come and go independently and in
 either order). ``disable_sparse_attention`` removes all of it; outputs are then bit-identical to never enabling.
+
+Joint attention (text and image tokens in one sequence) is only made sparse where the adapter table says where the
+text sits (``BlockListSpec.text``): text queries then stay dense and every image query keeps the text keys. Blocks
+of such lists also get a small forward pre-hook that reads the text length of each call (blocks that concatenate
+the streams themselves hand their attention one sequence). A model whose text placement is unknown is refused.
 """
 
 from __future__ import annotations
@@ -16,21 +21,74 @@ from diffusers.hooks import HookRegistry
 
 from ..cache.apply import _transformers
 from ..cache.units import stream_shapes
-from ..models import SELF_ATTN, SELF_ATTN_2, resolve_adapter
+from ..models import (
+    CROSS_ATTN,
+    ENCODER,
+    SELF_ATTN,
+    SELF_ATTN_2,
+    TEXT_FIRST,
+    TEXT_LAST,
+    TEXT_SEPARATE,
+    BlockRef,
+    ModelAdapter,
+    UnsupportedModelError,
+    argument_index,
+    get_argument,
+    resolve_adapter,
+)
 from ..state import GenerationTracker, GenerationTrackerHook, check_not_enabled_elsewhere
 from .config import SparseAttentionConfig
-from .hooks import SPARSE_ATTENTION_HOOK, SparseAttentionHook
+from .hooks import EAGER_ONLY, SPARSE_ATTENTION_HOOK, SparseAttentionHook
 from .layout import token_grid
 from .summary import MODES, NOT_RUN, SparseAttentionSummary, merge
 
 _ATTR = "_diffusers_block_sparse_attention"
 TRACKER_HOOK = "diffusers_block.sparse_attention.tracker"
 
-#: Families whose self-attention also attends over text tokens (joint attention), and where those sit in the
-#: sequence the processor builds: True = text first (Flux, CogVideoX concatenate [text, image]), False = text last.
-JOINT_TEXT_FIRST = {"flux": True, "cogvideox": True, "sd3": False, "hunyuanvideo": False, "mochi": False}
-#: Block lists whose attention receives text and image already concatenated (no encoder_hidden_states argument).
-SINGLE_STREAM_LISTS = {("flux", "single_transformer_blocks")}
+
+def _text_placement_unknown(model: torch.nn.Module, adapter: ModelAdapter, ref: BlockRef) -> UnsupportedModelError:
+    spec = ref.spec
+    if adapter.family != "generic":
+        why = f"its adapter entry {adapter.family!r} does not say (BlockListSpec({spec.attr!r}).text is None)"
+    elif ENCODER in spec.returns:
+        why = (
+            f"it is not in the adapter table and its `{spec.attr}` blocks are two-stream (joint attention over text "
+            f"and image tokens, in an order diffusers' block registry does not tell)"
+        )
+    elif CROSS_ATTN not in spec.sub_blocks:
+        why = (
+            f"it is not in the adapter table and its `{spec.attr}` blocks have no cross-attention, so their "
+            f"self-attention may carry the text tokens inside its sequence"
+        )
+    else:
+        why = f"it is not in the adapter table (BlockListSpec({spec.attr!r}).text is None)"
+    return UnsupportedModelError(
+        f"Sparse attention cannot run on {type(model).__name__}: where the text tokens sit in the self-attention of "
+        f"`{ref.name}` is unknown: {why}. Without it the block selection could drop the text keys of image queries "
+        f"and sparsify text queries. Dense attention and block caching (enable_block_cache) still work on this "
+        f'model. To use sparse attention, add text="first", "last" or "separate" to its BlockListSpec in '
+        f"diffusers_block.models.FAMILIES (where its attention puts the text tokens), or file an issue."
+    )
+
+
+class TextLength:
+    """Forward pre-hook on a block of a joint-attention list: the text length of this call, for its attention hook
+    (a block that concatenates text and image itself hands its attention one sequence, no text argument to read).
+
+    A torch hook rather than one in diffusers' HookRegistry: block caching hooks the same blocks, and the registry's
+    ``remove_hook`` of an inner hook replaces the next hook's whole forward (bypassing its ``new_forward``)."""
+
+    def __init__(self, controller: SparseAttention, block: torch.nn.Module, encoder_arg: str) -> None:
+        self.controller = controller
+        self.encoder_arg = encoder_arg
+        self._index = argument_index(block, encoder_arg)
+
+    @torch.compiler.disable(reason=EAGER_ONLY)
+    def __call__(self, module, args, kwargs):
+        encoder = get_argument(args, kwargs, self.encoder_arg, self._index)
+        self.controller.text_tokens = (
+            encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() == 3 else 0
+        )
 
 
 def _reaches(fn, target) -> bool:
@@ -117,27 +175,30 @@ class SparseAttention:
         self.tracker = tracker
         self.family = adapter.family
         self.grid: tuple[int, int, int] | None = None
-        self.text_tokens = 0  # text length of the current forward, from its joint-attention calls
+        self.text_tokens = 0  # text length of the block running now (joint-attention lists, TextLength)
         self.layer_names: list[str] = []
         self.hooks: list[SparseAttentionHook] = []
         self._modules: list[torch.nn.Module] = []
+        self._text_hooks: list = []  # handles of the TextLength pre-hooks on joint-attention blocks
         self.last_selection: dict = {}
         # (step, branch, layer, mode, density (H,) tensor or None, relative error 0-d tensor or None)
         self._records: list[tuple] = []
         self._key_length_cache: dict = {}
         self._input_shape: tuple | None = None  # of the last transformer call, to see a bare loop's new generation
-        text_first = JOINT_TEXT_FIRST.get(self.family)
-        for ref in adapter.blocks:
-            for name, role, module in ref.sub_blocks():
-                if role not in (SELF_ATTN, SELF_ATTN_2):
-                    continue
-                if text_first is None or role == SELF_ATTN_2:
-                    stream = "image"
-                elif (self.family, ref.spec.attr) in SINGLE_STREAM_LISTS:
-                    stream = "single"
-                else:
-                    stream = "joint"
-                hook = SparseAttentionHook(self, len(self.hooks), name, module, stream, bool(text_first))
+        attentions = [
+            (ref, [(name, role, module) for name, role, module in ref.sub_blocks() if role in (SELF_ATTN, SELF_ATTN_2)])
+            for ref in adapter.blocks
+        ]
+        for ref, found in attentions:  # refuse before hooking anything
+            if ref.spec.text is None and any(role == SELF_ATTN for _, role, _ in found):
+                raise _text_placement_unknown(model, adapter, ref)
+        for ref, found in attentions:
+            if found and ref.spec.text in (TEXT_FIRST, TEXT_LAST):
+                hook = TextLength(self, ref.module, ref.spec.encoder_arg)
+                self._text_hooks.append(ref.module.register_forward_pre_hook(hook, with_kwargs=True))
+            for name, role, module in found:
+                text = TEXT_SEPARATE if role == SELF_ATTN_2 else ref.spec.text
+                hook = SparseAttentionHook(self, len(self.hooks), name, module, text)
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SPARSE_ATTENTION_HOOK)
                 self.hooks.append(hook)
                 self._modules.append(module)
@@ -159,7 +220,9 @@ class SparseAttention:
 
     def on_forward(self, args: tuple, kwargs: dict) -> None:
         self._follow_shape(args, kwargs)
-        self.grid = token_grid(self.family, self.model.config, args, kwargs) if self.config.reorder else None
+        self.grid = (
+            token_grid(self.family, getattr(self.model, "config", None), args, kwargs) if self.config.reorder else None
+        )
         self.text_tokens = 0
         self._key_length_cache.clear()
 
@@ -181,13 +244,17 @@ class SparseAttention:
         relative error against dense attention. Never traced: the hook runs outside compiled graphs."""
         self._records.append((step, branch, layer, mode, density, error))
 
-    def key_lengths(self, mask: torch.Tensor, batch: int, image: int):
+    def key_lengths(self, mask: torch.Tensor, batch: int, image: int, text_first: bool = False):
         """Valid key count per sample of a key-padding mask (B or 1, 1, 1, S), or False if its valid keys are not a
-        prefix covering the image tokens. One host sync per mask tensor and forward."""
-        key = (mask.data_ptr(), tuple(mask.shape), mask._version)
+        prefix covering the image tokens, in the attended order (image tokens, then text: with ``text_first`` the
+        mask's leading S - image text entries are moved behind the image's). One host sync per mask and forward."""
+        key = (mask.data_ptr(), tuple(mask.shape), mask._version, image, text_first)
         if key in self._key_length_cache:
             return self._key_length_cache[key]
         flat = mask[:, 0, 0, :]
+        if text_first:
+            text = flat.shape[-1] - image
+            flat = torch.cat([flat[:, text:], flat[:, :text]], dim=-1)
         if flat.dtype == torch.bool:
             valid, pure = flat, True
         else:
@@ -242,6 +309,9 @@ class SparseAttention:
             registry = getattr(module, "_diffusers_hook", None)
             if registry is not None and registry.get_hook(SPARSE_ATTENTION_HOOK) is not None:
                 registry.remove_hook(SPARSE_ATTENTION_HOOK, recurse=False)
+        for handle in self._text_hooks:
+            handle.remove()
+        self._text_hooks.clear()
         registry = getattr(self.model, "_diffusers_hook", None)
         if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
             registry.remove_hook(TRACKER_HOOK, recurse=False)

@@ -7,6 +7,11 @@ processor: while a hooked self-attention module runs, a :class:`~torch.overrides
 active only inside that module's forward) receives its SDPA calls; dispatcher backends other than native are
 switched to native for the duration. Cross-attention modules are never hooked, so they are never affected.
 
+Text tokens of joint attention (where ``BlockListSpec.text`` places them, first or last): their queries attend
+to every key and their keys are in every image query's lists (:func:`~.functional.sparse_self_attention`); the
+image tokens are the attention's ``hidden_states``, or, where the block concatenated the streams itself, those
+minus the text length its block received.
+
 Calls the sparse path cannot express exactly (dropout, causal, GQA, cross-shaped q/k, masks other than key
 padding) run the original SDPA unchanged and are recorded as dense.
 
@@ -27,7 +32,7 @@ from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from ..kernels import rotate_interleaved
-from ..models import argument_index, get_argument
+from ..models import TEXT_FIRST, TEXT_SEPARATE, UnsupportedModelError, argument_index, get_argument
 from .functional import sparse_self_attention
 
 if TYPE_CHECKING:
@@ -124,15 +129,13 @@ class SparseAttentionHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(
-        self, controller: SparseAttention, layer: int, name: str, module: torch.nn.Module, stream: str, text_first: bool
-    ) -> None:
+    def __init__(self, controller: SparseAttention, layer: int, name: str, module: torch.nn.Module, text: str) -> None:
         super().__init__()
         self.controller = controller
         self.layer = layer
         self.name = name
-        self.stream = stream  # "image" (no text), "joint" (text passed separately) or "single" (text inside)
-        self.text_first = text_first
+        self.text = text  # where text sits in this attention's sequence: "first", "last" or "separate" (none)
+        self.text_first = text == TEXT_FIRST
         self._hidden_index = argument_index(module, "hidden_states")
         self._encoder_index = argument_index(module, "encoder_hidden_states")
         self._rotary_index = argument_index(module, "rotary_emb")
@@ -152,10 +155,8 @@ class SparseAttentionHook(ModelHook):
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return self.fn_ref.original_forward(*args, **kwargs)
         image = hidden.shape[1]
-        if self.stream == "joint" and isinstance(encoder, torch.Tensor):
-            controller.text_tokens = encoder.shape[1]
-        elif self.stream == "single":
-            image = hidden.shape[1] - controller.text_tokens
+        if self.text != TEXT_SEPARATE and not isinstance(encoder, torch.Tensor):
+            image -= controller.text_tokens  # the block concatenated text and image into hidden_states
         step, branch = tracker.step, tracker.branch
         last = self._last_selection_step(branch)
         mode = controller.config.step_mode(step, last, tracker.num_steps)
@@ -205,7 +206,15 @@ class SparseAttentionHook(ModelHook):
             controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
             return self._dense(call, rotary)
         batch, heads, seq, head_dim = q.shape
-        text = max(seq - frame["image"], 0) if self.stream != "image" else 0
+        if self.text == TEXT_SEPARATE and seq != frame["image"]:
+            raise UnsupportedModelError(
+                f"Sparse attention on {type(controller.model).__name__}: the self-attention at `{self.name}` attends "
+                f"over {seq} tokens but its hidden_states hold {frame['image']}, so other tokens (text?) joined its "
+                f"sequence, though the adapter table says it sees image tokens only (text='separate'). Disable sparse "
+                f"attention for this model (dense attention and block caching still work), and correct its "
+                f"BlockListSpec.text in diffusers_block.models.FAMILIES or file an issue."
+            )
+        text = max(seq - frame["image"], 0)
         if seq - text < 1:
             return self._dense(call, rotary)
         if rotary is not None and (text or rotary[0].numel() != seq * head_dim or rotary[0].shape[-1] != head_dim):
@@ -297,15 +306,15 @@ class SparseAttentionHook(ModelHook):
         return cached
 
     def _key_lengths(self, mask, batch: int, seq: int, text: int):
-        """None (no mask), per-sample valid key counts (a key-padding mask whose valid keys are a prefix, text
-        last), or False (any other mask: run dense)."""
+        """None (no mask), per-sample valid key counts (a key-padding mask whose valid keys are a prefix in the
+        attended order, image tokens then text: text padding), or False (any other mask: run dense)."""
         if mask is None:
             return None
         if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
             return False
-        if mask.shape[-1] != seq or mask.shape[0] not in (1, batch) or self.text_first:
+        if mask.shape[-1] != seq or mask.shape[0] not in (1, batch):
             return False
-        return self.controller.key_lengths(mask, batch, seq - text)
+        return self.controller.key_lengths(mask, batch, seq - text, self.text_first)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         """End of a pipeline call: drop the block lists."""

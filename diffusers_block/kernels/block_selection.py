@@ -16,8 +16,8 @@ Estimate, per row of key blocks (``scoring``, kernels in :mod:`.block_logits` an
 Choice per row (this module's kernel): key blocks are ranked by mass, "forced" blocks first (the key blocks of text
 tokens, the query's own block and its ``local_blocks`` neighbours); the row keeps the shortest prefix of that ranking
 whose mass reaches ``threshold`` (per head), at least ``min_blocks`` and at most ``max_blocks`` long, but never fewer
-than the forced blocks. Query blocks inside ``dense_queries`` (text queries of joint attention) keep everything up to
-``max_blocks``. The kernel finds the cut without sorting: it bisects (31 steps, on the float's bit pattern) the
+than the forced blocks. Query blocks inside ``dense_queries`` (text queries of joint attention) keep every block,
+whatever ``max_blocks`` says. The kernel finds the cut without sorting: it bisects (31 steps, on the float's bit pattern) the
 largest mass value ``c`` such that the blocks with mass >= c satisfy the rule, then compacts them in ascending block
 order with a prefix sum. Ties at the cut are all kept (the reference, which sorts, keeps one of them).
 
@@ -99,8 +99,9 @@ if triton is not None:
         forced = forced | (tl.abs(cols[None, :] - rows[:, None]) <= LOCAL)  # LOCAL = -1: no neighbourhood
         forced = forced & valid
         dense_row = (rows >= DENSE_LO) & (rows < DENSE_HI)
+        cap = tl.where(dense_row, NK, MAX_BLOCKS)  # dense rows: no cap
         # A threshold of 1 keeps every block (fp32 masses can sum to 1 before the last block): like dense rows, ask
-        # for more than any reachable mass, so that only MAX_BLOCKS ends the row.
+        # for more than any reachable mass, so that only the cap ends the row.
         tau = tl.where(dense_row, 2.0, tl.load(Threshold + bh % H))
         tau = tl.where(tau >= 1.0, 2.0, tau)
         priority = tl.where(forced, 2.0, mass)
@@ -113,7 +114,7 @@ if triton is not None:
         forced_set = bits >= 0x40000000  # bits of 2.0
         n_hi = tl.sum(forced_set.to(tl.int32), 1)
         got_hi = tl.sum(tl.where(forced_set, mass, 0.0), 1)
-        forced_enough = ((got_hi >= tau) | (n_hi >= MAX_BLOCKS)) & (n_hi >= MIN_BLOCKS)
+        forced_enough = ((got_hi >= tau) | (n_hi >= cap)) & (n_hi >= MIN_BLOCKS)
         lo = tl.where(forced_enough, 0x40000000, 0)
         n_lo = tl.where(forced_enough, n_hi, n_lo)
         hi = tl.full([ROWS], 0x40000000, tl.int32)
@@ -123,7 +124,7 @@ if triton is not None:
             chosen = bits >= mid[:, None]
             got = tl.sum(tl.where(chosen, mass, 0.0), 1)
             n = tl.sum(chosen.to(tl.int32), 1)
-            ok = ((got >= tau) | (n >= MAX_BLOCKS)) & (n >= MIN_BLOCKS)
+            ok = ((got >= tau) | (n >= cap)) & (n >= MIN_BLOCKS)
             lo = tl.where(ok, mid, lo)
             n_lo = tl.where(ok, n, n_lo)
             hi = tl.where(ok, hi, mid)
@@ -190,7 +191,7 @@ def select_blocks(
         local_blocks: key blocks within this distance of the query block's own index are always kept (its own
             block with 0; -1 keeps no neighbourhood). Meaningful for self-attention (S_q == S_k).
         forced_keys: token range [start, end) of keys whose blocks every row keeps (text tokens of joint attention).
-        dense_queries: token range of queries whose blocks keep every key block (up to max_blocks).
+        dense_queries: token range of queries whose blocks keep every key block (max_blocks does not apply).
         scale: softmax scale, default 1 / sqrt(D).
         scoring: "mean" (softmax of mean-pooled block logits, one read of q and k) or "antidiagonal" (XAttention:
             per stride row, the softmax of antidiagonal means of ``stride`` x ``stride`` logit tiles, summed per key
@@ -202,7 +203,7 @@ def select_blocks(
 
     Returns:
         ``(block_index, block_count)``: int32 (B, H, NQ, W) with ascending block ids in the first ``count`` slots,
-        and (B, H, NQ); W = min(NK, max(max_blocks, forced blocks + neighbourhood)).
+        and (B, H, NQ); W = min(NK, max(max_blocks, forced blocks + neighbourhood)), or NK with dense queries.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must be (B, H, S, D) with equal B, H, D; got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -243,7 +244,7 @@ def select_blocks(
     local = int(local_blocks) if local_blocks is not None else -1
     cap = num_kv_blocks if max_blocks is None else min(int(max_blocks), num_kv_blocks)
     forced_per_row = (force_hi - force_lo) + (2 * local + 1 if local >= 0 else 0)
-    width = min(num_kv_blocks, max(cap, forced_per_row))
+    width = num_kv_blocks if dense_hi > dense_lo else min(num_kv_blocks, max(cap, forced_per_row))
     min_eff = min(int(min_blocks), num_kv_blocks)
     kwargs = dict(
         block_size=block_size,

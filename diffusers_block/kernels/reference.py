@@ -262,7 +262,7 @@ def select_blocks_reference(
 
     Block masses come from :func:`pooled_block_mass` or :func:`antidiagonal_block_mass` (``scoring``); each row keeps the shortest
     prefix of the ranking (forced blocks first, then by mass) whose mass reaches the head's threshold (everything for
-    ``dense`` rows), clamped to [min_blocks, max_blocks] and to at least the forced blocks; written in ascending
+    ``dense`` rows, which max_blocks does not cap), clamped to [min_blocks, max_blocks] and to at least the forced blocks; written in ascending
     block order into ``width`` slots (unused slots hold 0).
     """
     if scoring == "antidiagonal":
@@ -282,7 +282,8 @@ def select_blocks_reference(
     dense_rows = ((qb >= dense[0]) & (qb < dense[1])).view(1, 1, num_q, 1)
     tau = torch.where(dense_rows | (tau >= 1.0), torch.full_like(tau, 2.0), tau)  # 1.0 keeps everything
     k_len = torch.arange(1, num_k + 1, device=q.device)
-    ok = ((cumulative >= tau) | (k_len >= max_blocks)) & (k_len >= min_blocks)
+    cap = torch.where(dense_rows, num_k, max_blocks)  # dense rows: no cap
+    ok = ((cumulative >= tau) | (k_len >= cap)) & (k_len >= min_blocks)
     needed = torch.argmax(ok.to(torch.int8), dim=-1) + 1  # the first prefix length that satisfies the rule
     needed = torch.maximum(needed, forced.sum(-1))
     keep = torch.zeros_like(mass, dtype=torch.bool)
