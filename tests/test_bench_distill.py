@@ -1,0 +1,70 @@
+"""`bench distill` end to end on CPU: every row it promises, on the shipped image model and the video model.
+
+Small sizes (4 reference steps, a few samples); what is checked is that the rows exist, count what they claim
+(forwards, FLOPs) and carry finite quality numbers, not the numbers themselves.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffusers_block.bench import distill as bench_distill
+from diffusers_block.bench.__main__ import main
+from diffusers_block.distill import BlockwiseFlowModel, SegmentSchedule
+from diffusers_block.distill.schedule import split_steps, uniform_sigmas
+from diffusers_block.zoo import load_digits_video_pipeline
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy models gain nothing from threads, and OpenMP stalls on a busy CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp_path, *args) -> dict:
+    main(["distill", *args, "--reference-steps", "4", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("distill-*.json")
+    return json.loads(path.read_text())
+
+
+def _check_rows(result: dict, student_forwards: int) -> dict:
+    rows = {row["name"]: row for row in result["results"]}
+    reference = rows["teacher-4-cfg"]
+    assert reference["forwards"] == pytest.approx(8)  # 4 steps, two forwards each (CFG)
+    assert reference["flops_ratio"] == pytest.approx(1.0)
+    [student] = [row for name, row in rows.items() if name.startswith("student-")]
+    assert student["forwards"] == pytest.approx(student_forwards)  # CFG folded: one forward a step
+    steps = student_forwards // 2  # the baselines spend the student's forwards with CFG
+    for name in bench_distill.SOLVERS:
+        assert rows[f"teacher-{name}-{steps}-cfg"]["forwards"] == pytest.approx(student_forwards)
+    cached = rows[f"teacher-cache-static2-{student_forwards}-cfg"]
+    assert cached["forwards"] < 2 * student_forwards  # every other step's blocks reused
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert math.isfinite(row["fid"]) and row["fid"] >= 0
+        assert row["seconds"] > 0
+    assert reference["psnr_db"] > 60  # the reference against itself: identical outputs
+    return rows
+
+
+def test_bench_distill_image(tmp_path, one_thread):
+    result = _run(tmp_path, "--model", "digits-image", "--per-class", "1")
+    assert result["samples"] == 10
+    _check_rows(result, student_forwards=8)  # the shipped student: 2 segments x 4 steps
+
+
+def test_bench_distill_video(tmp_path, one_thread, monkeypatch):
+    pipe, _ = load_digits_video_pipeline()
+    schedule = SegmentSchedule(uniform_sigmas(4), split_steps(4, 2))
+    student = tmp_path / "student"
+    BlockwiseFlowModel.for_teacher(pipe.transformer, schedule, guidance_scale=5.0).save_pretrained(student)
+    few = lambda per_class: (torch.tensor([1, 7]), torch.tensor([0, 3]))  # noqa: E731 (two clips: digit, motion)
+    monkeypatch.setattr(bench_distill, "balanced_clip_labels", few)
+    result = _run(tmp_path / "out", "--model", "digits-video", "--students", str(student))
+    assert result["samples"] == 2
+    rows = _check_rows(result, student_forwards=4)
+    assert all(0.0 <= row["motion_accuracy"] <= 1.0 for row in rows.values())
