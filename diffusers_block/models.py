@@ -15,6 +15,9 @@ import torch
 
 HIDDEN = "hidden"
 ENCODER = "encoder"
+# A block output that is no stream's update but a value of its own (a VACE block's hint for the main blocks): cached
+# as it is, not as a residual.
+OUTPUT = "output"
 
 # Sub-block roles, each a branch that feeds one residual add inside a block.
 SELF_ATTN = "self_attn"
@@ -31,6 +34,10 @@ TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE)
 
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
+_WAN_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}
+_JOINT_1_SUB_BLOCKS = {SELF_ATTN: "attn1", FFN: "ff"}  # CogVideoX-style joint blocks: one attn1 over text + image
+_LUMINA_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "feed_forward"}
+_Z_IMAGE_SUB_BLOCKS = {SELF_ATTN: "attention", FFN: "feed_forward"}
 
 
 @dataclass(frozen=True)
@@ -38,15 +45,18 @@ class BlockListSpec:
     """One ``ModuleList`` of transformer blocks.
 
     ``returns`` names the streams a block returns, in order: ``("hidden",)`` for blocks returning a single tensor,
-    ``("encoder", "hidden")`` or ``("hidden", "encoder")`` for two-stream blocks. ``sub_blocks`` maps a role
-    (self_attn, cross_attn, ffn, ...) to the child attribute holding that branch.
+    ``("encoder", "hidden")`` or ``("hidden", "encoder")`` for two-stream blocks, ``"output"`` for a returned value
+    that is cached as is. ``sub_blocks`` maps a role (self_attn, cross_attn, ffn, ...) to the child attribute holding
+    that branch. ``hidden_arg`` / ``encoder_arg`` name the streams in the block's forward (the "encoder" stream is
+    whatever second stream a block updates: text, or LTX-2's audio). An ``optional`` list may be None or empty
+    (a model built without it).
 
     ``text`` says where the text tokens sit in the sequence the ``self_attn`` sub-block attends over, which sparse
     attention needs to keep text queries dense and text keys in every image query's lists: ``"first"`` or
-    ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor or
-    by the block itself), ``"separate"`` (the self-attention sees image tokens only; text, if any, comes through
-    cross-attention), or None (unknown: sparse attention refuses the model, block caching still works). A
-    ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
+    ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor, by
+    the block, or by the model before this list), ``"separate"`` (the self-attention sees image tokens only; text,
+    if any, comes through cross-attention), or None (unknown: sparse attention refuses the model, block caching
+    still works). A ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
     """
 
     attr: str
@@ -54,6 +64,7 @@ class BlockListSpec:
     sub_blocks: Mapping[str, str] = field(default_factory=dict)
     hidden_arg: str = "hidden_states"
     encoder_arg: str = "encoder_hidden_states"
+    optional: bool = False
     text: str | None = None
 
     def __post_init__(self):
@@ -107,21 +118,39 @@ FAMILIES: Mapping[str, FamilySpec] = {
         ),
         FamilySpec(
             "cogvideox",
-            ("CogVideoXTransformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn1", FFN: "ff"}, text=TEXT_FIRST),),
+            ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
         ),
         FamilySpec(
             "wan",
-            ("WanTransformer3DModel",),
             (
+                "WanTransformer3DModel",
+                "ChronoEditTransformer3DModel",
+                "SkyReelsV2Transformer3DModel",
+                "WanAnimateTransformer3DModel",  # its face adapter is added to chosen blocks' outputs, not a block
+                "HeliosTransformer3DModel",
+                "AnyFlowTransformer3DModel",
+                "AnyFlowFARTransformer3DModel",
+            ),
+            (BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS, text=TEXT_SEPARATE),),
+        ),
+        FamilySpec(  # VACE blocks run on the control stream and return (hint for the main blocks, control stream)
+            "wan_vace",
+            ("WanVACETransformer3DModel",),
+            (
+                BlockListSpec("blocks", (HIDDEN,), _WAN_SUB_BLOCKS, text=TEXT_SEPARATE),
                 BlockListSpec(
-                    "blocks", (HIDDEN,), {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}, text=TEXT_SEPARATE
+                    "vace_blocks",
+                    (OUTPUT, HIDDEN),
+                    _WAN_SUB_BLOCKS,
+                    hidden_arg="control_hidden_states",
+                    text=TEXT_SEPARATE,
                 ),
             ),
         ),
         FamilySpec(
             "hunyuanvideo",
-            ("HunyuanVideoTransformer3DModel",),
+            ("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
             (
                 BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
                 BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
@@ -148,6 +177,160 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "allegro",
             ("AllegroTransformer3DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
+        ),
+        FamilySpec(
+            "motif_video",
+            ("MotifVideoTransformer3DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
+            ),
+        ),
+        FamilySpec(
+            "auraflow",
+            ("AuraFlowTransformer2DModel",),
+            (
+                BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # the model concatenates [registers + text, image] before these
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}, text=TEXT_FIRST),
+            ),
+        ),
+        FamilySpec(  # Flux descendants whose single blocks take the concatenated sequence alone
+            "chroma",
+            ("ChromaTransformer2DModel", "BriaFiboTransformer2DModel"),
+            (
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # the model concatenates [text, image] before these
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
+            ),
+        ),
+        FamilySpec(  # Flux descendants with Flux's block conventions
+            "flux_like",
+            (
+                "BriaTransformer2DModel",
+                "LongCatImageTransformer2DModel",
+                "OvisImageTransformer2DModel",
+                "Flux2Transformer2DModel",
+            ),
+            (
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
+            ),
+        ),
+        FamilySpec(
+            "qwenimage",
+            ("QwenImageTransformer2DModel",),
+            (
+                BlockListSpec(
+                    "transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_FIRST
+                ),
+            ),
+        ),
+        FamilySpec(
+            "cogview",
+            (
+                "CogView3PlusTransformer2DModel",
+                "CogView4Transformer2DModel",
+                "GlmImageTransformer2DModel",
+                "EasyAnimateTransformer3DModel",
+            ),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
+        ),
+        FamilySpec(
+            "sana",
+            ("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
+        ),
+        FamilySpec(  # joint sequence: the refiners run on image and text tokens apart, then layers on both together
+            "lumina2",
+            ("Lumina2Transformer2DModel",),
+            tuple(
+                BlockListSpec(attr, (HIDDEN,), _LUMINA_SUB_BLOCKS)
+                for attr in ("noise_refiner", "context_refiner", "layers")
+            ),
+        ),
+        FamilySpec(
+            "lumina_next",
+            ("LuminaNextDiT2DModel",),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {**_LUMINA_SUB_BLOCKS, SELF_ATTN: "attn1", CROSS_ATTN: "attn2"},
+                    text=TEXT_SEPARATE,
+                ),
+            ),
+        ),
+        FamilySpec(  # blocks take ``x``; the SigLIP refiner exists only in the image-editing variant
+            "z_image",
+            ("ZImageTransformer2DModel", "BriaFibo2Transformer2DModel"),
+            tuple(
+                BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional)
+                for attr, optional in (
+                    ("noise_refiner", False),
+                    ("context_refiner", True),  # Bria-Fibo-2 refines no text
+                    ("siglip_refiner", True),
+                    ("layers", False),
+                )
+            ),
+        ),
+        FamilySpec(
+            "ernie_image",
+            ("ErnieImageTransformer2DModel",),
+            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attention", FFN: "mlp"}, hidden_arg="x"),),
+        ),
+        FamilySpec(  # image tokens attend to [image, text]; only the image stream is updated
+            "nucleus_moe",
+            ("NucleusMoEImageTransformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+        ),
+        FamilySpec(
+            "hunyuan_dit",
+            ("HunyuanDiT2DModel",),
+            # the long skips enter as extra arguments
+            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
+        ),
+        FamilySpec(
+            "hunyuanvideo15",
+            ("HunyuanVideo15Transformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "joyimage",
+            ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
+            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_LAST),),
+        ),
+        FamilySpec(  # sub-blocks sit one level down (block.block), so only whole blocks are cached
+            "hidream",
+            ("HiDreamImageTransformer2DModel",),
+            (
+                BlockListSpec("double_stream_blocks", (HIDDEN, ENCODER)),
+                BlockListSpec("single_stream_blocks", (HIDDEN,)),
+            ),
+        ),
+        FamilySpec(
+            "cosmos",
+            ("CosmosTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
+        ),
+        FamilySpec(  # the second stream is audio: video and audio tokens update each other every block
+            "ltx2",
+            ("LTX2VideoTransformer3DModel",),
+            (
+                BlockListSpec(
+                    "transformer_blocks",
+                    (HIDDEN, ENCODER),
+                    _BASIC_SUB_BLOCKS,
+                    encoder_arg="audio_hidden_states",
+                    text=TEXT_SEPARATE,  # attn1 is the video tokens' self-attention; text comes through attn2
+                ),
+            ),
+        ),
+        FamilySpec("prx", ("PRXTransformer2DModel",), (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}),)),
+        FamilySpec(
+            "omnigen",
+            ("OmniGenTransformer2DModel",),
+            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attn", FFN: "mlp"}),),
         ),
         FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
             "policy",
@@ -291,6 +474,8 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
     blocks = []
     for spec in block_lists:
         container = getattr(model, spec.attr, None)
+        if spec.optional and (container is None or len(container) == 0):
+            continue
         if not isinstance(container, torch.nn.ModuleList):
             raise _unsupported(model, f"expected a ModuleList at `{spec.attr}`, found {type(container).__name__}")
         for index, block in enumerate(container):

@@ -20,6 +20,8 @@ def random_init_(model: torch.nn.Module, seed: int, smooth_timesteps: bool = Tru
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     for name, param in model.named_parameters():
+        if param.numel() == 0:  # e.g. a table sized by an optional feature that is off (BriaFibo2's unused slots)
+            continue
         if param.ndim >= 2:
             param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
         elif name.endswith("weight"):

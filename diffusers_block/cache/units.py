@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import ENCODER, HIDDEN, BlockListSpec, UnsupportedModelError, argument_index, get_argument
+from ..models import ENCODER, HIDDEN, OUTPUT, BlockListSpec, UnsupportedModelError, argument_index, get_argument
 
 
 def stream_shapes(hidden, encoder) -> tuple[tuple[int, ...], ...]:
@@ -93,6 +93,9 @@ class BlockUnit:
             )
         residuals = []
         for role, out in zip(roles, outputs):
+            if role == OUTPUT:
+                residuals.append(out)
+                continue
             inp = inputs[role]
             if out is None or inp is None:
                 residuals.append(None)
@@ -110,7 +113,7 @@ class BlockUnit:
         if self._bare:
             return inputs[HIDDEN] + residuals[0]
         return tuple(
-            None if residual is None else inputs[role] + residual
+            residual if residual is None or role == OUTPUT else inputs[role] + residual
             for role, residual in zip(self.spec.returns, residuals)
         )
 
