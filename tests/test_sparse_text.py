@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -370,3 +371,25 @@ def test_text_query_blocks_ignore_max_blocks():
     assert mask[..., 5:, :].all()  # query blocks 5, 6 hold text queries (85..99)
     assert mask[..., 5:].all()  # key blocks 5, 6 hold the text keys
     assert (count[..., :5] == 2).all()  # image rows: the two text blocks (forced), nothing else (max_blocks=1)
+
+
+# Families whose model concatenates [text, image] before a list of one-stream blocks (no text argument there): the
+# text length comes from the last block of the forward that got text. (AuraFlow prepends 8 register tokens.)
+CONCATENATED_BEFORE = {"AuraFlowTransformer2DModel": 16, "ChromaTransformer2DModel": 8}
+
+
+@pytest.mark.parametrize("cls_name", sorted(CONCATENATED_BEFORE))
+def test_lists_after_the_concatenation_find_the_text(cls_name, monkeypatch):
+    from tests.coverage import RECIPES
+
+    model, kwargs = RECIPES[cls_name].build()
+    config = dataclasses.replace(VERY_SPARSE, block_size=4)
+    monkeypatch.setattr(sys.modules[__name__], "BS", 4)
+    spy = _Spy(monkeypatch)
+    db.enable_sparse_attention(model, config)
+    with torch.no_grad():
+        model(**kwargs)
+    single = [r for r in spy.calls if r["hook"].name.startswith("single_transformer_blocks")]
+    assert single and all(r["hook"].text == "first" for r in single)
+    assert {_check_call(r, config)[0] for r in spy.calls} == {CONCATENATED_BEFORE[cls_name]}
+    db.disable_sparse_attention(model)
