@@ -173,6 +173,14 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 ),
             ),
         ),
+        FamilySpec(  # spatial blocks over each frame's tokens, temporal blocks over each position's frames; no text
+            "latte",  # in either's self-attention (the generic adapter cannot tell for the temporal blocks)
+            ("LatteTransformer3DModel",),
+            tuple(
+                BlockListSpec(attr, (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE)
+                for attr in ("transformer_blocks", "temporal_transformer_blocks")
+            ),
+        ),
         FamilySpec(
             "allegro",
             ("AllegroTransformer3DModel",),
