@@ -55,8 +55,8 @@ def test_tma_view_refuses_what_tma_cannot_address():
 
 def test_not_eligible_off_hopper_or_when_turned_off(monkeypatch):
     q, k, v = make_qkv(1, 2, 256, 256, 128, torch.bfloat16)
-    index, _ = random_block_lists(1, 2, 2, 2)
-    assert not hopper.eligible(q, k, v, index, 128, None)  # CPU tensors
+    index, count = random_block_lists(1, 2, 2, 2)
+    assert not hopper.eligible(q, k, v, index, count, 128, None)  # CPU tensors
     monkeypatch.setattr(hopper, "SWITCH", "1")
     assert hopper.enabled() == hopper.IMPORTED
     with hopper.turned_off():
@@ -113,11 +113,14 @@ def test_gpu_hopper_kernel_matches_reference(case, dtype, scatter):
     with hopper.turned_off():  # the Triton-language kernel on the same call
         triton_out = block_sparse_attention(q, k, v, index, count, block_size=128, out_rows=rows)
     assert (out.float() - triton_out.float()).abs().max().item() <= tol
-    # the launcher routes the head dims in CONFIG here, and the result is this kernel's
-    assert hopper.eligible(q, k, v, index, 128, None) == (dim in hopper.CONFIG)
+    # the launcher routes the head dims in CONFIG here where the lists are wide by their counts, and the result is
+    # this kernel's
+    routed_here = dim in hopper.CONFIG and hopper.lists_wide_enough(dim, index, count, nk)
+    assert hopper.eligible(q, k, v, index, count, 128, None) == routed_here
+    assert routed_here or lists == "random"  # every block listed: always here
     routed = block_sparse_attention(q, k, v, index, count, block_size=128, out_rows=rows)
     assert not hopper.FAST_PATH.failures, hopper.FAST_PATH.failures
-    if dim in hopper.CONFIG:
+    if routed_here:
         assert torch.equal(routed, out)
 
 
@@ -127,3 +130,81 @@ def test_list_width_routing_per_head_dim():
     assert hopper.wide_enough(128, 26, 256) and hopper.wide_enough(128, 59, 592)  # 10% at 32K / 75K tokens
     assert not hopper.wide_enough(128, 13, 256) and not hopper.wide_enough(128, 30, 592)  # 5%
     assert not hopper.wide_enough(96, 256, 256)  # no config for other head dims
+
+
+def _lists(capacity: int, width: int, num_kv_blocks: int = 256):
+    """(index, count) of capacity ``capacity`` (``max_blocks``, or every key block when uncapped), each row listing
+    ``width`` blocks."""
+    index = torch.arange(capacity, dtype=torch.int32).expand(1, 2, 4, capacity).contiguous()
+    return index, torch.full((1, 2, 4), width, dtype=torch.int32)
+
+
+def test_routing_reads_the_counts_not_the_capacity():
+    """Uncapped lists (``max_blocks=None``: capacity = every key block) that list 5% of the blocks take the
+    Triton-language kernel at head dim 128, as 5% lists of capacity 5% do; 10% lists take the Gluon kernel."""
+    index, count = _lists(256, 13)
+    assert hopper.wide_enough(128, index.shape[-1], 256)  # what the capacity alone said (the old rule)
+    assert not hopper.lists_wide_enough(128, index, count, 256)  # 13 of 256 blocks: the narrow-list path
+    assert hopper.lists_wide_enough(128, *_lists(256, 26), 256)  # 10%: the Gluon kernel
+    assert not hopper.lists_wide_enough(128, *_lists(13, 13), 256)
+    # head dim 64: from half the blocks, by the counts
+    assert not hopper.lists_wide_enough(64, *_lists(256, 127), 256) and hopper.lists_wide_enough(
+        64, *_lists(256, 128), 256
+    )
+    # uneven rows: the mean decides (one dense row among narrow ones does not make the lists wide)
+    count = torch.tensor([[[256, 4, 4, 4], [4, 4, 4, 4]]], dtype=torch.int32)
+    assert not hopper.lists_wide_enough(64, index, count, 256)
+    assert hopper.mean_list_width(count, 256) == pytest.approx((256 + 7 * 4) / 8)
+    # counts past the capacity count as the capacity, as the kernels clamp them
+    assert hopper.mean_list_width(torch.full((1, 1, 2), 400, dtype=torch.int32), 256) == 256.0
+
+
+def test_routing_takes_the_callers_width_and_reads_it_only_when_needed():
+    index, count = _lists(256, 13)
+    asked = []
+
+    def width():
+        asked.append(1)
+        return 200.0
+
+    assert hopper.lists_wide_enough(128, index, count, 256, width)  # the caller's width, not the counts
+    assert asked == [1]
+    assert not hopper.lists_wide_enough(128, index, count, 256, 13.0)
+    # a capacity under the share decides alone: the width is not asked for (no device sync on a GPU)
+    assert not hopper.lists_wide_enough(128, *_lists(16, 16), 256, width)
+    assert not hopper.lists_wide_enough(96, index, count, 256, width)  # no kernel for this head dim
+    assert asked == [1]
+
+
+@pytest.mark.parametrize("approximation", [None, "cached"])
+def test_sparse_attention_passes_each_selections_width_read_once(monkeypatch, approximation):
+    """The hook's path hands the launcher the lists' mean width, computed once per selection however many calls
+    reuse the lists (one device sync per selection at most, none per call); the cached approximation's complement
+    gets the complement's width."""
+    from diffusers_block import SparseAttentionConfig
+    from diffusers_block.attention import functional
+
+    widths, reads = [], []
+    kernel, mean_width = functional.block_sparse_attention, functional.mean_list_width
+
+    def spy_kernel(*args, list_width=None, **kwargs):
+        widths.append((list_width(), args[4]))  # what the launcher would read, and the counts it was for
+        return kernel(*args, list_width=list_width, **kwargs)
+
+    def spy_mean(count, capacity):
+        reads.append(1)
+        return mean_width(count, capacity)
+
+    monkeypatch.setattr(functional, "block_sparse_attention", spy_kernel)
+    monkeypatch.setattr(functional, "mean_list_width", spy_mean)
+    q, k, v = make_qkv(1, 2, 128, 128, 32, torch.float32)
+    config = SparseAttentionConfig(threshold=0.5, block_size=16, min_tokens=0, approximation=approximation)
+    common = dict(config=config, thresholds=torch.full((2,), 0.5), scale=None, text=0, text_first=False, grid=None)
+    _, selection = functional.sparse_self_attention(q, k, v, **common)
+    for _ in range(2):
+        functional.sparse_self_attention(q, k, v, selection=selection, **common)
+    assert len(reads) == 1  # once for the selection, not per call
+    for width, count in widths:
+        assert width == pytest.approx(count.float().mean().item())
+    assert len(widths) == (4 if approximation == "cached" else 3)  # the complement once, on the selection call
+    assert 0 < selection.mean_width() < 8

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import block_sparse_attention, gather_tokens, select_blocks, skipped_block_lists
+from ..kernels.block_sparse_attention_hopper import mean_list_width
 from .config import SparseAttentionConfig
 from .layout import token_permutation
 
@@ -36,6 +37,7 @@ class Selection:
     #: output (B, H, S, D), both in the original token order, from the step the lists were selected.
     skipped: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
     _density: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _mean_width: float | None = field(default=None, repr=False, compare=False)
 
     def density(self) -> torch.Tensor:
         """Kept fraction of key blocks per head, (H,) fp32 on the device (no host sync); computed once, since a
@@ -43,6 +45,13 @@ class Selection:
         if self._density is None:
             self._density = self.count.float().mean(dim=(0, 2)) / self.num_kv_blocks
         return self._density
+
+    def mean_width(self) -> float:
+        """Mean listed key blocks per query block, on the host: the kernel launcher routes by it. Read once per
+        selection (one device sync), and only where the route depends on it (the launcher calls this lazily)."""
+        if self._mean_width is None:
+            self._mean_width = mean_list_width(self.count, self.index.shape[-1])
+        return self._mean_width
 
 
 def sparse_self_attention(
@@ -129,7 +138,7 @@ def sparse_self_attention(
         )
         selection = Selection(index, count, math.ceil(k.shape[2] / bs), step, shape)
 
-    def attend(index: torch.Tensor, count: torch.Tensor, approximation: str | None = None):
+    def attend(index: torch.Tensor, count: torch.Tensor, list_width, approximation: str | None = None):
         out = torch.empty((batch, seq, heads, head_dim), device=q.device, dtype=q.dtype).transpose(1, 2)
         _, lse = block_sparse_attention(
             q,
@@ -143,16 +152,18 @@ def sparse_self_attention(
             out=out,
             out_rows=perm,
             return_lse=True,
+            list_width=list_width,
         )
         return out, lse
 
     if config.approximation != "cached":
-        return attend(selection.index, selection.count, config.approximation)[0], selection
-    out, lse = attend(selection.index, selection.count)
+        return attend(selection.index, selection.count, selection.mean_width, config.approximation)[0], selection
+    out, lse = attend(selection.index, selection.count, selection.mean_width)
     if select:
         # The complement of the lists: both results together are dense attention; keep the skipped part for reuse.
         skipped_out, skipped_lse = attend(
-            *skipped_block_lists(selection.index, selection.count, selection.num_kv_blocks)
+            *skipped_block_lists(selection.index, selection.count, selection.num_kv_blocks),
+            lambda: selection.num_kv_blocks - selection.mean_width(),
         )
         share = torch.nan_to_num(torch.sigmoid(skipped_lse - lse))  # in the kernel's (permuted) order
         if perm is not None:

@@ -14,7 +14,9 @@ Three parts, each written to the JSON as soon as it is done (a later failure kee
             and the host time of queuing a selection and a selection + attention call is recorded beside it;
   e2e       the Wan2.1-1.3B architecture with random weights (bench/architectures.py) at 480x832x81 frames:
             full flow-matching schedules, dense (cuDNN SDPA) vs sparse attention vs sparse attention + block
-            caching, ms per step, the density reached, and the final latents' relative L2 to dense;
+            caching, ms per step, the density reached, and the final latents' relative L2 to dense; with
+            ``--config default`` exactly ``SparseAttentionConfig()`` and ``enable_block_cache()``'s default, as a
+            user gets them (bench/sparse_config.py);
   profile   one transformer forward of that model per mode (dense; sparse reusing masks; the same with the
             rotary embedding left in the processor; sparse selecting masks) under torch.profiler: GPU time per
             kernel, grouped, so that what is not attention shows.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from .. import (
     SparseAttentionConfig,
     StaticScheduleConfig,
+    block_cache_summary,
     disable_block_cache,
     disable_sparse_attention,
     enable_block_cache,
@@ -47,6 +50,7 @@ from .. import (
     sparse_attention_summary,
 )
 from ..attention.functional import sparse_self_attention
+from ..cache.apply import default_cache_config
 from ..kernels import (
     block_mask_from_index,
     block_sparse_attention,
@@ -58,7 +62,7 @@ from ..kernels import (
 )
 from ..kernels import block_sparse_attention_hopper as hopper
 from . import refresh as refresh_option
-from . import report
+from . import report, sparse_config
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
 from .cache import sample
 
@@ -101,6 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stride", type=int, default=8, help="antidiagonal stride (kernel timing, validation, e2e)")
     parser.add_argument("--repeats", type=int, default=2, help="e2e: timed schedules per run (median)")
+    sparse_config.add_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--seed", type=int, default=0)
@@ -555,8 +560,8 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
 
     full_index, full_count = dense_block_index(1, heads, nb, nb, device=device)
 
-    def dense_mode():
-        return block_sparse_attention(q, k, v, full_index, full_count, block_size=bs)
+    def dense_mode():  # every block listed: the width is known, no count is read
+        return block_sparse_attention(q, k, v, full_index, full_count, block_size=bs, list_width=nb)
 
     def dense_triton():  # the Triton-language kernel on the same lists, for comparison
         with hopper.turned_off():
@@ -566,7 +571,8 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
         with _cudnn():
             return F.scaled_dot_product_attention(q, k, v)
 
-    result["dense_kernel"] = "gluon-hopper" if hopper.eligible(q, k, v, full_index, bs, None) else "triton"
+    gluon = hopper.eligible(q, k, v, full_index, full_count, bs, None, list_width=nb)
+    result["dense_kernel"] = "gluon-hopper" if gluon else "triton"
     contenders = {"ours_dense_ms": dense_mode}
     if result["dense_kernel"] != "triton":
         contenders["ours_dense_triton_ms"] = dense_triton
@@ -597,14 +603,23 @@ def _kernel_case(args, device, seq: int, head_dim: int, bs: int, dtype, flex) ->
             )  # fmt: skip
         except Exception as error:
             row["select_antidiagonal_error"] = f"{type(error).__name__}: {error}"[:500]
+        # Threshold 1.0: every row lists exactly `keep` blocks, so the calls pass the width (no count is read).
         row["attention_ms"] = timed(
-            lambda index=index, count=count: block_sparse_attention(q, k, v, index, count, block_size=bs)
+            lambda index=index, count=count, keep=keep: block_sparse_attention(
+                q, k, v, index, count, block_size=bs, list_width=keep
+            )
         )
-        row["total_ms"] = timed(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs))
+        row["total_ms"] = timed(
+            lambda keep=keep: block_sparse_attention(q, k, v, *select(), block_size=bs, list_width=keep)
+        )
         row["select_host_ms"] = host_ms(select, device)
-        row["total_host_ms"] = host_ms(lambda: block_sparse_attention(q, k, v, *select(), block_size=bs), device)
+        row["total_host_ms"] = host_ms(
+            lambda keep=keep: block_sparse_attention(q, k, v, *select(), block_size=bs, list_width=keep), device
+        )
         row["total_zeroth_ms"] = timed(
-            lambda: block_sparse_attention(q, k, v, *select(), block_size=bs, approximation="zeroth")
+            lambda keep=keep: block_sparse_attention(
+                q, k, v, *select(), block_size=bs, approximation="zeroth", list_width=keep
+            )
         )
         if flex is not None:
             padded = torch.zeros(1, heads, nb, nb, dtype=torch.int32, device=device)
@@ -726,6 +741,18 @@ def _model_sparse_options(args, tokens: int, cpu: bool) -> dict:
     }
 
 
+def _model_config(args, tokens: int, cpu: bool) -> SparseAttentionConfig:
+    """The sparse config of e2e: the command line's options (``--config options``), or the library default itself
+    (``--config default``, with any ``--default-override``; the command line's sparse options are ignored)."""
+    if args.config == "default":
+        return sparse_config.default_config(args)
+    return SparseAttentionConfig(
+        **_model_sparse_options(args, tokens, cpu),
+        dense_steps=args.dense_steps,
+        **refresh_option.config_options(args.refresh),
+    )
+
+
 def e2e(args, device: torch.device) -> dict:
     cpu = device.type != "cuda"
     name = args.model
@@ -733,10 +760,14 @@ def e2e(args, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype] if not cpu else torch.float32
     model = build(arch, device, dtype, args.seed)
     tokens = num_tokens(arch)
-    base = _model_sparse_options(args, tokens, cpu)
-    block_size = base["block_size"]
-    config = SparseAttentionConfig(**base, dense_steps=args.dense_steps, **refresh_option.config_options(args.refresh))
-    cache = StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
+    config = _model_config(args, tokens, cpu)
+    block_size = config.block_size
+    # --config default: the block cache's default too (enable_block_cache with no config), as a user gets both.
+    cache = (
+        None
+        if args.config == "default"
+        else StaticScheduleConfig(interval=args.cache_interval, warmup_steps=args.dense_steps, cooldown_steps=1)
+    )
     latents = noise(arch, device, args.seed)
     prompts = {"cond": conditioning(arch, device, dtype, args.seed + 1)}
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -771,6 +802,7 @@ def e2e(args, device: torch.device) -> dict:
                 yield
         finally:
             summaries["sparse+cache"] = sparse_attention_summary(model)
+            cache_fractions["sparse+cache"] = block_cache_summary(model).fraction_computed
             disable_block_cache(model)
             disable_sparse_attention(model)
 
@@ -781,18 +813,20 @@ def e2e(args, device: torch.device) -> dict:
             with _cudnn() if not cpu else nullcontext():
                 yield
         finally:
+            cache_fractions["cache"] = block_cache_summary(model).fraction_computed
             disable_block_cache(model)
 
     summaries: dict = {}
+    cache_fractions: dict = {}  # block work the cache computed, of the last schedule
     runs = {"dense": dense, "sparse": sparse, "sparse+cache": sparse_cached, "cache": cached}
-    print(f"\ne2e: {name}, {tokens} tokens, {steps} steps, {config}")
+    print(f"\ne2e: {name}, {tokens} tokens, {steps} steps, {config}, cache {cache or default_cache_config()}")
     times = {key: [] for key in runs}
     final = {}
     with torch.inference_mode():
         forward_ms = _forward_times(model, arch, latents, prompts, config, device, cpu)
         for context in runs.values():  # warm-up: kernel selection, autotuning, allocator
             with context():
-                sample(model, arch, scheduler, latents, prompts, min(steps, args.dense_steps + 2))
+                sample(model, arch, scheduler, latents, prompts, min(steps, config.dense_steps + 2))
         for repeat in range(args.repeats):
             for key, context in runs.items():
                 with context():
@@ -810,11 +844,8 @@ def e2e(args, device: torch.device) -> dict:
         "block_size": block_size,
         "forward_ms": forward_ms,
         "config": {f: getattr(config, f) for f in config.__dataclass_fields__},
-        "cache_config": {
-            "interval": cache.interval,
-            "warmup_steps": cache.warmup_steps,
-            "cooldown_steps": cache.cooldown_steps,
-        },
+        "sparse_config": sparse_config.record(config),
+        "cache_config": {"repr": repr(default_cache_config() if cache is None else cache), "is_default": cache is None},
         "runs": {},
     }
     dense_ms = statistics.median(times["dense"])
@@ -831,6 +862,8 @@ def e2e(args, device: torch.device) -> dict:
         if key in summaries:
             row["sparse_density"] = summaries[key].sparse_density
             row["overall_density"] = summaries[key].overall_density
+        if key in cache_fractions:
+            row["cache_fraction_computed"] = cache_fractions[key]
         result["runs"][key] = row
         rows.append({"run": key, **row})
     report.print_table(
@@ -914,13 +947,14 @@ def profile(args, device: torch.device) -> dict:
     dtype = DTYPES[args.dtype] if not cpu else torch.float32
     model = build(arch, device, dtype, args.seed)
     tokens = num_tokens(arch)
-    base = _model_sparse_options(args, tokens, cpu) | {"dense_steps": 0}
-    block_size = base["block_size"]
+    # Every forward sparse (no dense steps, no stage-wise schedule), selecting or reusing as the mode says.
+    base = dataclasses.replace(_model_config(args, tokens, cpu), dense_steps=0, refresh_schedule=None)
+    block_size = base.block_size
     modes = {
         "dense": None,
-        "sparse_reuse": SparseAttentionConfig(**base, refresh_interval=10**9),
-        "sparse_reuse_unfused_rotary": SparseAttentionConfig(**base, refresh_interval=10**9, fuse_rotary=False),
-        "sparse_select": SparseAttentionConfig(**base, refresh_interval=1),
+        "sparse_reuse": dataclasses.replace(base, refresh_interval=10**9),
+        "sparse_reuse_unfused_rotary": dataclasses.replace(base, refresh_interval=10**9, fuse_rotary=False),
+        "sparse_select": dataclasses.replace(base, refresh_interval=1),
     }
     hidden = noise(arch, device, args.seed).to(model.dtype)
     prompt = conditioning(arch, device, dtype, args.seed + 1)

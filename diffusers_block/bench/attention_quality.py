@@ -9,6 +9,11 @@ layer's attention output against exact
 attention on the same inputs (``measure_error``: the approximation alone, not the drift from earlier layers; mean
 over branches and sparse steps). The model has 576 tokens, so blocks are small (``--block-size``, default 32: 18
 key blocks per query block) and ``min_tokens=0`` lets the sparse path run at all.
+
+``--config default`` runs exactly ``SparseAttentionConfig()`` instead, one run (no layer errors: measuring them would
+change the config); with its ``min_tokens`` of 4096 that is dense attention on both video models (576 and 2,304
+tokens), which the run records (``sparse_calls`` 0), and ``--default-override min_tokens=0 block_size=32`` measures
+the default's selection rule at this scale.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import numpy as np
 import torch
 
 from .. import SparseAttentionConfig, disable_sparse_attention, enable_sparse_attention, sparse_attention_summary
+from ..attention.summary import REUSED, SELECTED
 from ..eval.classifier import DigitClassifier
 from ..eval.digits import balanced_clip_labels, class_accuracy, generate_clips
 from ..eval.metrics import psnr, ssim
 from ..zoo import load_digits_video_pipeline, model_path
 from . import refresh as refresh_option
-from . import report
+from . import report, sparse_config
 
 #: Video models: folder (None: found by name, zoo.locate.model_path), canvas size (px), and how to train it where it
 #: does not ship. "digits-video-64" is a
@@ -55,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh", nargs="+", type=refresh_option.parse, default=[2], help=refresh_option.HELP)
     parser.add_argument("--scoring", choices=["mean", "antidiagonal"], default="mean", help="block scoring")
     parser.add_argument("--stride", type=int, default=2, help="antidiagonal stride (block size / stride >= 4 on GPU)")
+    sparse_config.add_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", help="result file stem (default: attention-quality-MODEL)")
@@ -74,18 +81,7 @@ def run(args) -> dict:
 
     reference = generate()
     rows, layer_names = [], None
-    for approximation, refresh, threshold in itertools.product(args.approximations, args.refresh, args.thresholds):
-        config = SparseAttentionConfig(
-            threshold=threshold,
-            block_size=args.block_size,
-            dense_steps=args.dense_steps,
-            **refresh_option.config_options(refresh),
-            approximation=None if approximation == "none" else approximation,
-            min_tokens=0,
-            measure_error=True,
-            scoring=args.scoring,
-            stride=args.stride,
-        )
+    for config in _configs(args):
         enable_sparse_attention(pipe, config)
         try:
             clips = generate()
@@ -94,14 +90,18 @@ def run(args) -> dict:
             disable_sparse_attention(pipe)
         layer_names = summary.layer_names
         measured = summary.attention_error[~np.isnan(summary.attention_error)]
+        ran_sparse = int(np.isin(summary.mode, (SELECTED, REUSED)).sum())
         rows.append(
             {
-                "approximation": approximation,
-                "refresh": refresh_option.label(refresh),
-                "threshold": threshold,
+                "config": sparse_config.record(config),
+                "approximation": config.approximation or "none",
+                "refresh": refresh_option.label(config.refresh_schedule or config.refresh_interval),
+                "threshold": config.threshold,
+                "sparse_calls": ran_sparse,
                 "sparse_density": summary.sparse_density,
                 "overall_density": summary.overall_density,
-                "psnr_db": psnr(clips, reference, data_range=1.0, reduction="mean").item(),
+                # None where the clips are identical to dense (infinite PSNR; e.g. no call ran sparse)
+                "psnr_db": _number(psnr(clips, reference, data_range=1.0, reduction="mean").item()),
                 "ssim": ssim(clips.flatten(0, 1), reference.flatten(0, 1), data_range=1.0, reduction="mean").item(),
                 "accuracy": class_accuracy(classifier, clips, digits),
                 "attention_error_mean": float(measured.mean()) if measured.size else None,
@@ -114,6 +114,7 @@ def run(args) -> dict:
             ("approximation", "skipped blocks", str),
             ("refresh", "refresh", str),
             ("threshold", "threshold", "{:g}".format),
+            ("sparse_calls", "sparse calls", str),
             ("sparse_density", "kept (sparse steps)", "{:.1%}".format),
             ("overall_density", "kept (all steps)", "{:.1%}".format),
             ("psnr_db", "PSNR dB", "{:.2f}".format),
@@ -139,7 +140,30 @@ def run(args) -> dict:
     return payload
 
 
+def _configs(args) -> list[SparseAttentionConfig]:
+    """The configs to run: ``--config default``: the library default (with any ``--default-override``), one run;
+    ``--config options``: every (approximation, refresh, threshold) of the command line, with the layer errors
+    measured (``measure_error``)."""
+    if args.config == "default":
+        return [sparse_config.default_config(args)]
+    return [
+        SparseAttentionConfig(
+            threshold=threshold,
+            block_size=args.block_size,
+            dense_steps=args.dense_steps,
+            **refresh_option.config_options(refresh),
+            approximation=None if approximation == "none" else approximation,
+            min_tokens=0,
+            measure_error=True,
+            scoring=args.scoring,
+            stride=args.stride,
+        )
+        for approximation, refresh, threshold in itertools.product(args.approximations, args.refresh, args.thresholds)
+    ]
+
+
 def _number(value) -> float | None:
-    """A float for the JSON file, None for NaN (not measured), which JSON cannot hold."""
+    """A float for the JSON file, None for NaN (not measured) or infinity (identical outputs), which JSON cannot
+    hold."""
     value = float(value)
-    return None if math.isnan(value) else value
+    return None if not math.isfinite(value) else value

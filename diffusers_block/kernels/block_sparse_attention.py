@@ -507,6 +507,7 @@ def block_sparse_attention(
     statistics: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
+    list_width: hopper.ListWidth = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Non-causal block-sparse attention ``softmax(q k^T * scale + block_mask) v``.
 
@@ -525,6 +526,11 @@ def block_sparse_attention(
             buffer, which a processor then flattens for free); a new contiguous tensor if None.
         out_rows: int (S_q,): result row ``i`` is written to row ``out_rows[i]`` of ``out`` (a permutation: the
             inverse token reordering, fused into the store). lse stays in the input order.
+        list_width: the mean of ``block_count`` (listed key blocks per query block) if the caller knows it, or a
+            function giving it: the launcher routes by the lists' actual width, not ``block_index``'s capacity
+            (:func:`~.block_sparse_attention_hopper.lists_wide_enough`). Needed only on Hopper where the capacity
+            is wide enough for the Gluon kernel; None reads it from ``block_count`` there (one device sync), so
+            lists reused over several calls should pass it.
 
     Returns:
         ``out`` (B, H, S_q, D) in q's dtype, or ``(out, lse)``. Query blocks with count 0 give zeros and lse -inf.
@@ -645,9 +651,10 @@ def block_sparse_attention(
         _block_sparse_attn_fwd[grid(meta)](*args, **meta, USE_TMA=False)
         return (out, lse) if return_lse else out
     with torch.cuda.device(q.device):
-        # Hopper, wide lists: the warp-specialized Gluon kernel (its docstring says why and when); a compile or
-        # launch failure turns it off on this device and the Triton-language kernel serves the call.
-        if hopper.eligible(q, k, v, block_index, block_size, approximation) and hopper.FAST_PATH.run(
+        # Hopper, lists wide by their counts: the warp-specialized Gluon kernel (its docstring says why and when); a
+        # compile or launch failure turns it off on this device and the Triton-language kernel serves the call.
+        gluon = hopper.eligible(q, k, v, block_index, block_count, block_size, approximation, list_width)
+        if gluon and hopper.FAST_PATH.run(
             q.device, lambda: hopper.launch(q, k, v, out, out_rows, lse, block_index, block_count, scale, block_size)
         ):
             return (out, lse) if return_lse else out

@@ -26,8 +26,8 @@ by mbarriers, and the asynchronous warpgroup MMA with explicit waits.
 Same contract as :func:`.block_sparse_attention.block_sparse_attention` for what it covers (fp16 or bf16, head dim
 64 or 128, no approximation of skipped blocks, layouts a 2-D TMA view addresses: :func:`tma_view`). The launcher there
 routes calls here (:func:`eligible`) where it measured faster than the Triton-language kernel: lists wide enough
-(:func:`wide_enough`; at head dim 64 dense lists and the cached approximation's complement, at 128 from 8% of the
-blocks). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it
+by their mean count, not the index tensor's capacity (:func:`lists_wide_enough`; at head dim 64 dense lists and the
+cached approximation's complement, at 128 from 8% of the blocks). Gluon's API moves between Triton releases (3.9 renamed the TMA copy), so the kernel runs on the versions it
 was validated on (:data:`VALIDATED_TRITON`; ``DIFFUSERS_BLOCK_GLUON`` = ``0`` / ``1`` turns it off / on regardless)
 and a compile or launch failure falls back to the Triton-language kernel on that device for the rest of the process
 (:data:`FAST_PATH`). Measured in
@@ -39,6 +39,7 @@ the ping-pong 90.9% / 90.9% (Triton-language kernel 83.7% / 77.9%, this kernel w
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -64,7 +65,22 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the insta
     gluon = gl = TensorDescriptor = None
     IMPORTED = False
 
-__all__ = ["CONFIG", "FAST_PATH", "eligible", "enabled", "launch", "tma_view", "turned_off", "wide_enough"]
+__all__ = [
+    "CONFIG",
+    "FAST_PATH",
+    "eligible",
+    "enabled",
+    "launch",
+    "lists_wide_enough",
+    "mean_list_width",
+    "tma_view",
+    "turned_off",
+    "wide_enough",
+]
+
+#: The lists' mean width where the caller knows it: a number, a function giving one (called only where the route
+#: depends on it), or None (read from the counts there).
+ListWidth = float | Callable[[], float] | None
 
 #: (BLOCK_N, NUM_STAGES, BLOCK_M) per head dim the launcher routes here: the fastest of the labs' candidates on an
 #: H100 (16 query rows per consumer warp). BLOCK_M 64 is one consumer warpgroup with a register cap that fits two CTAs
@@ -704,8 +720,10 @@ def enabled(device=None) -> bool:
     return SWITCH == "1" or ".".join(triton.__version__.split(".")[:2]) in VALIDATED_TRITON
 
 
-def eligible(q, k, v, block_index, block_size: int, approximation) -> bool:
-    """Whether this kernel serves a call (the inputs have passed the launcher's checks)."""
+def eligible(q, k, v, block_index, block_count, block_size: int, approximation, list_width: ListWidth = None) -> bool:
+    """Whether this kernel serves a call (the inputs have passed the launcher's checks): a Hopper GPU, a head dim and
+    dtype it covers, and lists wide enough by their actual width (:func:`lists_wide_enough`, checked last: it may
+    read the counts)."""
     if not q.is_cuda or not enabled(q.device) or approximation is not None:
         return False
     head_dim = q.shape[-1]
@@ -714,15 +732,42 @@ def eligible(q, k, v, block_index, block_size: int, approximation) -> bool:
     block_n, _, block_m = CONFIG[head_dim]
     if block_size % max(block_n, block_m) or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if not wide_enough(head_dim, block_index.shape[-1], -(-k.shape[2] // block_size)):
-        return False
     views = [tma_view(t) for t in (q, k, v)]
-    return all(view is not None and view[0][0] < 2**31 for view in views)  # TMA coordinates are int32
+    if not all(view is not None and view[0][0] < 2**31 for view in views):  # TMA coordinates are int32
+        return False
+    return lists_wide_enough(head_dim, block_index, block_count, -(-k.shape[2] // block_size), list_width)
 
 
-def wide_enough(head_dim: int, list_width: int, num_kv_blocks: int) -> bool:
-    """Whether lists ``list_width`` blocks wide (of ``num_kv_blocks``) are faster here (:data:`MIN_LIST_SHARE`)."""
+def wide_enough(head_dim: int, list_width: float, num_kv_blocks: int) -> bool:
+    """Whether lists ``list_width`` blocks wide on average (of ``num_kv_blocks``) are faster here
+    (:data:`MIN_LIST_SHARE`)."""
     return head_dim in MIN_LIST_SHARE and list_width >= MIN_LIST_SHARE[head_dim] * num_kv_blocks
+
+
+def lists_wide_enough(
+    head_dim: int, block_index, block_count, num_kv_blocks: int, list_width: ListWidth = None
+) -> bool:
+    """:func:`wide_enough` by the lists' actual width, the mean of ``block_count``, not the index tensor's capacity
+    (``block_index.shape[-1]``: ``max_blocks``, or every key block when uncapped, however few a row lists).
+
+    The capacity bounds every count, so a capacity under the share decides without reading the counts. Otherwise the
+    width comes from ``list_width`` (a number, or a function giving one, called only here) or, if None, from the
+    counts themselves: one device sync. Lists reused over several calls (the sparse attention hook reuses them for
+    ``refresh_interval`` steps) pass it, computed once per selection."""
+    capacity = block_index.shape[-1]
+    if not wide_enough(head_dim, capacity, num_kv_blocks):
+        return False
+    if callable(list_width):
+        list_width = list_width()
+    if list_width is None:
+        list_width = mean_list_width(block_count, capacity)
+    return wide_enough(head_dim, list_width, num_kv_blocks)
+
+
+def mean_list_width(block_count: torch.Tensor, capacity: int) -> float:
+    """Mean listed key blocks per query block, counts clamped to ``[0, capacity]`` as the kernels clamp them (a host
+    value: one device sync on a GPU)."""
+    return float(block_count.clamp(0, capacity).float().mean())
 
 
 @contextmanager
