@@ -53,10 +53,10 @@ class BlockListSpec:
 
     ``text`` says where the text tokens sit in the sequence the ``self_attn`` sub-block attends over, which sparse
     attention needs to keep text queries dense and text keys in every image query's lists: ``"first"`` or
-    ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor or
-    by the block itself), ``"separate"`` (the self-attention sees image tokens only; text, if any, comes through
-    cross-attention), or None (unknown: sparse attention refuses the model, block caching still works). A
-    ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
+    ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor, by
+    the block, or by the model before this list), ``"separate"`` (the self-attention sees image tokens only; text,
+    if any, comes through cross-attention), or None (unknown: sparse attention refuses the model, block caching
+    still works). A ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
     """
 
     attr: str
@@ -173,6 +173,14 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 ),
             ),
         ),
+        FamilySpec(  # spatial blocks over each frame's tokens, temporal blocks over each position's frames; no text
+            "latte",  # in either's self-attention (the generic adapter cannot tell for the temporal blocks)
+            ("LatteTransformer3DModel",),
+            tuple(
+                BlockListSpec(attr, (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE)
+                for attr in ("transformer_blocks", "temporal_transformer_blocks")
+            ),
+        ),
         FamilySpec(
             "allegro",
             ("AllegroTransformer3DModel",),
@@ -182,24 +190,26 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "motif_video",
             ("MotifVideoTransformer3DModel",),
             (
-                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
             ),
         ),
         FamilySpec(
             "auraflow",
             ("AuraFlowTransformer2DModel",),
             (
-                BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}),
+                BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # the model concatenates [registers + text, image] before these
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # Flux descendants whose single blocks take the concatenated sequence alone
             "chroma",
             ("ChromaTransformer2DModel", "BriaFiboTransformer2DModel"),
             (
-                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # the model concatenates [text, image] before these
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # Flux descendants with Flux's block conventions
@@ -211,14 +221,18 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 "Flux2Transformer2DModel",
             ),
             (
-                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(
             "qwenimage",
             ("QwenImageTransformer2DModel",),
-            (BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (
+                BlockListSpec(
+                    "transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_FIRST
+                ),
+            ),
         ),
         FamilySpec(
             "cogview",
@@ -228,12 +242,12 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 "GlmImageTransformer2DModel",
                 "EasyAnimateTransformer3DModel",
             ),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
         ),
         FamilySpec(
             "sana",
             ("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(  # joint sequence: the refiners run on image and text tokens apart, then layers on both together
             "lumina2",
@@ -246,7 +260,14 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "lumina_next",
             ("LuminaNextDiT2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {**_LUMINA_SUB_BLOCKS, SELF_ATTN: "attn1", CROSS_ATTN: "attn2"}),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {**_LUMINA_SUB_BLOCKS, SELF_ATTN: "attn1", CROSS_ATTN: "attn2"},
+                    text=TEXT_SEPARATE,
+                ),
+            ),
         ),
         FamilySpec(  # blocks take ``x``; the SigLIP refiner exists only in the image-editing variant
             "z_image",
@@ -274,7 +295,8 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "hunyuan_dit",
             ("HunyuanDiT2DModel",),
-            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),  # the long skips enter as extra arguments
+            # the long skips enter as extra arguments
+            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "hunyuanvideo15",
@@ -284,7 +306,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "joyimage",
             ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
-            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_LAST),),
         ),
         FamilySpec(  # sub-blocks sit one level down (block.block), so only whole blocks are cached
             "hidream",
@@ -297,14 +319,18 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "cosmos",
             ("CosmosTransformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(  # the second stream is audio: video and audio tokens update each other every block
             "ltx2",
             ("LTX2VideoTransformer3DModel",),
             (
                 BlockListSpec(
-                    "transformer_blocks", (HIDDEN, ENCODER), _BASIC_SUB_BLOCKS, encoder_arg="audio_hidden_states"
+                    "transformer_blocks",
+                    (HIDDEN, ENCODER),
+                    _BASIC_SUB_BLOCKS,
+                    encoder_arg="audio_hidden_states",
+                    text=TEXT_SEPARATE,  # attn1 is the video tokens' self-attention; text comes through attn2
                 ),
             ),
         ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -92,9 +93,10 @@ def _check_call(record: dict, config: db.SparseAttentionConfig) -> tuple[int, bo
     text = seq - image
     text_first = hook.text == "first"
     # Text queries: exactly dense attention (all keys; padding keys masked as SDPA masks them).
-    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call["attn_mask"], scale=call["scale"])
-    rows = text_positions(seq, text, text_first)
-    torch.testing.assert_close(out[:, :, rows], dense[:, :, rows], rtol=1e-5, atol=1e-5)
+    if text:
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=call["attn_mask"], scale=call["scale"])
+        rows = text_positions(seq, text, text_first)
+        torch.testing.assert_close(out[:, :, rows], dense[:, :, rows], rtol=1e-5, atol=1e-5)
     # The attended order: image tokens (tile order for video), then the text in its own order.
     order = attended_order(seq, text, text_first)
     if config.reorder and record["grid"] is not None:
@@ -106,7 +108,7 @@ def _check_call(record: dict, config: db.SparseAttentionConfig) -> tuple[int, bo
     for sample, selection in record["selections"].items():
         key_length = selection.shape[1]
         mask = block_mask_from_index(selection.index, selection.count, selection.num_kv_blocks)
-        text_block = image // BS
+        text_block = image // BS if text else mask.shape[-1]
         assert mask[..., text_block:].all(), f"{hook.name}: an image query lost a text key block"
         assert mask[..., text_block:, :].all(), f"{hook.name}: a text query block is not dense"
         cut = cut or not mask[..., :text_block, :text_block].all()
@@ -369,3 +371,25 @@ def test_text_query_blocks_ignore_max_blocks():
     assert mask[..., 5:, :].all()  # query blocks 5, 6 hold text queries (85..99)
     assert mask[..., 5:].all()  # key blocks 5, 6 hold the text keys
     assert (count[..., :5] == 2).all()  # image rows: the two text blocks (forced), nothing else (max_blocks=1)
+
+
+# Families whose model concatenates [text, image] before a list of one-stream blocks (no text argument there): the
+# text length comes from the last block of the forward that got text. (AuraFlow prepends 8 register tokens.)
+CONCATENATED_BEFORE = {"AuraFlowTransformer2DModel": 16, "ChromaTransformer2DModel": 8}
+
+
+@pytest.mark.parametrize("cls_name", sorted(CONCATENATED_BEFORE))
+def test_lists_after_the_concatenation_find_the_text(cls_name, monkeypatch):
+    from tests.coverage import RECIPES
+
+    model, kwargs = RECIPES[cls_name].build()
+    config = dataclasses.replace(VERY_SPARSE, block_size=4)
+    monkeypatch.setattr(sys.modules[__name__], "BS", 4)
+    spy = _Spy(monkeypatch)
+    db.enable_sparse_attention(model, config)
+    with torch.no_grad():
+        model(**kwargs)
+    single = [r for r in spy.calls if r["hook"].name.startswith("single_transformer_blocks")]
+    assert single and all(r["hook"].text == "first" for r in single)
+    assert {_check_call(r, config)[0] for r in spy.calls} == {CONCATENATED_BEFORE[cls_name]}
+    db.disable_sparse_attention(model)

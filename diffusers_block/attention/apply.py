@@ -86,9 +86,10 @@ class TextLength:
     @torch.compiler.disable(reason=EAGER_ONLY)
     def __call__(self, module, args, kwargs):
         encoder = get_argument(args, kwargs, self.encoder_arg, self._index)
-        self.controller.text_tokens = (
-            encoder.shape[1] if isinstance(encoder, torch.Tensor) and encoder.dim() == 3 else 0
-        )
+        if isinstance(encoder, torch.Tensor) and encoder.dim() == 3:
+            self.controller.text_tokens = encoder.shape[1]
+        # else: the model concatenated the streams before this list (its blocks take one sequence): the length the
+        # earlier blocks of this forward received holds (a torch pre-hook runs even where block caching skips them).
 
 
 def _reaches(fn, target) -> bool:
@@ -175,7 +176,7 @@ class SparseAttention:
         self.tracker = tracker
         self.family = adapter.family
         self.grid: tuple[int, int, int] | None = None
-        self.text_tokens = 0  # text length of the block running now (joint-attention lists, TextLength)
+        self.text_tokens = 0  # text length of the current block, or the last one given text (TextLength)
         self.layer_names: list[str] = []
         self.hooks: list[SparseAttentionHook] = []
         self._modules: list[torch.nn.Module] = []
