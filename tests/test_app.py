@@ -27,6 +27,7 @@ from diffusers_block.demo.pipeline import (  # noqa: E402
 )
 from diffusers_block.demo.policy import PolicyRequest, PolicyTab, closest_approach  # noqa: E402
 from diffusers_block.demo.sparse import SparseSettings, sparse_available  # noqa: E402
+from diffusers_block.demo.student import Student  # noqa: E402
 from diffusers_block.demo.video import CELL, FRAMES, DigitsVideoTab, VideoRequest  # noqa: E402
 
 try:
@@ -172,6 +173,55 @@ def test_digits_sub_block_taylor_forecast(digits_tab):
 def test_bad_inputs_give_messages(digits_tab, request_, settings, message):
     with pytest.raises(gr.Error, match=message):
         digits_tab.generate(request_, settings)
+
+
+needs_image_student = pytest.mark.skipif(
+    Student.folder_of(DigitsImageTab.student_model) is None, reason="no distilled image student in models/"
+)
+
+
+@needs_image_student
+def test_digits_teacher_beside_distilled_student(digits_tab):
+    """The student at its own steps (one forward a step, CFG folded in) beside the teacher at its steps with CFG;
+    disabling it gives the teacher exactly."""
+    result = digits_tab.generate(REQUEST, CacheSettings(), distilled=True)
+    comparison = result.comparison
+    student_steps = comparison.student.num_steps
+    assert student_steps < STEPS and comparison.config is None and comparison.summary is None
+    assert comparison.baseline.transformer_calls == STEPS and comparison.accelerated.transformer_calls == student_steps
+    assert comparison.baseline.forwards_per_output() == 2 * STEPS  # CFG batched: 2 rows per image per step
+    assert comparison.accelerated.forwards_per_output() == student_steps
+    assert 15 < comparison.psnr_db < float("inf")
+    assert result.accelerated_accuracy >= 2 / 3  # the shipped student draws digits the classifier reads
+    metrics = result.pictures.metrics
+    assert "| | teacher | distilled student |" in metrics and "PSNR vs teacher" in metrics
+    assert f"| {2 * STEPS} | {student_steps} ({student_steps} steps, CFG folded in) |" in metrics
+    assert result.pictures.sides == ("teacher", f"distilled student ({student_steps} steps)")
+    assert result.pictures.heatmap is None
+    pipe = _pipe(digits_tab)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # the teacher's own again
+    again = digits_tab.generate(REQUEST, NO_REUSE).comparison.baseline.output
+    assert torch.equal(again, comparison.baseline.output)
+
+
+def test_distilled_choice_only_where_the_student_ships(monkeypatch, tmp_path):
+    """The radio appears only where the tab's student folder exists (checked when the page is built); asking for a
+    student that does not ship is a message."""
+    import diffusers_block.demo.student as student_module
+    from diffusers_block.zoo.locate import ModelNotFoundError
+
+    def missing(name, *args, **kwargs):
+        raise ModelNotFoundError(f"no {name}")
+
+    monkeypatch.setattr(student_module, "model_path", missing)
+    with gr.Blocks():
+        assert student_module.acceleration_choice("t2", "digits-image-distilled") is None
+    monkeypatch.setattr(student_module, "model_path", lambda name, *a, **k: tmp_path / name)
+    with gr.Blocks():
+        radio = student_module.acceleration_choice("t3", "digits-video-distilled")
+    assert radio is not None and radio.elem_id == "t3-method" and student_module.STUDENT_CHOICE in str(radio.choices)
+    with pytest.raises(gr.Error, match="No distilled student `digits-video-distilled`"):
+        Student.required(None, "digits-video-distilled")
 
 
 @pytest.mark.skipif(DigitsVideoTab.available() is not None, reason="no trained video model in models/")
@@ -377,19 +427,21 @@ def test_policy_paths_show_the_point_meta_world_scores(policy_tab):
     assert "closest approach of the fingertips" in result.metrics
 
 
-def test_policy_rollouts_run_on_one_thread_per_pool():
-    """Two threads made a 100-step chunk of the tiny policy cost 20x the CPU time of one (spinning pools); the tab
-    limits torch's and the BLAS libraries' pools while it rolls out, and gives them back after."""
+def test_demo_runs_on_one_thread_per_pool_on_the_cpu():
+    """Two threads made a 100-step chunk of the tiny policy cost 20x the CPU time of one (spinning pools), and a video
+    clip 7x the wall-clock; the tabs limit torch's and the BLAS libraries' pools while they run, and give them back
+    after."""
     from threadpoolctl import threadpool_info
 
-    from diffusers_block.demo.policy import POLICY_THREADS, _threads
+    from diffusers_block.demo.runner import CPU_THREADS, cpu_threads
 
     saved = torch.get_num_threads()
-    with _threads(POLICY_THREADS):
+    assert CPU_THREADS == 1
+    with cpu_threads("cpu"):
         assert torch.get_num_threads() == 1
         assert all(pool["num_threads"] == 1 for pool in threadpool_info())
     assert torch.get_num_threads() == saved
-    with _threads(None):  # on a GPU: untouched
+    with cpu_threads("cuda"):  # on a GPU: untouched
         assert torch.get_num_threads() == saved
 
 

@@ -381,7 +381,7 @@ class AnyPipelineTab:
                 with gr.Row():
                     height = gr.Number(0, precision=0, label="height (0: default)")
                     width = gr.Number(0, precision=0, label="width (0: default)")
-                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
+                inputs = acceleration_inputs(k, self.device)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()
@@ -403,7 +403,7 @@ class AnyPipelineTab:
                 values[guidance],
                 values[height],
                 values[width],
-                values[repeats],
+                values[inputs.repeats],
             )
 
             def run():
@@ -411,9 +411,9 @@ class AnyPipelineTab:
                     return self.generate(
                         values[loaded],
                         request,
-                        controls.settings(values),
+                        inputs.controls.settings(values),
                         reporter(progress),
-                        sparse.settings(values) if sparse else SPARSE_OFF,
+                        inputs.sparse_settings(values),
                     )
                 except PipelineLoadError as error:  # the held pipeline was replaced and can no longer be loaded
                     raise gr.Error(str(error)) from error
@@ -422,19 +422,8 @@ class AnyPipelineTab:
 
         load_button.click(on_load, inputs=source, outputs=[status, loaded])
         source.submit(on_load, inputs=source, outputs=[status, loaded])
-        button.click(
+        inputs.button.click(
             on_generate,
-            inputs={
-                loaded,
-                prompt,
-                steps,
-                seed,
-                guidance,
-                height,
-                width,
-                repeats,
-                *controls.components,
-                *(sparse.components if sparse else ()),
-            },
+            inputs={loaded, prompt, steps, seed, guidance, height, width, *inputs.components},
             outputs=view.outputs,
         )

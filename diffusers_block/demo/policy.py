@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # no display and no GL on the demo's machines: simulate, never render
@@ -33,7 +32,7 @@ from ..eval.harness import BlockWorkCounter  # noqa: E402
 from . import render  # noqa: E402
 from .checks import check_seed, check_steps, number, whole  # noqa: E402
 from .controls import describe  # noqa: E402
-from .runner import ModelSlot, Report  # noqa: E402
+from .runner import ModelSlot, Report, cpu_threads  # noqa: E402
 
 MAX_EPISODES = 10
 MIN_ENV_STEPS, MAX_ENV_STEPS = 8, 500  # at least one chunk; Meta-World's own episodes are 500 steps
@@ -165,35 +164,6 @@ class PolicyResult:
     @property
     def speedup(self) -> float:
         return self.baseline.summary["latency_ms_p50"] / self.accelerated.summary["latency_ms_p50"]
-
-
-#: CPU threads for the policy's rollouts. Its transformer is tiny (batch <= 10, 18 tokens, 256 wide): split over two
-#: threads, each op costs more in synchronisation than in arithmetic, and the BLAS libraries loaded beside torch
-#: (numpy's OpenBLAS and a second one) spin their idle threads. On a busy 2-core machine, one episode of 16
-#: environment steps at 100 DDPM steps took 113 CPU-seconds with the default pools against 7.6 with one thread each.
-POLICY_THREADS = 1
-
-
-@contextmanager
-def _threads(count: int | None):
-    """Every thread pool (torch's OpenMP, the BLAS libraries) limited to ``count`` for the block (None: unchanged)."""
-    if count is None:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # torch's own pool only
-        threadpool_limits = None
-    try:
-        if threadpool_limits is None:
-            yield
-        else:
-            with threadpool_limits(count):
-                yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 class _RecordingPool:
@@ -336,7 +306,7 @@ class PolicyTab:
         from ..pipelines.policy.rollout import uniform_schedule
 
         request = request.checked()
-        with self.slot.use() as model, _threads(POLICY_THREADS if self.device == "cpu" else None):
+        with self.slot.use() as model, cpu_threads(self.device):
             pipe = model.pipe
             pipe.disable_block_cache()  # every request disables in its finally; this guards against a foreign caller
             pipe.scheduler = DDPMScheduler.from_config(model.ddpm_config)
