@@ -248,6 +248,49 @@ def test_video_tab_plays_both_clips():
         tab.generate(VideoRequest(motion="sideways"), settings)
 
 
+def test_video_defaults_are_the_models_best_evaluated_settings():
+    """The tab's defaults are those of the model's own evaluation with the best per-frame accuracy (CFG and steps),
+    and the caption quotes that evaluation's numbers."""
+    import json
+
+    from diffusers_block.demo.video import CAPTION
+    from diffusers_block.zoo import model_path
+
+    evaluation = json.loads((model_path("digits-video") / "training" / "eval.json").read_text())
+    runs = {
+        float(name.removeprefix("guidance_")): run for name, run in evaluation.items() if name.startswith("guidance_")
+    }
+    best = max(runs, key=lambda g: runs[g]["frame_accuracy"])
+    assert VideoRequest.guidance == best and VideoRequest.steps == 50
+    assert f"{runs[best]['frame_accuracy']:.1%} per frame" in CAPTION
+    assert f"{runs[best]['motion_axes_accuracy']:.1%} along the line" in CAPTION
+
+
+@pytest.mark.skipif(DigitsVideoTab.available() is not None, reason="no trained video model in models/")
+def test_video_teacher_beside_a_distilled_student(monkeypatch, tmp_path):
+    """With a student in the video tab's folder (here an untrained one: the teacher itself on a 2-step grid), the
+    tab runs the teacher at its steps and the student at its own, one forward a step."""
+    import diffusers_block.demo.student as student_module
+    from diffusers_block.distill import BlockwiseFlowModel, SegmentSchedule
+    from diffusers_block.distill.schedule import split_steps, uniform_sigmas
+    from diffusers_block.zoo import load_digits_video_pipeline
+
+    pipe, _ = load_digits_video_pipeline(device="cpu")
+    folder = tmp_path / DigitsVideoTab.student_model
+    schedule = SegmentSchedule(uniform_sigmas(2), split_steps(2, 2))
+    BlockwiseFlowModel.for_teacher(pipe.transformer, schedule, rank=1, guidance_scale=3.0).save_pretrained(folder)
+    monkeypatch.setattr(student_module, "model_path", lambda name, *a, **k: tmp_path / name)
+    tab = DigitsVideoTab("cpu")
+    result = tab.generate(VideoRequest(digits=(4,), steps=3), CacheSettings(), distilled=True)
+    comparison = result.comparison
+    assert comparison.student.num_steps == 2 and comparison.student.folder == str(folder)
+    assert comparison.baseline.transformer_calls == 2 * 3  # cond and uncond calls, 3 steps
+    assert comparison.accelerated.transformer_calls == 2  # one forward a step
+    assert comparison.baseline.forwards_per_output() == 6 and comparison.accelerated.forwards_per_output() == 2
+    assert comparison.accelerated.output.shape == (1, FRAMES, 1, 32, 32)
+    assert "distilled student" in result.pictures.metrics and "classifier accuracy per frame" in result.pictures.metrics
+
+
 needs_sparse = pytest.mark.skipif(not sparse_available(), reason="this install has no enable_sparse_attention")
 SPARSE = SparseSettings(enabled=True, threshold=0.5, block_size=16, dense_steps=2, refresh_interval=2)
 

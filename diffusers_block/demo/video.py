@@ -40,9 +40,24 @@ CLIP_DIR = Path(tempfile.gettempdir()) / "diffusers-block-demo"
 CLIP_MAX_AGE_S = 3600  # animations older than this are deleted when new ones are written
 
 
+#: What the page's numbers mean, beside the model's own evaluation (models/digits-video/training/eval.json: 160 clips,
+#: every digit and motion twice, 50 steps). CFG 3 is the model at its best there: per-frame accuracy 99.1%, against
+#: 93.1% at CFG 1.5 and 98.3% at CFG 5.
+CAPTION = (
+    "**What the numbers mean.** *Classifier accuracy per frame*: the share of all frames that the shipped digit "
+    "classifier reads as the digit asked for. *Clips moving as asked*: the ink's centroid moves the way asked; "
+    "*along the asked line, either way*: it moves along the right line, whatever the sign. Over its own evaluation "
+    "(160 clips, 50 steps, CFG 3, on a GPU) the model scores 99.1% per frame, 98.1% along the line and 37.5% the "
+    "right way: it learned the line of a motion, mostly not its sign. A few clips of one seed can score lower or "
+    "higher than that."
+)
+
+
 @dataclass(frozen=True)
 class VideoRequest:
-    digits: tuple[int, ...] = (3, 7)
+    # Defaults that show the model at its best: 50 steps and CFG 3, as in its evaluation, and two digits it draws
+    # well on seed 0 (2 and 5: 100% of frames read as asked, on the CPU; the former default's 7 read as a 7 in 35%).
+    digits: tuple[int, ...] = (2, 5)
     motion: str = "right"
     steps: int = 50
     seed: int = 0
@@ -235,7 +250,8 @@ class DigitsVideoTab:
         gr.Markdown(
             f"The moving-digits model shipped in `models/digits-video` (a stock `WanPipeline`: 8-block Wan "
             f"transformer, {FRAMES} frames of {SIZE}x{SIZE}, loaded offline). One clip per digit, all moving the "
-            f"same way; both sides use the same seed."
+            f"same way; both sides use the same seed. Defaults: 50 steps and CFG 3, the settings of the model's own "
+            f"evaluation and its best per-frame accuracy."
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -253,6 +269,7 @@ class DigitsVideoTab:
                 inputs = acceleration_inputs(k, self.device, self.student_model)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
+                gr.Markdown(CAPTION, elem_id=f"{k}-caption")
                 view.add_mask()
         view.add_heatmap("cache heatmap: steps x blocks")
 
