@@ -3,6 +3,7 @@
 The browser test (tests/test_app_browser.py) drives the same functions through the page.
 """
 
+import re
 import subprocess
 import sys
 import threading
@@ -393,7 +394,7 @@ def test_any_pipeline_loads_a_local_folder_and_compares(saved_pipelines):
 @pytest.mark.parametrize(
     ("name", "message"),
     [
-        ("", "Enter a hub id"),
+        ("", "Pick a pipeline from the list, or enter a hub id"),
         ("missing", "No folder at"),
         ("empty", "has no model_index.json"),
         ("unet", "cannot accelerate it: DDPMPipeline has no transformer component"),
@@ -405,7 +406,35 @@ def test_any_pipeline_load_failures_are_messages(saved_pipelines, name, message)
     source = name.removeprefix("hub:") if name.startswith("hub:") or not name else str(saved_pipelines / name)
     with pytest.raises(PipelineLoadError, match=message) as error:
         AnyPipelineTab("cpu").load(source)
-    assert "Traceback" not in str(error.value)
+    text = str(error.value)
+    assert "Traceback" not in text and "\n" not in text and text.count(". ") <= 1  # one clean sentence or two
+
+
+def test_any_pipeline_offers_offline_sources_with_fitting_prompts():
+    """The list holds the shipped models and the tiny random-weight DiT; each loads offline and gets the prompt
+    field its conditioning needs; a run where nothing is skipped calls its speed-up timing noise, not a bold win."""
+    from diffusers_block.demo.pipeline import PROMPTS, TINY_DIT
+
+    tab = AnyPipelineTab("cpu")
+    sources = tab.sources()
+    assert sources[-1] == TINY_DIT and "models/digits-image" in sources
+    info = tab.load(TINY_DIT)
+    assert info.pipeline_class == "DiTPipeline" and info.conditioning == "class_labels"
+    request = PipelineRequest(prompt=PROMPTS["class_labels"][1], steps=STEPS)
+    result = tab.generate(TINY_DIT, request, STATIC)
+    assert result.comparison.summary.fraction_computed == pytest.approx(STATIC_COMPUTED)
+    assert re.search(r"speed-up \| 1\.00x \| \*\*\d+\.\d\dx\*\*", result.pictures.metrics)
+    plain = tab.generate(TINY_DIT, request, NO_REUSE)
+    assert plain.comparison.work_fraction == 1.0
+    assert re.search(r"speed-up \| 1\.00x \| \d+\.\d\dx \(no blocks skipped: timing noise\) \|", plain.pictures.metrics)
+    assert "**" not in plain.pictures.metrics.split("speed-up")[1].splitlines()[0]
+
+    info = tab.load("models/digits-image")
+    assert info.conditioning == "digits" and info.encoder is not None
+    digits = tab.generate("models/digits-image", PipelineRequest(prompt="3, 1", steps=2, guidance=3.0), NO_REUSE)
+    assert digits.comparison.baseline.output.shape == (2, 1, 32, 32)
+    with pytest.raises(gr.Error, match="Enter digits 0-9"):
+        tab.generate("models/digits-image", PipelineRequest(prompt="a red fox", steps=2), NO_REUSE)
 
 
 def test_outputs_of_any_layout_become_tensors():

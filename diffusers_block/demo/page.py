@@ -121,6 +121,12 @@ class ComparisonView:
     def outputs(self) -> list:
         return [self.baseline, self.accelerated, self.difference, self.metrics, self.heatmap, self.mask]
 
+    def cleared(self, message: str = "") -> tuple:
+        """The outputs' values with no pictures and ``message`` where the numbers go: how a failed run or a new
+        pipeline is shown (a message, never a red error badge left on the pictures)."""
+        hidden = gr.Image(value=None, visible=False)
+        return (None, None, None, message or gr.update(), hidden, hidden)
+
     @staticmethod
     def values(pictures: Pictures) -> tuple:
         """The outputs' new values; the heatmap and the mask are hidden when their acceleration was off."""
