@@ -394,7 +394,7 @@ class PolicyTab:
                     episodes = gr.Slider(
                         1, MAX_EPISODES, value=d.episodes, step=1, label="episodes", elem_id=f"{k}-episodes"
                     )
-                    seed = gr.Number(d.seed, precision=0, label="seed (goal variations, noise)")
+                    seed = gr.Number(d.seed, precision=0, label="seed (goal variations, noise)", elem_id=f"{k}-seed")
                 with gr.Row():
                     max_env_steps = gr.Slider(
                         MIN_ENV_STEPS,
