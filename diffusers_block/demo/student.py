@@ -8,6 +8,7 @@ later shows up on the next start. Chosen, the tab runs the teacher at its own st
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gradio as gr
@@ -43,7 +44,8 @@ class Student:
         folder = cls.folder_of(name)
         if folder is None:
             return None
-        return cls(load(folder).to(device).eval(), folder)
+        shown = os.path.relpath(folder)  # as a visitor would type it, where the folder is under the working directory
+        return cls(load(folder).to(device).eval(), folder if shown.startswith("..") else shown)
 
     @staticmethod
     def required(student: Student | None, name: str) -> Student:
