@@ -94,7 +94,7 @@ def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, s
             (
                 "block work (Linear calls inside blocks)",
                 "100%",
-                f"{result.work_fraction:.1%} (**{1 - result.work_fraction:.1%} saved**)",
+                f"{result.work_fraction:.1%} ({_bold_if(1 - result.work_fraction > 0, f'{1 - result.work_fraction:.1%} saved')})",
             )
         )
     if result.summary is not None:
@@ -140,6 +140,10 @@ def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, s
             f"dense_steps={c.dense_steps}, refresh_interval={c.refresh_interval}, min_tokens={c.min_tokens})`"
         )
     return "\n".join(lines)
+
+
+def _bold_if(condition: bool, text: str) -> str:
+    return f"**{text}**" if condition else text
 
 
 def _db(value: float) -> str:
