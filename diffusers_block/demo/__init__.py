@@ -35,8 +35,9 @@ THEME = gr.themes.Default(
 
 INTRO = """# diffusers-block
 
-Block-wise feature caching for diffusers' diffusion transformers, without retraining. Each tab generates the same
-seed twice, **baseline** (no cache) and **accelerated**, and shows what the cache saved and what it cost."""
+Block-wise feature caching, sparse attention and distilled students for diffusers' diffusion transformers. Each tab
+generates the same seed twice, **baseline** and **accelerated** (a block cache, sparse attention, or a distilled
+student beside its teacher), and shows what the acceleration saved and what it cost."""
 
 
 def build_demo(device: str = "cpu") -> gr.Blocks:

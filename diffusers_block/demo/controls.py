@@ -175,7 +175,9 @@ class CacheControls:
                 self.scope = gr.Radio(["block", "model"], value=defaults.scope, label="scope (who decides)")
         with gr.Group(visible=False) as self.static_group:
             with gr.Row():
-                self.interval = gr.Slider(1, 10, value=defaults.interval, step=1, label="compute every N steps")
+                self.interval = gr.Slider(
+                    1, 10, value=defaults.interval, step=1, label="compute every N steps", elem_id=f"{prefix}-interval"
+                )
                 self.static_warmup_steps = gr.Slider(
                     0, 50, value=defaults.static_warmup_steps, step=1, label="warm-up steps"
                 )

@@ -3,7 +3,8 @@
 The model (``models/digits-image``, a 10-block SD3 transformer) loads offline and runs on the CPU in seconds, so
 anyone can see what each cache policy saves and what it costs: the two image grids and their difference, the
 steps x blocks heatmap, wall-clock and speed-up, block work saved, PSNR / SSIM against the baseline, and the shipped
-digit classifier's accuracy on both.
+digit classifier's accuracy on both. Where the distilled student ships (``models/digits-image-distilled``), the tab
+also sets the teacher at its steps beside the student at its own few steps, measured the same way.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from .controls import (
     accelerations,
 )
 from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
-from .runner import ModelSlot, Report, SideBySide, side_by_side
+from .runner import ModelSlot, Report, SideBySide, cpu_threads, side_by_side, teacher_and_student
 from .sparse import SPARSE_OFF, SparseSettings, mask_image
+from .student import Student
 
 MAX_PER_DIGIT = 5
 MAX_COLUMNS = 5  # digits per row of a grid
@@ -83,6 +85,7 @@ class _DigitsModel:
     pipe: object
     encoder: object
     classifier: DigitClassifier
+    student: Student | None  # the distilled student, where it ships
 
 
 class DigitsImageTab:
@@ -90,6 +93,7 @@ class DigitsImageTab:
 
     key = "image"
     title = "Images (digits model)"
+    student_model = "digits-image-distilled"
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
@@ -101,7 +105,7 @@ class DigitsImageTab:
         classifier = DigitClassifier.from_pretrained(model_path("digit-classifier"))
         classifier = classifier.to(self.device).eval()
         generate_digits(pipe, encoder, torch.tensor([0]), 2)  # warm-up, so the first timed run is not the slowest
-        return _DigitsModel(pipe, encoder, classifier)
+        return _DigitsModel(pipe, encoder, classifier, Student.find(self.student_model, self.device))
 
     def generate(
         self,
@@ -109,9 +113,10 @@ class DigitsImageTab:
         settings: CacheSettings,
         report: Report | None = None,
         sparse: SparseSettings = SPARSE_OFF,
+        distilled: bool = False,
     ) -> DigitsResult:
         """Baseline and accelerated images of ``request`` with the cache ``settings`` (and ``sparse`` attention), and
-        everything measured."""
+        everything measured; ``distilled``: the teacher against the distilled student instead (settings unused)."""
         request = request.checked()
         labels = request.labels
         # Both runs read `model`, which is bound below once this request holds the model's lock.
@@ -129,9 +134,21 @@ class DigitsImageTab:
                 seed=request.seed + CALIBRATION_SEED_OFFSET,
             )
 
-        config, sparse_config = accelerations(settings, sparse, request.steps, calibration_run)
-        with self.slot.use() as model:
-            result = side_by_side(model.pipe, run, config, report, request.steps, request.repeats, sparse_config)
+        def student_run(pipe) -> torch.Tensor:  # CFG folded into the student: one forward a step, no CFG batch
+            return generate_digits(pipe, model.encoder, labels, model.student.num_steps, 1.0, seed=request.seed)
+
+        if distilled:
+            config = sparse_config = None
+        else:
+            config, sparse_config = accelerations(settings, sparse, request.steps, calibration_run)
+        with self.slot.use() as model, cpu_threads(self.device):
+            if distilled:
+                student = Student.required(model.student, self.student_model)
+                result = teacher_and_student(
+                    model.pipe, run, student_run, student.model, student.folder, report, request.steps, request.repeats
+                )
+            else:
+                result = side_by_side(model.pipe, run, config, report, request.steps, request.repeats, sparse_config)
             accuracy = [
                 class_accuracy(model.classifier, measured.output.to(self.device), labels.to(self.device))
                 for measured in (result.baseline, result.accelerated)
@@ -152,6 +169,8 @@ class DigitsImageTab:
             title=render.heatmap_title(settings.label, result),
             mask=mask_image(result.sparse_summary, sparse.layer, sparse.head) if result.sparse_summary else None,
         )
+        if distilled:
+            pictures.sides = ("teacher", f"distilled student ({result.student.num_steps} steps)")
         return DigitsResult(request, result, accuracy[0], accuracy[1], pictures)
 
     # -- page ---------------------------------------------------------------------------------------------------
@@ -160,7 +179,9 @@ class DigitsImageTab:
         k = self.key
         gr.Markdown(
             "The class-conditioned digits model shipped in `models/digits-image` (10-block SD3 transformer, "
-            "50 steps, loaded offline). Both columns use the same seed; only the block cache differs."
+            "50 steps, loaded offline). Both columns use the same seed; only the acceleration differs: the block "
+            "cache (and sparse attention) on the same model, or, with *distilled student*, the teacher at its steps "
+            "with CFG beside the student shipped in `models/digits-image-distilled` at its own few steps."
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -176,7 +197,7 @@ class DigitsImageTab:
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="seed", elem_id=f"{k}-seed")
                     guidance = gr.Slider(1.0, 10.0, value=3.0, step=0.5, label="guidance scale (CFG)")
-                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
+                inputs = acceleration_inputs(k, self.device, self.student_model)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()
@@ -189,29 +210,21 @@ class DigitsImageTab:
                 steps=values[steps],
                 seed=values[seed],
                 guidance=values[guidance],
-                repeats=values[repeats],
+                repeats=values[inputs.repeats],
             )
             result = in_page(
                 lambda: self.generate(
                     request,
-                    controls.settings(values),
+                    inputs.controls.settings(values),
                     reporter(progress),
-                    sparse.settings(values) if sparse else SPARSE_OFF,
+                    inputs.sparse_settings(values),
+                    inputs.distilled(values),
                 )
             )
             return view.values(result.pictures)
 
-        button.click(
+        inputs.button.click(
             on_generate,
-            inputs={
-                digits,
-                per_digit,
-                steps,
-                seed,
-                guidance,
-                repeats,
-                *controls.components,
-                *(sparse.components if sparse else ()),
-            },
+            inputs={digits, per_digit, steps, seed, guidance, *inputs.components},
             outputs=view.outputs,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import gradio as gr
@@ -10,20 +11,51 @@ import gradio as gr
 from .controls import CacheControls, repeats_slider
 from .render import Pictures
 from .runner import Report
-from .sparse import SparseControls, sparse_available
+from .sparse import SPARSE_OFF, SparseControls, SparseSettings, sparse_available
+from .student import STUDENT_CHOICE, acceleration_choice
 
 #: How much the difference pictures amplify |accelerated - baseline|: one scale on every tab, so they compare.
 DIFFERENCE_GAIN = 4.0
 
 
-def acceleration_inputs(key: str, device: str) -> tuple[gr.Slider, CacheControls, SparseControls | None, gr.Button]:
-    """The end of every comparison tab's input column: timed runs per side, the cache policy, sparse attention where
-    the API exists (then "no cache" is a choice too), and the button."""
+@dataclass
+class AccelerationInputs:
+    repeats: gr.Slider
+    controls: CacheControls
+    sparse: SparseControls | None
+    button: gr.Button
+    method: gr.Radio | None  # cache or distilled student; None where no student ships
+
+    @property
+    def components(self) -> set:
+        """Every input a generate event reads."""
+        return {
+            self.repeats,
+            *self.controls.components,
+            *(self.sparse.components if self.sparse else ()),
+            *((self.method,) if self.method is not None else ()),
+        }
+
+    def sparse_settings(self, values: dict) -> SparseSettings:
+        return self.sparse.settings(values) if self.sparse else SPARSE_OFF
+
+    def distilled(self, values: dict) -> bool:
+        return self.method is not None and values[self.method] == STUDENT_CHOICE
+
+
+def acceleration_inputs(key: str, device: str, student_name: str | None = None) -> AccelerationInputs:
+    """The end of every comparison tab's input column: timed runs per side, the distilled student's choice where it
+    ships, the cache policy, sparse attention where the API exists (then "no cache" is a choice too), and the
+    button."""
     repeats = repeats_slider()
-    controls = CacheControls(key, allow_none=sparse_available())
-    sparse = SparseControls(key, device) if sparse_available() else None
+    method = acceleration_choice(key, student_name) if student_name else None
+    with gr.Column(visible=True) as cache_column:
+        controls = CacheControls(key, allow_none=sparse_available())
+        sparse = SparseControls(key, device) if sparse_available() else None
     button = gr.Button("Generate baseline and accelerated", variant="primary", elem_id=f"{key}-generate")
-    return repeats, controls, sparse, button
+    if method is not None:
+        method.change(lambda choice: gr.update(visible=choice != STUDENT_CHOICE), inputs=method, outputs=cache_column)
+    return AccelerationInputs(repeats, controls, sparse, button, method)
 
 
 T = TypeVar("T")
@@ -89,13 +121,21 @@ class ComparisonView:
     def outputs(self) -> list:
         return [self.baseline, self.accelerated, self.difference, self.metrics, self.heatmap, self.mask]
 
+    def cleared(self, message: str = "") -> tuple:
+        """The outputs' values with no pictures and ``message`` where the numbers go: how a failed run or a new
+        pipeline is shown (a message, never a red error badge left on the pictures)."""
+        hidden = gr.Image(value=None, visible=False)
+        return (None, None, None, message or gr.update(), hidden, hidden)
+
     @staticmethod
     def values(pictures: Pictures) -> tuple:
         """The outputs' new values; the heatmap and the mask are hidden when their acceleration was off."""
         return (
-            pictures.baseline,
-            pictures.accelerated,
-            pictures.difference,
+            gr.Image(value=pictures.baseline, label=pictures.sides[0]),
+            gr.Image(value=pictures.accelerated, label=pictures.sides[1]),
+            gr.Image(
+                value=pictures.difference, label=f"|{pictures.sides[1]} - {pictures.sides[0]}| x {DIFFERENCE_GAIN:g}"
+            ),
             pictures.metrics,
             gr.Image(value=pictures.heatmap, visible=pictures.heatmap is not None),
             gr.Image(value=pictures.mask, visible=pictures.mask is not None),

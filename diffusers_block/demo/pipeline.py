@@ -1,9 +1,12 @@
 """Any-pipeline tab: load a diffusers pipeline by hub id or local folder, then compare baseline and cached runs.
 
-Loading never shows a traceback: a missing folder, a folder that is not a pipeline, a hub id without internet
-access, a family diffusers-block cannot cache (``UnsupportedModelError``) and a pipeline the demo cannot drive (saved
-without its text encoder) each come back as one message in the page. Text-to-image and text-to-video pipelines are
-driven by a prompt, class-conditional ones (DiT) by class labels or names.
+It works offline out of the box: the source list offers the shipped digits models and a tiny random-weight DiT
+built in memory, and any other hub id or folder can be typed in. Loading never shows a traceback: a missing folder,
+a folder that is not a pipeline, a hub id without internet access, a family diffusers-block cannot cache
+(``UnsupportedModelError``) and a pipeline the demo cannot drive (saved without its text encoder) each come back as
+one sentence in the page, and so do the failures of a run: nothing raises into Gradio, so no red error badge stays
+on the outputs. The prompt field follows the loaded pipeline: a prompt for text pipelines, class labels or names for
+DiT, digits (and motions) for the shipped digits models, which read labels through their label encoders.
 
 One loaded pipeline is kept for all sessions (the last one asked for); each session remembers which source it loaded
 and gets it back, reloaded if another session has loaded something else since.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import gc
 import inspect
 import json
+import logging
 import re
 import threading
 from collections.abc import Iterator
@@ -34,13 +38,28 @@ from .controls import (
     CacheSettings,
     accelerations,
 )
-from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
-from .runner import Report, SideBySide, side_by_side, transformers_of
+from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, reporter
+from .runner import Report, SideBySide, cpu_threads, limited_threads, side_by_side, transformers_of
 from .sparse import SPARSE_OFF, SparseSettings, mask_image
 
 MAX_SIDE = 4096
 MAX_FRAMES_SHOWN = 8
 CALIBRATION_SEED_OFFSET = 1000  # BAC calibrates on another seed than the one shown
+logger = logging.getLogger(__name__)
+TINY_DIT = "tiny random-weight DiT (built in memory, no download)"
+#: The sources the dropdown offers: every one loads offline (the shipped models where this install has them).
+SHIPPED = {"models/digits-image": "digits-image", "models/digits-video": "digits-video"}
+#: What the prompt field asks for, per kind of conditioning: (label, example value).
+PROMPTS = {
+    "prompt": ("prompt", "a red fox running through snow"),
+    "class_labels": ("class labels: numbers, or label names the pipeline knows", "1, 2, 3"),
+    "digits": ("digits to draw (class labels 0-9)", "3, 1, 4"),
+    "digit_motions": (
+        "digits and motions (e.g. `3 right, 7 up`; motions: right, up_right, up, up_left, left, down_left, down, "
+        "down_right)",
+        "2 right, 5 right",
+    ),
+}
 
 
 class PipelineLoadError(ValueError):
@@ -52,11 +71,13 @@ class PipelineInfo:
     source: str
     pipeline_class: str
     transformers: tuple[str, ...]  # "transformer: SD3Transformer2DModel (family sd3, 24 blocks)"
-    conditioning: str  # "prompt" or "class_labels"
+    conditioning: str  # a key of PROMPTS
+    encoder: object = None  # the shipped digits models' label encoder
+    call_defaults: tuple[tuple[str, object], ...] = ()  # fixed call kwargs (the shipped video model's frames, size)
 
     def markdown(self, device: str, dtype: torch.dtype) -> str:
         parts = "; ".join(self.transformers)
-        how = "a text prompt" if self.conditioning == "prompt" else "class labels (numbers or names)"
+        how = PROMPTS[self.conditioning][0].split(" (")[0].split(":")[0]
         return (
             f"Loaded **{self.pipeline_class}** from `{self.source}` on `{device}` ({str(dtype).removeprefix('torch.')})"
             f": {parts}. Driven by {how}."
@@ -70,9 +91,14 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype):
     source = (source or "").strip()
     if not source:
         raise PipelineLoadError(
-            "Enter a hub id (e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`) or a local folder saved with "
-            "`pipe.save_pretrained(folder)`."
+            "Pick a pipeline from the list, or enter a hub id (e.g. `Wan-AI/Wan2.1-T2V-1.3B-Diffusers`) or a local "
+            "folder saved with `pipe.save_pretrained(folder)`."
         )
+    if source == TINY_DIT:
+        pipe = tiny_dit()
+        return _checked(pipe, source, "class_labels", device)
+    if source in SHIPPED:
+        return _load_shipped(source, device, dtype)
     path = Path(source).expanduser()
     looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
     if looks_local:
@@ -87,19 +113,52 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype):
     absent = _null_components(path) if looks_local else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else source, dtype=dtype, **absent)
-    except Exception as error:  # whatever the hub client or a component raises: one line in the page
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        hint = (
-            ""
-            if looks_local
-            else (
-                " A hub id needs internet access (or the model already in the Hugging Face cache); "
-                "otherwise give a local folder."
-            )
-        )
+    except Exception as error:  # whatever the hub client or a component raises: one sentence in the page
+        logger.warning("loading %s failed", source, exc_info=True)  # the details go to the server's log
+        if looks_local:
+            raise PipelineLoadError(
+                f"Could not load `{source}` as a diffusers pipeline ({type(error).__name__}): check that the folder "
+                f"was written by `pipe.save_pretrained(folder)` with this diffusers release."
+            ) from error
         raise PipelineLoadError(
-            f"Could not load `{source}`: {type(error).__name__}: {first_line[:500]}.{hint}"
+            f"Could not load `{source}` ({type(error).__name__}): a hub id needs internet access or the model in "
+            f"the Hugging Face cache; otherwise pick a shipped model or give a local folder."
         ) from error
+    return _checked(pipe, source, None, device)
+
+
+def tiny_dit():
+    """A DiTPipeline with random weights (3 blocks, 8x8 latents, a 1-block autoencoder), built from configs in
+    memory: the tab has something to run offline on any install. Its pictures are noise; its numbers are real."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=24, num_layers=3, in_channels=4, out_channels=8, sample_size=8
+    )
+    vae = AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=8, sample_size=8)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False)
+    return DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=scheduler)
+
+
+def _load_shipped(source: str, device: str, dtype: torch.dtype):
+    """A shipped digits model through the zoo: its label encoder turns digits (and motions) into embeddings."""
+    from ..zoo import ModelNotFoundError, load_digits_image_pipeline, load_digits_video_pipeline
+
+    name = SHIPPED[source]
+    try:
+        if name == "digits-image":
+            pipe, encoder = load_digits_image_pipeline(device=device, dtype=dtype)
+            return _checked(pipe, source, "digits", device, encoder)
+        pipe, encoder = load_digits_video_pipeline(device=device, dtype=dtype)
+        defaults = (("num_frames", 17), ("height", 32), ("width", 32))
+        return _checked(pipe, source, "digit_motions", device, encoder, defaults)
+    except ModelNotFoundError as error:
+        raise PipelineLoadError(f"This install has no `{source}` (the shipped models live in the checkout).") from error
+
+
+def _checked(pipe, source: str, conditioning: str | None, device: str, encoder=None, call_defaults=()):
+    """``pipe`` checked for what the demo needs (a transformer of a supported family, a way to condition it)."""
     try:
         described = []
         models = transformers_of(pipe)
@@ -120,10 +179,10 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype):
             f"Loaded {type(pipe).__name__}, but diffusers-block cannot accelerate it: {error} "
             f"Supported families: {', '.join(supported_families())}."
         ) from error
-    conditioning = _conditioning(pipe)
+    conditioning = conditioning or _conditioning(pipe)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, PipelineInfo(source, type(pipe).__name__, tuple(described), conditioning)
+    return pipe, PipelineInfo(source, type(pipe).__name__, tuple(described), conditioning, encoder, call_defaults)
 
 
 def _null_components(folder: Path) -> dict[str, None]:
@@ -220,12 +279,19 @@ class PipelineResult:
     pictures: render.Pictures
 
 
-def call_kwargs(pipe, conditioning: str, request: PipelineRequest, device: str) -> dict:
+def call_kwargs(pipe, info: PipelineInfo, request: PipelineRequest, device: str) -> dict:
     """The keyword arguments of ``pipe(**kwargs)`` for ``request``, limited to what its __call__ takes."""
     params = inspect.signature(pipe.__call__).parameters
-    kwargs: dict = {"num_inference_steps": request.steps}
+    kwargs: dict = {"num_inference_steps": request.steps, **dict(info.call_defaults)}
+    conditioning = info.conditioning
+    dtype = pipe.transformer.dtype
     if conditioning == "class_labels":
         kwargs["class_labels"] = _class_labels(pipe, request.prompt)
+    elif conditioning == "digits":
+        kwargs.update(info.encoder.prompt_kwargs(_digits(request.prompt), dtype=dtype))
+    elif conditioning == "digit_motions":
+        digits, motions = _digit_motions(request.prompt)
+        kwargs.update(info.encoder.prompt_kwargs(digits, motions, dtype=dtype))
     else:
         if not request.prompt:
             raise gr.Error("Enter a prompt.")
@@ -243,6 +309,36 @@ def call_kwargs(pipe, conditioning: str, request: PipelineRequest, device: str) 
         kwargs["output_type"] = "np"
     kwargs["generator"] = torch.Generator(device).manual_seed(request.seed)
     return kwargs
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in re.split(r"[,;\n]", text or "") if item.strip()]
+
+
+def _digits(text: str) -> torch.Tensor:
+    items = _items(text)
+    if not items or not all(item.isdigit() and int(item) <= 9 for item in items):
+        raise gr.Error(f"Enter digits 0-9 separated by commas, e.g. `3, 1, 4`; got `{text}`.")
+    return torch.tensor([int(item) for item in items])
+
+
+def _digit_motions(text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"3 right, 7 up"``: one clip per item, a digit and a motion (``right`` when left out)."""
+    from ..data.digits import MOTIONS
+
+    digits, motions = [], []
+    for item in _items(text):
+        digit, _, motion = item.partition(" ")
+        motion = motion.strip() or "right"
+        if not digit.isdigit() or int(digit) > 9 or motion not in MOTIONS:
+            raise gr.Error(
+                f"Each clip is a digit 0-9 and a motion ({', '.join(MOTIONS)}), e.g. `3 right, 7 up`; got `{item}`."
+            )
+        digits.append(int(digit))
+        motions.append(MOTIONS.index(motion))
+    if not digits:
+        raise gr.Error("Enter one or more clips as a digit and a motion, e.g. `3 right, 7 up`.")
+    return torch.tensor(digits), torch.tensor(motions)
 
 
 def _class_labels(pipe, text: str) -> list[int]:
@@ -319,14 +415,14 @@ class AnyPipelineTab:
             raise gr.Error("Load a pipeline first.")
         request = request.checked()
         calibration = replace(request, seed=request.seed + CALIBRATION_SEED_OFFSET)
-        with self.store.use(source) as (pipe, info):
-            call_kwargs(pipe, info.conditioning, request, self.device)  # checks the prompt or labels before any run
+        with self.store.use(source) as (pipe, info), self._threads(info):
+            call_kwargs(pipe, info, request, self.device)  # checks the prompt or labels before any run
             config, sparse_config = accelerations(
-                settings, sparse, request.steps, lambda p: self._run(p, info.conditioning, calibration)
+                settings, sparse, request.steps, lambda p: self._run(p, info, calibration)
             )
             result = side_by_side(
                 pipe,
-                lambda p: self._run(p, info.conditioning, request),
+                lambda p: self._run(p, info, request),
                 config,
                 report,
                 None,  # transformer calls per step vary by pipeline: a running count until the baseline has one
@@ -348,40 +444,62 @@ class AnyPipelineTab:
         )
         return PipelineResult(info, result, pictures)
 
-    def _run(self, pipe, conditioning: str, request: PipelineRequest) -> torch.Tensor:
+    def _threads(self, info: PipelineInfo):
+        """One CPU thread for the tiny models the list offers (see ``runner.CPU_THREADS``); others keep torch's."""
+        offered = info.source in SHIPPED or info.source == TINY_DIT
+        return cpu_threads(self.device) if offered else limited_threads(None)
+
+    def _run(self, pipe, info: PipelineInfo, request: PipelineRequest) -> torch.Tensor:
         with torch.no_grad():
-            return to_tensor(pipe(**call_kwargs(pipe, conditioning, request, self.device)))
+            return to_tensor(pipe(**call_kwargs(pipe, info, request, self.device)))
 
     # -- page ---------------------------------------------------------------------------------------------------
+    def sources(self) -> list[str]:
+        """What the dropdown offers: the shipped models this install has, then the tiny random-weight DiT."""
+        from ..zoo import ModelNotFoundError, model_path
+
+        shipped = []
+        for source, name in SHIPPED.items():
+            try:
+                model_path(name)
+            except ModelNotFoundError:
+                continue
+            shipped.append(source)
+        return [*shipped, TINY_DIT]
+
     def build(self) -> None:
         k = self.key
         gr.Markdown(
-            "Load any diffusers pipeline with a transformer denoiser: a hub id (needs internet access) or a "
-            "local folder saved with `save_pretrained`. Text pipelines take a prompt; DiT takes class labels."
+            "Load a diffusers pipeline with a transformer denoiser: one of the list (all offline: the shipped models, "
+            "and a tiny random-weight DiT whose pictures are noise but whose numbers are real), or type a hub id "
+            "(needs internet access) or a local folder saved with `save_pretrained`. The prompt field follows what "
+            "the loaded pipeline is conditioned on."
         )
         loaded = gr.State(None)  # the source this session loaded
+        choices = self.sources()
         with gr.Row():
-            source = gr.Textbox(
-                label="hub id or local folder",
-                placeholder="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            source = gr.Dropdown(
+                choices,
+                value=choices[0],
+                allow_custom_value=True,
+                label="pipeline: pick one, or type a hub id or a local folder",
                 scale=4,
                 elem_id=f"{k}-source",
             )
             load_button = gr.Button("Load", scale=1, elem_id=f"{k}-load")
-        status = gr.Markdown("No pipeline loaded.", elem_id=f"{k}-status")
+        status = gr.Markdown("No pipeline loaded: pick one and press *Load*.", elem_id=f"{k}-status")
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(
-                    PipelineRequest.prompt, label="prompt (or class labels for DiT: `1, 207`)", elem_id=f"{k}-prompt"
-                )
+                label, example = PROMPTS["prompt"]
+                prompt = gr.Textbox(example, label=label, elem_id=f"{k}-prompt")
                 with gr.Row():
                     steps = gr.Slider(1, 200, value=PipelineRequest.steps, step=1, label="steps")
                     seed = gr.Number(0, precision=0, label="seed")
-                    guidance = gr.Number(PipelineRequest.guidance, label="guidance scale")
+                    guidance = gr.Number(PipelineRequest.guidance, label="guidance scale", elem_id=f"{k}-guidance")
                 with gr.Row():
                     height = gr.Number(0, precision=0, label="height (0: default)")
                     width = gr.Number(0, precision=0, label="width (0: default)")
-                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
+                inputs = acceleration_inputs(k, self.device)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
                 view.add_mask()
@@ -392,8 +510,16 @@ class AnyPipelineTab:
             try:
                 info = self.load(text)
             except PipelineLoadError as error:
-                return f"**Cannot use this pipeline.** {error}", None
-            return info.markdown(self.device, self.store.dtype), info.source
+                return f"**Cannot use this pipeline.** {error}", None, gr.update(), gr.update(), *view.cleared()
+            label, example = PROMPTS[info.conditioning]
+            shipped_guidance = 3.0 if info.conditioning in ("digits", "digit_motions") else gr.update()
+            return (
+                info.markdown(self.device, self.store.dtype),
+                info.source,
+                gr.update(label=label, value=example),
+                shipped_guidance,
+                *view.cleared("Press *Generate* to run both."),
+            )
 
         def on_generate(values: dict, progress=gr.Progress()):  # noqa: B008 (Gradio injects the bar this way)
             request = PipelineRequest(
@@ -403,38 +529,27 @@ class AnyPipelineTab:
                 values[guidance],
                 values[height],
                 values[width],
-                values[repeats],
+                values[inputs.repeats],
             )
+            try:
+                result = self.generate(
+                    values[loaded],
+                    request,
+                    inputs.controls.settings(values),
+                    reporter(progress),
+                    inputs.sparse_settings(values),
+                )
+            except (gr.Error, PipelineLoadError) as error:  # a message in the page, where the numbers go
+                return view.cleared(f"**Could not run.** {error.message if isinstance(error, gr.Error) else error}")
+            except Exception as error:  # anything else: one sentence, the traceback in the server's log
+                logger.exception("the any-pipeline run failed")
+                return view.cleared(f"**Could not run.** {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+            return view.values(result.pictures)
 
-            def run():
-                try:
-                    return self.generate(
-                        values[loaded],
-                        request,
-                        controls.settings(values),
-                        reporter(progress),
-                        sparse.settings(values) if sparse else SPARSE_OFF,
-                    )
-                except PipelineLoadError as error:  # the held pipeline was replaced and can no longer be loaded
-                    raise gr.Error(str(error)) from error
-
-            return view.values(in_page(run).pictures)
-
-        load_button.click(on_load, inputs=source, outputs=[status, loaded])
-        source.submit(on_load, inputs=source, outputs=[status, loaded])
-        button.click(
+        load_outputs = [status, loaded, prompt, guidance, *view.outputs]
+        load_button.click(on_load, inputs=source, outputs=load_outputs)
+        inputs.button.click(
             on_generate,
-            inputs={
-                loaded,
-                prompt,
-                steps,
-                seed,
-                guidance,
-                height,
-                width,
-                repeats,
-                *controls.components,
-                *(sparse.components if sparse else ()),
-            },
+            inputs={loaded, prompt, steps, seed, guidance, height, width, *inputs.components},
             outputs=view.outputs,
         )

@@ -9,9 +9,15 @@ and the gripper and object paths of both runs (MuJoCo's renderer is off on a hea
 drawn from the observations instead of frames).
 
 The gripper path is the point Meta-World scores, the centre of the two fingertips (``tcp_center``), 4.5 cm below the
-hand position the observation reports: drawn from the hand, an episode that stopped with its fingertips 5.6 cm under
-the goal (failed: reach succeeds within 5 cm, in 3-D) ended on the goal in the x-y plot. The plot has a side view
-(x-z) beside the top view and marks each episode's end as succeeded or failed.
+hand position the observation reports, recorded after every step: drawn from the hand, an episode that stopped with
+its fingertips under the goal ended on the goal in the x-y plot. The plot has a side view (x-z) beside the top view
+and marks each episode's end as succeeded or failed, and for reach the table gives the closest approach, which agrees
+with the success flag to the millimetre (success: within 5 cm, and the episode stops there).
+
+Defaults: one reach episode of at most 64 steps, seed 2, BAC at 10 updates per sub-block. On seed 0 the accelerated
+episode truly fails: its fingertips stall 5.08 cm from the goal (0.8 mm outside the radius) for the rest of a
+96-step episode while the baseline gets within 4.98 cm by step 51; on seeds 1-5 both succeed (measured on the CPU).
+Seed 2 is one where both succeed in 35-36 steps, which keeps the default run under a minute on a busy 2-core CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 os.environ.setdefault("MUJOCO_GL", "disable")  # no display and no GL on the demo's machines: simulate, never render
@@ -33,7 +38,7 @@ from ..eval.harness import BlockWorkCounter  # noqa: E402
 from . import render  # noqa: E402
 from .checks import check_seed, check_steps, number, whole  # noqa: E402
 from .controls import describe  # noqa: E402
-from .runner import ModelSlot, Report  # noqa: E402
+from .runner import ModelSlot, Report, cpu_threads  # noqa: E402
 
 MAX_EPISODES = 10
 MIN_ENV_STEPS, MAX_ENV_STEPS = 8, 500  # at least one chunk; Meta-World's own episodes are 500 steps
@@ -69,7 +74,7 @@ def available() -> str | None:
 class PolicyRequest:
     task: str = "reach-v3"
     episodes: int = 1
-    seed: int = 0  # goal variations seed, seed + 1, ... and the noise of both runs
+    seed: int = 2  # goal variations seed, seed + 1, ... and the noise of both runs (see the module's docstring)
     max_env_steps: int = 64  # reach-v3 succeeds in about 50 steps; a failing episode costs 8 chunks, not 12
     steps: int = 100  # DDPM steps per chunk of the baseline
     policy: str = "bac"  # "bac" | "uniform" | "bwcache" | "ddim" | "none"
@@ -167,43 +172,30 @@ class PolicyResult:
         return self.baseline.summary["latency_ms_p50"] / self.accelerated.summary["latency_ms_p50"]
 
 
-#: CPU threads for the policy's rollouts. Its transformer is tiny (batch <= 10, 18 tokens, 256 wide): split over two
-#: threads, each op costs more in synchronisation than in arithmetic, and the BLAS libraries loaded beside torch
-#: (numpy's OpenBLAS and a second one) spin their idle threads. On a busy 2-core machine, one episode of 16
-#: environment steps at 100 DDPM steps took 113 CPU-seconds with the default pools against 7.6 with one thread each.
-POLICY_THREADS = 1
+def _record_fingertips(env, log: list) -> None:
+    """After every ``env.step``, append the fingertips' centre (``tcp_center``, what reach-v3 scores) to ``log``.
 
+    Installed on the instance (the class's step is untouched), replacing any recorder of an earlier episode."""
+    step = env.__dict__.get("_unrecorded_step") or env.step
+    env._unrecorded_step = step
 
-@contextmanager
-def _threads(count: int | None):
-    """Every thread pool (torch's OpenMP, the BLAS libraries) limited to ``count`` for the block (None: unchanged)."""
-    if count is None:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # torch's own pool only
-        threadpool_limits = None
-    try:
-        if threadpool_limits is None:
-            yield
-        else:
-            with threadpool_limits(count):
-                yield
-    finally:
-        torch.set_num_threads(saved)
+    def recorded_step(action):
+        result = step(action)
+        log.append(np.array(env.unwrapped.tcp_center, np.float32))
+        return result
+
+    env.step = recorded_step
 
 
 class _RecordingPool:
-    """An :class:`EnvPool` that also keeps every observation each environment went through (for the paths), and
-    the offset from the hand position observed to the fingertips' centre that Meta-World scores (``tcp_center``:
-    nearly constant, since the gripper keeps its orientation: opening or closing the fingers moves it by a few mm;
-    measured at reset, zero for a pool stepped in workers)."""
+    """An :class:`EnvPool` that also keeps every observation each environment went through (for the paths) and,
+    for a pool stepped in this process, the exact fingertips' centre after every step (Meta-World scores reach by
+    ``tcp_center``, 4.5 cm below the hand position the observation reports; opening or closing the fingers moves it
+    by a few mm, so a constant offset from the hand is not exact enough for an episode that ends a millimetre from
+    the 5 cm success radius). A pool stepped in workers falls back to the offset measured at reset."""
 
     def __init__(self, pool) -> None:
-        self.pool, self.tasks, self.paths, self.offsets = pool, pool.tasks, [], []
+        self.pool, self.tasks, self.paths, self.offsets, self.tcp = pool, pool.tasks, [], [], None
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -213,15 +205,20 @@ class _RecordingPool:
         self.paths = [[o] for o in obs]
         local = getattr(self.pool, "_local", None)
         if local is None:
-            self.offsets = [np.zeros(3, np.float32) for _ in obs]
+            self.offsets, self.tcp = [np.zeros(3, np.float32) for _ in obs], None
         else:
             self.offsets = [
                 np.asarray(env.unwrapped.tcp_center, np.float32) - o[HAND] for env, o in zip(local.envs, obs)
             ]
+            self.tcp = [[np.array(env.unwrapped.tcp_center, np.float32)] for env in local.envs]
+            for env, log in zip(local.envs, self.tcp):
+                _record_fingertips(env, log)
         return obs
 
     def fingertips(self, path: np.ndarray, episode: int) -> np.ndarray:
-        """(steps, 3) x-y-z of the fingertips' centre along an episode's observations."""
+        """(steps, 3) x-y-z of the fingertips' centre along an episode: exact where recorded."""
+        if self.tcp is not None:
+            return np.stack(self.tcp[episode])
         return path[:, HAND] + self.offsets[episode]
 
     def step(self, actions, active):
@@ -336,7 +333,7 @@ class PolicyTab:
         from ..pipelines.policy.rollout import uniform_schedule
 
         request = request.checked()
-        with self.slot.use() as model, _threads(POLICY_THREADS if self.device == "cpu" else None):
+        with self.slot.use() as model, cpu_threads(self.device):
             pipe = model.pipe
             pipe.disable_block_cache()  # every request disables in its finally; this guards against a foreign caller
             pipe.scheduler = DDPMScheduler.from_config(model.ddpm_config)
@@ -397,7 +394,7 @@ class PolicyTab:
                     episodes = gr.Slider(
                         1, MAX_EPISODES, value=d.episodes, step=1, label="episodes", elem_id=f"{k}-episodes"
                     )
-                    seed = gr.Number(d.seed, precision=0, label="seed (goal variations, noise)")
+                    seed = gr.Number(d.seed, precision=0, label="seed (goal variations, noise)", elem_id=f"{k}-seed")
                 with gr.Row():
                     max_env_steps = gr.Slider(
                         MIN_ENV_STEPS,
@@ -492,13 +489,13 @@ def metrics_table(result: PolicyResult, device: str) -> str:
         return f"{sum(run.success)}/{len(run.success)} ({np.mean(run.success):.0%})"
 
     def closest(run: PolicyRun) -> str:
-        return ", ".join(f"{100 * d:.1f} cm" for d in closest_approach(run))
+        return ", ".join(f"{100 * d:.2f} cm" for d in closest_approach(run))
 
     rows = [("success", success(result.baseline), success(result.accelerated))]
     if request.task == "reach-v3":
         rows.append(
             (
-                "closest approach of the fingertips to the goal (3-D; success within 5 cm)",
+                "closest approach of the fingertips to the goal (3-D; success: within 5 cm, where the episode stops)",
                 closest(result.baseline),
                 closest(result.accelerated),
             )

@@ -52,21 +52,51 @@ def heatmap_title(policy: str, result: SideBySide) -> str:
     return f"{policy}\n{result.summary.fraction_computed:.0%} of units computed (blue), reused (orange)"
 
 
+def skipped_work(result: SideBySide) -> bool:
+    """Whether the accelerated run left out any work: blocks reused, attention blocks dropped, or fewer forwards
+    (a student). Where it did not, a wall-clock difference is timing noise, not a speed-up."""
+    if result.student is not None:
+        return True
+    if result.work_fraction < 1:
+        return True
+    sparse = result.sparse_summary
+    return sparse is not None and sparse.overall_density < 1
+
+
+def speedup_cell(result: SideBySide) -> str:
+    """The speed-up, bold only where work was skipped; otherwise named as the noise it is."""
+    if skipped_work(result):
+        return f"**{result.speedup:.2f}x**"
+    return f"{result.speedup:.2f}x (no blocks skipped: timing noise)"
+
+
 def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, str]] = ()) -> str:
     """The numbers of a side-by-side run as a Markdown table (baseline | accelerated), then the configs used."""
     from .controls import describe
 
     base, fast = result.baseline, result.accelerated
     ssim = result.ssim
+    student = result.student
     rows = [
         ("wall-clock", f"{base.seconds:.2f} s", f"{fast.seconds:.2f} s"),
-        ("speed-up", "1.00x", f"**{result.speedup:.2f}x**"),
-        (
-            "block work (Linear calls inside blocks)",
-            "100%",
-            f"{result.work_fraction:.1%} (**{1 - result.work_fraction:.1%} saved**)",
-        ),
+        ("speed-up", "1.00x", speedup_cell(result)),
     ]
+    if student is not None:
+        rows.append(
+            (
+                "transformer forwards per image (CFG counts 2)",
+                f"{base.forwards_per_output():.0f}",
+                f"{fast.forwards_per_output():.0f} ({student.num_steps} steps, CFG folded in)",
+            )
+        )
+    else:
+        rows.append(
+            (
+                "block work (Linear calls inside blocks)",
+                "100%",
+                f"{result.work_fraction:.1%} ({_bold_if(1 - result.work_fraction > 0, f'{1 - result.work_fraction:.1%} saved')})",
+            )
+        )
     if result.summary is not None:
         summary = result.summary
         rows.append(
@@ -82,16 +112,26 @@ def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, s
             ("attention key blocks kept (sparse steps)", "100%", f"{sparse.sparse_density:.1%}"),
             ("attention kept overall (dense steps count 100%)", "100%", f"{sparse.overall_density:.1%}"),
         ]
+    against = "teacher" if student is not None else "baseline"
     rows += [
-        ("PSNR vs baseline", "inf", _db(result.psnr_db)),
-        ("SSIM vs baseline", "1", "n/a (images under 11 px)" if ssim is None else f"{ssim:.4f}"),
+        (f"PSNR vs {against}", "inf", _db(result.psnr_db)),
+        (f"SSIM vs {against}", "1", "n/a (images under 11 px)" if ssim is None else f"{ssim:.4f}"),
         *extra,
     ]
     if result.calibration_seconds is not None:
         rows.append(("BAC calibration (one uncached run, other seeds)", "", f"{result.calibration_seconds:.2f} s"))
-    lines = ["| | baseline | accelerated |", "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    header = "| | teacher | distilled student |" if student is not None else "| | baseline | accelerated |"
+    lines = [header, "|---|---|---|", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
     runs = "One run per side" if result.repeats == 1 else f"Fastest of {result.repeats} alternating runs per side"
-    lines.append(f"\n{runs} on `{device}`, same seed. Wall-clock on a busy machine is noisy; block work is exact.")
+    exact = "forwards are exact" if student is not None else "block work is exact"
+    lines.append(f"\n{runs} on `{device}`, same seed. Wall-clock on a busy machine is noisy; {exact}.")
+    if student is not None:
+        guidance = "none" if student.guidance_scale is None else f"{student.guidance_scale:g}"
+        lines.append(
+            f"\nDistilled student: `diffusers_block.distill.load({student.folder!r})`, {student.num_steps} steps, "
+            f"one forward a step (CFG {guidance} folded in during training); the teacher runs its own steps with CFG."
+        )
+        return "\n".join(lines)
     lines.append(f"\nCache: `{describe(result.config) if result.config is not None else 'none'}`")
     if result.sparse_config is not None:
         c = result.sparse_config
@@ -100,6 +140,10 @@ def metrics_table(result: SideBySide, device: str, extra: list[tuple[str, str, s
             f"dense_steps={c.dense_steps}, refresh_interval={c.refresh_interval}, min_tokens={c.min_tokens})`"
         )
     return "\n".join(lines)
+
+
+def _bold_if(condition: bool, text: str) -> str:
+    return f"**{text}**" if condition else text
 
 
 def _db(value: float) -> str:
@@ -116,6 +160,7 @@ class Pictures:
     heatmap: Image.Image | None
     mask: Image.Image | None
     metrics: str
+    sides: tuple[str, str] = ("baseline (no cache)", "accelerated")  # the two pictures' labels
 
 
 def pictures(

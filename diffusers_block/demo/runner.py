@@ -29,6 +29,42 @@ T = TypeVar("T")
 Report = Callable[[tuple[int, int | None], str], None]  # (done, total or None), description
 
 
+#: CPU threads for the demo's models. They are tiny (the policy: batch <= 10, 18 tokens, 256 wide; the digits
+#: models: 256 wide, a few hundred tokens): split over two threads, each op costs more in synchronisation than in
+#: arithmetic, and the BLAS libraries loaded beside torch (numpy's OpenBLAS and a second one) spin their idle threads.
+#: On a busy 2-core machine (CPU), one policy episode of 16 environment steps at 100 DDPM steps took 113 CPU-seconds
+#: with the default pools against 7.6 with one thread each, and one moving-digits clip of 10 steps took 101 s of
+#: wall-clock against 14 s.
+CPU_THREADS = 1
+
+
+@contextmanager
+def limited_threads(count: int | None) -> Iterator[None]:
+    """Every thread pool (torch's OpenMP, the BLAS libraries) limited to ``count`` for the block (None: unchanged)."""
+    if count is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # torch's own pool only
+        threadpool_limits = None
+    try:
+        if threadpool_limits is None:
+            yield
+        else:
+            with threadpool_limits(count):
+                yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def cpu_threads(device: str):
+    """:func:`limited_threads` to :data:`CPU_THREADS` on the CPU; unchanged on a GPU."""
+    return limited_threads(CPU_THREADS if device == "cpu" else None)
+
+
 class ModelSlot(Generic[T]):
     """A model shared by all sessions: loaded on first use, used by one request at a time."""
 
@@ -56,16 +92,18 @@ def transformers_of(pipe) -> list[torch.nn.Module]:
 
 @contextmanager
 def step_progress(pipe, report: Report | None, desc: str, expected_calls: int | None) -> Iterator[list[int]]:
-    """Count the transformer calls (yields the running count) and, with a ``report``, call
-    ``report((calls, expected_calls), desc)`` before each one."""
-    count = [0]
+    """Count the transformer calls and the batch rows they ran (yields ``[calls, rows]``) and, with a ``report``,
+    call ``report((calls, expected_calls), desc)`` before each one."""
+    count = [0, 0]
 
-    def bump(*_) -> None:
+    def bump(_module, args, kwargs) -> None:
         count[0] += 1
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        count[1] += hidden.shape[0] if isinstance(hidden, torch.Tensor) else 1
         if report is not None:
             report((count[0] if expected_calls is None else min(count[0], expected_calls), expected_calls), desc)
 
-    handles = [module.register_forward_pre_hook(bump) for module in transformers_of(pipe)]
+    handles = [module.register_forward_pre_hook(bump, with_kwargs=True) for module in transformers_of(pipe)]
     try:
         if report is not None:
             report((0, expected_calls), desc)
@@ -83,6 +121,11 @@ class Measured:
     seconds: float
     block_work: int  # Linear calls inside the transformer blocks (the harness's BlockWorkCounter)
     transformer_calls: int
+    transformer_rows: int = 0  # batch rows over all transformer calls: a CFG batch of 2N rows counts 2 per image
+
+    def forwards_per_output(self) -> float:
+        """Transformer forwards per image or clip (CFG's two branches count two, batched or not)."""
+        return self.transformer_rows / max(len(self.output), 1)
 
 
 def measure(
@@ -99,12 +142,21 @@ def measure(
     finally:
         for counter in counters:
             counter.remove()
-    return Measured(output.float().cpu(), seconds, sum(c.calls for c in counters), calls[0])
+    return Measured(output.float().cpu(), seconds, sum(c.calls for c in counters), calls[0], calls[1])
 
 
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class StudentInfo:
+    """Which distilled student served the accelerated side (``diffusers_block.distill``)."""
+
+    folder: str
+    num_steps: int
+    guidance_scale: float | None  # the CFG folded into the students
 
 
 @dataclass
@@ -119,6 +171,7 @@ class SideBySide:
     repeats: int = 1  # timed runs per side; seconds are the fastest of them
     sparse_summary: object | None = None  # SparseAttentionSummary where sparse attention was on
     sparse_config: object | None = None  # its SparseAttentionConfig
+    student: StudentInfo | None = None  # the accelerated side was a distilled student, not the teacher cached
 
     @property
     def speedup(self) -> float:
@@ -210,3 +263,42 @@ def _sparse():
     import diffusers_block
 
     return diffusers_block
+
+
+def teacher_and_student(
+    pipe,
+    teacher_run: Callable[[object], torch.Tensor],
+    student_run: Callable[[object], torch.Tensor],
+    student,
+    folder: str,
+    report: Report | None = None,
+    expected_calls: int | None = None,
+    repeats: int = 1,
+) -> SideBySide:
+    """The teacher (``teacher_run(pipe)``, its own steps and CFG) against the distilled ``student`` (a
+    ``BlockwiseFlowModel``) serving the same pipeline (``student_run(pipe)``, at ``student.num_steps``); the caller
+    holds the pipeline's lock. Timed like :func:`side_by_side` (alternating, fastest of ``repeats`` kept); the
+    student is disabled in a ``finally``, so the next request gets the teacher exactly."""
+    from ..distill import disable_blockwise_flow, enable_blockwise_flow
+
+    disable_block_cache(pipe)
+    disable_blockwise_flow(pipe)
+    baseline = accelerated = None
+    for repeat in range(repeats):
+        suffix = f", run {repeat + 1} of {repeats}" if repeats > 1 else ""
+        plain = measure(pipe, teacher_run, report, f"teacher{suffix}", expected_calls)
+        try:
+            enable_blockwise_flow(pipe, student)
+            distilled = measure(
+                pipe, student_run, report, f"distilled student ({student.num_steps} steps){suffix}", student.num_steps
+            )
+        finally:
+            disable_blockwise_flow(pipe)
+        expected_calls = plain.transformer_calls
+        if baseline is None:
+            baseline, accelerated = plain, distilled
+        else:
+            baseline.seconds = min(baseline.seconds, plain.seconds)
+            accelerated.seconds = min(accelerated.seconds, distilled.seconds)
+    info = StudentInfo(folder, student.num_steps, student.config.guidance_scale)
+    return SideBySide(baseline, accelerated, None, None, None, repeats, student=info)

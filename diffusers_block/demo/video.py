@@ -26,8 +26,9 @@ from .controls import (
     accelerations,
 )
 from .page import DIFFERENCE_GAIN, ComparisonView, acceleration_inputs, in_page, reporter
-from .runner import ModelSlot, Report, SideBySide, side_by_side
+from .runner import ModelSlot, Report, SideBySide, cpu_threads, side_by_side, teacher_and_student
 from .sparse import SPARSE_OFF, SparseSettings, mask_image
+from .student import Student
 
 FRAMES = 17  # what the model was trained on (data.digits clips)
 SIZE = 32
@@ -39,9 +40,24 @@ CLIP_DIR = Path(tempfile.gettempdir()) / "diffusers-block-demo"
 CLIP_MAX_AGE_S = 3600  # animations older than this are deleted when new ones are written
 
 
+#: What the page's numbers mean, beside the model's own evaluation (models/digits-video/training/eval.json: 160 clips,
+#: every digit and motion twice, 50 steps). CFG 3 is the model at its best there: per-frame accuracy 99.1%, against
+#: 93.1% at CFG 1.5 and 98.3% at CFG 5.
+CAPTION = (
+    "**What the numbers mean.** *Classifier accuracy per frame*: the share of all frames that the shipped digit "
+    "classifier reads as the digit asked for. *Clips moving as asked*: the ink's centroid moves the way asked; "
+    "*along the asked line, either way*: it moves along the right line, whatever the sign. Over its own evaluation "
+    "(160 clips, 50 steps, CFG 3, on a GPU) the model scores 99.1% per frame, 98.1% along the line and 37.5% the "
+    "right way: it learned the line of a motion, mostly not its sign. A few clips of one seed can score lower or "
+    "higher than that."
+)
+
+
 @dataclass(frozen=True)
 class VideoRequest:
-    digits: tuple[int, ...] = (3, 7)
+    # Defaults that show the model at its best: 50 steps and CFG 3, as in its evaluation, and two digits it draws
+    # well on seed 0 (2 and 5: 100% of frames read as asked, on the CPU; the former default's 7 read as a 7 in 35%).
+    digits: tuple[int, ...] = (2, 5)
     motion: str = "right"
     steps: int = 50
     seed: int = 0
@@ -90,6 +106,7 @@ class _VideoModel:
     pipe: object
     encoder: object
     classifier: DigitClassifier
+    student: Student | None  # the distilled student, where it ships
 
 
 def write_animation(clips: torch.Tensor, columns: int) -> str:
@@ -110,6 +127,7 @@ class DigitsVideoTab:
 
     key = "video"
     title = "Video (moving digits)"
+    student_model = "digits-video-distilled"
 
     @staticmethod
     def available() -> str | None:
@@ -132,7 +150,7 @@ class DigitsVideoTab:
         generate_clips(
             pipe, encoder, torch.tensor([0]), torch.tensor([0]), steps=2, frames=FRAMES, size=SIZE
         )  # warm-up
-        return _VideoModel(pipe, encoder, classifier)
+        return _VideoModel(pipe, encoder, classifier, Student.find(self.student_model, self.device))
 
     def generate(
         self,
@@ -140,8 +158,10 @@ class DigitsVideoTab:
         settings: CacheSettings,
         report: Report | None = None,
         sparse: SparseSettings = SPARSE_OFF,
+        distilled: bool = False,
     ) -> VideoResult:
-        """Baseline and accelerated clips of ``request``, and everything measured."""
+        """Baseline and accelerated clips of ``request``, and everything measured; ``distilled``: the teacher against
+        the distilled student instead (settings unused)."""
         request = request.checked()
         digits, motions = request.labels
         # Both runs read `model`, which is bound below once this request holds the model's lock.
@@ -174,10 +194,25 @@ class DigitsVideoTab:
                 size=SIZE,
             )
 
-        config, sparse_config = accelerations(settings, sparse, request.steps, calibration_run)
-        with self.slot.use() as model:
+        def student_run(pipe) -> torch.Tensor:  # CFG folded into the student: one forward a step
+            steps = model.student.num_steps
+            return generate_clips(
+                pipe, model.encoder, digits, motions, steps, 1.0, request.seed, frames=FRAMES, size=SIZE
+            )
+
+        if distilled:
+            config = sparse_config = None
+        else:
+            config, sparse_config = accelerations(settings, sparse, request.steps, calibration_run)
+        with self.slot.use() as model, cpu_threads(self.device):
             calls = request.steps * (2 if request.guidance > 1 else 1)  # WanPipeline: cond and uncond calls
-            result = side_by_side(model.pipe, run, config, report, calls, request.repeats, sparse_config)
+            if distilled:
+                student = Student.required(model.student, self.student_model)
+                result = teacher_and_student(
+                    model.pipe, run, student_run, student.model, student.folder, report, calls, request.repeats
+                )
+            else:
+                result = side_by_side(model.pipe, run, config, report, calls, request.repeats, sparse_config)
             frame_accuracy = tuple(
                 class_accuracy(model.classifier, clips.output.to(self.device), digits.to(self.device))
                 for clips in (result.baseline, result.accelerated)
@@ -205,6 +240,8 @@ class DigitsVideoTab:
             mask_image(result.sparse_summary, sparse.layer, sparse.head) if result.sparse_summary else None,
             metrics,
         )
+        if distilled:
+            pictures.sides = ("teacher", f"distilled student ({result.student.num_steps} steps)")
         return VideoResult(request, result, frame_accuracy, motion, axes, pictures)
 
     # -- page ---------------------------------------------------------------------------------------------------
@@ -213,7 +250,8 @@ class DigitsVideoTab:
         gr.Markdown(
             f"The moving-digits model shipped in `models/digits-video` (a stock `WanPipeline`: 8-block Wan "
             f"transformer, {FRAMES} frames of {SIZE}x{SIZE}, loaded offline). One clip per digit, all moving the "
-            f"same way; both sides use the same seed."
+            f"same way; both sides use the same seed. Defaults: 50 steps and CFG 3, the settings of the model's own "
+            f"evaluation and its best per-frame accuracy."
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -228,9 +266,10 @@ class DigitsVideoTab:
                     steps = gr.Slider(2, 200, value=VideoRequest.steps, step=1, label="steps", elem_id=f"{k}-steps")
                     seed = gr.Number(0, precision=0, label="seed")
                 guidance = gr.Slider(1.0, 10.0, value=VideoRequest.guidance, step=0.5, label="guidance scale (CFG)")
-                repeats, controls, sparse, button = acceleration_inputs(k, self.device)
+                inputs = acceleration_inputs(k, self.device, self.student_model)
             with gr.Column(scale=3):
                 view = ComparisonView(k, DIFFERENCE_GAIN)
+                gr.Markdown(CAPTION, elem_id=f"{k}-caption")
                 view.add_mask()
         view.add_heatmap("cache heatmap: steps x blocks")
 
@@ -241,16 +280,16 @@ class DigitsVideoTab:
                 values[steps],
                 values[seed],
                 values[guidance],
-                values[repeats],
+                values[inputs.repeats],
             )
-            settings = controls.settings(values)
-            sparse_settings = sparse.settings(values) if sparse else SPARSE_OFF
-            result = in_page(lambda: self.generate(request, settings, reporter(progress), sparse_settings))
+            settings = inputs.controls.settings(values)
+            sparse_settings = inputs.sparse_settings(values)
+            distilled = inputs.distilled(values)
+            result = in_page(lambda: self.generate(request, settings, reporter(progress), sparse_settings, distilled))
             return view.values(result.pictures)
 
-        button.click(
+        inputs.button.click(
             on_generate,
-            inputs={digits, motion, steps, seed, guidance, repeats, *controls.components}
-            | (sparse.components if sparse else set()),
+            inputs={digits, motion, steps, seed, guidance, *inputs.components},
             outputs=view.outputs,
         )
