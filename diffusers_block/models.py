@@ -28,6 +28,7 @@ FFN_CONTEXT = "ffn_context"
 
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
+_ATTN_FF_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff"}
 _WAN_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}
 _JOINT_1_SUB_BLOCKS = {SELF_ATTN: "attn1", FFN: "ff"}  # CogVideoX-style joint blocks: one attn1 over text + image
 _LUMINA_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "feed_forward"}
@@ -152,7 +153,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ("AuraFlowTransformer2DModel",),
             (
                 BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}),
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
             ),
         ),
         FamilySpec(  # Flux descendants whose single blocks take the concatenated sequence alone
@@ -230,6 +231,31 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(  # image tokens attend to [image, text]; only the image stream is updated
             "nucleus_moe",
             ("NucleusMoEImageTransformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+        ),
+        FamilySpec(  # per-modality blocks first (text, image, reference image), then single blocks on all of them
+            "flux3",
+            ("Flux3Transformer2DModel",),
+            (
+                BlockListSpec("txt_mode_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
+                BlockListSpec("mode_blocks.image", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
+                BlockListSpec("mode_blocks.image_cond", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, optional=True),
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), _ATTN_FF_SUB_BLOCKS),
+            ),
+        ),
+        FamilySpec(  # one sequence of text and image tokens; the text encoder's own blocks are not cached
+            "krea2",
+            ("Krea2Transformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "ideogram4",
+            ("Ideogram4Transformer2DModel",),
+            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "attention", FFN: "feed_forward"}),),
+        ),
+        FamilySpec(  # one sequence: text, condition images, then the target image
+            "qwenimage21",
+            ("QwenImage21Transformer2DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
         ),
         FamilySpec(
@@ -393,6 +419,16 @@ def _generic_block_lists(model: torch.nn.Module) -> tuple[BlockListSpec, ...]:
     return tuple(specs)
 
 
+def _child(model: torch.nn.Module, attr: str):
+    """``model.<attr>``, where ``attr`` may be dotted through ModuleDicts (Flux 3's ``mode_blocks.image``)."""
+    for part in attr.split("."):
+        if isinstance(model, torch.nn.ModuleDict):
+            model = model[part] if part in model else None
+        else:
+            model = getattr(model, part, None)
+    return model
+
+
 def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
     """Locate every cacheable block of ``model`` (a diffusers transformer), or raise UnsupportedModelError."""
     if not isinstance(model, torch.nn.Module):
@@ -405,7 +441,7 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
         raise _unsupported(model, "no list of transformer blocks with a known return convention was found")
     blocks = []
     for spec in block_lists:
-        container = getattr(model, spec.attr, None)
+        container = _child(model, spec.attr)
         if spec.optional and (container is None or len(container) == 0):
             continue
         if not isinstance(container, torch.nn.ModuleList):

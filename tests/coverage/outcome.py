@@ -119,6 +119,6 @@ def evaluate(cls_name: str) -> Outcome:
         db.disable_block_cache(model)
     if not torch.equal(_forward(model, kwargs), reference):
         raise WrongOutput(f"{cls_name}: output after disable_block_cache differs from the original")
-    lists = ", ".join(dict.fromkeys(ref.name.split(".")[0] for ref in adapter.blocks))
+    lists = ", ".join(dict.fromkeys(ref.spec.attr for ref in adapter.blocks))
     sparse = _sparse(model, kwargs, reference)
     return Outcome(cls_name, recipe.style, recipe.modality, SUPPORTED, "", len(adapter.blocks), lists, sparse)
