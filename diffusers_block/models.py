@@ -258,6 +258,21 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ("QwenImage21Transformer2DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
         ),
+        FamilySpec(  # one packed sequence of text, audio and video rows
+            "minimax_h3",
+            ("MiniMaxH3Transformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+        ),
+        FamilySpec(  # Kandinsky 6's fused blocks update the video stream and the audio stream together
+            "kandinsky6",
+            ("Kandinsky6Transformer3DModel",),
+            (BlockListSpec("visual_transformer_blocks", (HIDDEN, ENCODER), hidden_arg="vis", encoder_arg="aud"),),
+        ),
+        FamilySpec(
+            "kandinsky6_sr",
+            ("Kandinsky6SRTransformer3DModel",),
+            (BlockListSpec("visual_transformer_blocks", (HIDDEN,)),),
+        ),
         FamilySpec(
             "hunyuan_dit",
             ("HunyuanDiT2DModel",),
