@@ -60,9 +60,12 @@ class BlockListSpec:
 
 @dataclass(frozen=True)
 class FamilySpec:
+    """A model family: its transformer classes and block lists, or (``refused``) why it must not be cached."""
+
     name: str
     transformer_classes: tuple[str, ...]
     block_lists: tuple[BlockListSpec, ...]
+    refused: str = ""
 
 
 FAMILIES: Mapping[str, FamilySpec] = {
@@ -273,6 +276,30 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ("Kandinsky6SRTransformer3DModel",),
             (BlockListSpec("visual_transformer_blocks", (HIDDEN,)),),
         ),
+        FamilySpec(  # LTX-2 blocks run video-only in this refiner
+            "sana_wm_refiner",
+            ("SanaWMLTX2RefinerTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "sana_wm",
+            ("SanaWMTransformer3DModel",),
+            (
+                BlockListSpec(
+                    "blocks", (HIDDEN,), {SELF_ATTN: "attn", CROSS_ATTN: "cross_attn", FFN: "mlp"}, hidden_arg="x"
+                ),
+            ),
+        ),
+        FamilySpec(
+            "wan_animate2",
+            ("WanAnimate2Transformer3DModel",),
+            (),
+            refused=(
+                "its blocks write the reference video's keys and values into a per-layer KV cache "
+                "(kv_cache_mode='extract') that the denoising calls then read; a reused block would leave its layer's "
+                "cache unwritten, and block caching does not manage that state"
+            ),
+        ),
         FamilySpec(
             "hunyuan_dit",
             ("HunyuanDiT2DModel",),
@@ -351,7 +378,7 @@ class UnsupportedModelError(ValueError):
 
 def supported_families() -> list[str]:
     """Names of the model families in the adapter table (``"dit"``, ``"flux"``, ``"wan"``, ...)."""
-    return list(FAMILIES)
+    return [name for name, spec in FAMILIES.items() if not spec.refused]
 
 
 @dataclass(frozen=True)
@@ -381,7 +408,7 @@ class ModelAdapter:
 def _unsupported(model: torch.nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"diffusers-block cannot cache {type(model).__name__}: {why}. Supported families: "
-        f"{', '.join(FAMILIES)}; other diffusers transformers work when their blocks sit in a torch.nn.ModuleList "
+        f"{', '.join(supported_families())}; other diffusers transformers work when their blocks sit in a torch.nn.ModuleList "
         f"registered in diffusers' TransformerBlockRegistry."
     )
 
@@ -451,6 +478,8 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
             f"expected a diffusers transformer (torch.nn.Module) or pipeline, got {type(model).__name__}"
         )
     family = _family_of(model)
+    if family is not None and family.refused:
+        raise _unsupported(model, family.refused)
     block_lists = family.block_lists if family is not None else _generic_block_lists(model)
     if not block_lists:
         raise _unsupported(model, "no list of transformer blocks with a known return convention was found")

@@ -648,7 +648,3 @@ def QwenImage21Transformer2DModel():
         "img_shapes": [[(1, 4, 4)]],
         "img_mask": torch.arange(text_len + slots)[None] >= text_len,
     }
-
-
-# Refused today: the adapter table has no entry and diffusers' block registry does not know their blocks. Only the
-# model is built (refusal comes before any call); an entry for one of them comes with its forward inputs.

@@ -587,8 +587,55 @@ def Kandinsky6SRTransformer3DModel():
     return model, {"hidden_states": torch.randn(1, 2, 8, 8, 9), "timestep": timestep()}
 
 
-# Refused today: the adapter table has no entry and diffusers' block registry does not know their blocks. Only the
-# model is built (refusal comes before any call); an entry for one of them comes with its forward inputs.
+@video(CROSS_ATTENTION)
+def SanaWMLTX2RefinerTransformer3DModel():
+    model = tiny(
+        d.SanaWMLTX2RefinerTransformer3DModel,
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=2,
+        caption_channels=16,
+    )
+    rope = model.build_rotary_emb_for_absolute_positions(1, [0, 1], 4, 4, torch.device("cpu"), fps=25.0)
+    return model, {
+        "hidden_states": torch.randn(1, 2 * 4 * 4, 4),
+        "encoder_hidden_states": text(8, 16),
+        "timestep": torch.full((1, 2 * 4 * 4), 500.0),  # per video token
+        "video_rotary_emb": rope,
+    }
+
+
+@video(CROSS_ATTENTION)
+def SanaWMTransformer3DModel():
+    model = tiny(
+        d.SanaWMTransformer3DModel,
+        in_channels=4,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        linear_head_dim=16,
+        chunk_plucker_channels=8,
+        chunk_plucker_post_attn_blocks=2,
+        caption_channels=16,
+        image_size=64,
+    )
+    return model, {  # text only, no camera conditions
+        "hidden_states": torch.randn(1, 4, 2, 8, 8),
+        "timestep": torch.full((1, 1, 2), 500.0),  # (B, 1, frames)
+        "encoder_hidden_states": torch.randn(1, 1, 8, 16),
+        "encoder_attention_mask": torch.ones(1, 8),
+    }
+
+
+# Refused by the adapter table, with its reason: only the model is built (the refusal comes before any call).
 
 
 @video(CROSS_ATTENTION)
@@ -607,42 +654,5 @@ def WanAnimate2Transformer3DModel():
         num_layers=2,
         cross_attn_norm=True,
         use_img_emb=False,
-    )
-    return model, {}
-
-
-@video(CROSS_ATTENTION)
-def SanaWMTransformer3DModel():
-    model = tiny(
-        d.SanaWMTransformer3DModel,
-        in_channels=4,
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        linear_head_dim=16,
-        chunk_plucker_channels=8,
-        chunk_plucker_post_attn_blocks=2,
-        caption_channels=16,
-        image_size=64,
-    )
-    return model, {}
-
-
-@video(CROSS_ATTENTION)
-def SanaWMLTX2RefinerTransformer3DModel():
-    model = tiny(
-        d.SanaWMLTX2RefinerTransformer3DModel,
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
-        audio_in_channels=4,
-        audio_out_channels=4,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
-        num_layers=2,
-        caption_channels=16,
     )
     return model, {}
