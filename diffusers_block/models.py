@@ -34,6 +34,7 @@ TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE)
 
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
+_ATTN_FF_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff"}
 _WAN_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ffn"}
 _JOINT_1_SUB_BLOCKS = {SELF_ATTN: "attn1", FFN: "ff"}  # CogVideoX-style joint blocks: one attn1 over text + image
 _LUMINA_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "feed_forward"}
@@ -77,9 +78,12 @@ class BlockListSpec:
 
 @dataclass(frozen=True)
 class FamilySpec:
+    """A model family: its transformer classes and block lists, or (``refused``) why it must not be cached."""
+
     name: str
     transformer_classes: tuple[str, ...]
     block_lists: tuple[BlockListSpec, ...]
+    refused: str = ""
 
 
 FAMILIES: Mapping[str, FamilySpec] = {
@@ -200,7 +204,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
             (
                 BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
                 # the model concatenates [registers + text, image] before these
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}, text=TEXT_FIRST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # Flux descendants whose single blocks take the concatenated sequence alone
@@ -292,6 +296,70 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ("NucleusMoEImageTransformer2DModel",),
             (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
         ),
+        FamilySpec(  # per-modality blocks first (text, image, reference image), then single blocks on all of them
+            "flux3",
+            ("Flux3Transformer2DModel",),
+            (
+                BlockListSpec("txt_mode_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
+                BlockListSpec("mode_blocks.image", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
+                BlockListSpec("mode_blocks.image_cond", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, optional=True),
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), _ATTN_FF_SUB_BLOCKS),
+            ),
+        ),
+        FamilySpec(  # one sequence of text and image tokens; the text encoder's own blocks are not cached
+            "krea2",
+            ("Krea2Transformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "ideogram4",
+            ("Ideogram4Transformer2DModel",),
+            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "attention", FFN: "feed_forward"}),),
+        ),
+        FamilySpec(  # one sequence: text, condition images, then the target image
+            "qwenimage21",
+            ("QwenImage21Transformer2DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+        ),
+        FamilySpec(  # one packed sequence of text, audio and video rows
+            "minimax_h3",
+            ("MiniMaxH3Transformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+        ),
+        FamilySpec(  # Kandinsky 6's fused blocks update the video stream and the audio stream together
+            "kandinsky6",
+            ("Kandinsky6Transformer3DModel",),
+            (BlockListSpec("visual_transformer_blocks", (HIDDEN, ENCODER), hidden_arg="vis", encoder_arg="aud"),),
+        ),
+        FamilySpec(
+            "kandinsky6_sr",
+            ("Kandinsky6SRTransformer3DModel",),
+            (BlockListSpec("visual_transformer_blocks", (HIDDEN,)),),
+        ),
+        FamilySpec(  # LTX-2 blocks run video-only in this refiner
+            "sana_wm_refiner",
+            ("SanaWMLTX2RefinerTransformer3DModel",),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+        ),
+        FamilySpec(
+            "sana_wm",
+            ("SanaWMTransformer3DModel",),
+            (
+                BlockListSpec(
+                    "blocks", (HIDDEN,), {SELF_ATTN: "attn", CROSS_ATTN: "cross_attn", FFN: "mlp"}, hidden_arg="x"
+                ),
+            ),
+        ),
+        FamilySpec(
+            "wan_animate2",
+            ("WanAnimate2Transformer3DModel",),
+            (),
+            refused=(
+                "its blocks write the reference video's keys and values into a per-layer KV cache "
+                "(kv_cache_mode='extract') that the denoising calls then read; a reused block would leave its layer's "
+                "cache unwritten, and block caching does not manage that state"
+            ),
+        ),
         FamilySpec(
             "hunyuan_dit",
             ("HunyuanDiT2DModel",),
@@ -375,7 +443,7 @@ class UnsupportedModelError(ValueError):
 
 def supported_families() -> list[str]:
     """Names of the model families in the adapter table (``"dit"``, ``"flux"``, ``"wan"``, ...)."""
-    return list(FAMILIES)
+    return [name for name, spec in FAMILIES.items() if not spec.refused]
 
 
 @dataclass(frozen=True)
@@ -405,7 +473,7 @@ class ModelAdapter:
 def _unsupported(model: torch.nn.Module, why: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"diffusers-block cannot cache {type(model).__name__}: {why}. Supported families: "
-        f"{', '.join(FAMILIES)}; other diffusers transformers work when their blocks sit in a torch.nn.ModuleList "
+        f"{', '.join(supported_families())}; other diffusers transformers work when their blocks sit in a torch.nn.ModuleList "
         f"registered in diffusers' TransformerBlockRegistry."
     )
 
@@ -469,6 +537,16 @@ def _generic_block_lists(model: torch.nn.Module) -> tuple[BlockListSpec, ...]:
     return tuple(specs)
 
 
+def _child(model: torch.nn.Module, attr: str):
+    """``model.<attr>``, where ``attr`` may be dotted through ModuleDicts (Flux 3's ``mode_blocks.image``)."""
+    for part in attr.split("."):
+        if isinstance(model, torch.nn.ModuleDict):
+            model = model[part] if part in model else None
+        else:
+            model = getattr(model, part, None)
+    return model
+
+
 def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
     """Locate every cacheable block of ``model`` (a diffusers transformer), or raise UnsupportedModelError."""
     if not isinstance(model, torch.nn.Module):
@@ -476,12 +554,14 @@ def resolve_adapter(model: torch.nn.Module) -> ModelAdapter:
             f"expected a diffusers transformer (torch.nn.Module) or pipeline, got {type(model).__name__}"
         )
     family = _family_of(model)
+    if family is not None and family.refused:
+        raise _unsupported(model, family.refused)
     block_lists = family.block_lists if family is not None else _generic_block_lists(model)
     if not block_lists:
         raise _unsupported(model, "no list of transformer blocks with a known return convention was found")
     blocks = []
     for spec in block_lists:
-        container = getattr(model, spec.attr, None)
+        container = _child(model, spec.attr)
         if spec.optional and (container is None or len(container) == 0):
             continue
         if not isinstance(container, torch.nn.ModuleList):

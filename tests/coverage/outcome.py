@@ -37,6 +37,12 @@ class WrongOutput(AssertionError):
     """A supported class whose cached or disabled output is not what it must be: a bug to fix, not an outcome."""
 
 
+def first_sentence(message: str) -> str:
+    """The reason of an error message, without the advice and lists that follow it (they change as the table
+    grows, and belong to the error, not the table)."""
+    return message.split(". ")[0].rstrip(".")
+
+
 def _first_tensor(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -65,7 +71,7 @@ def _sparse(model, kwargs: dict, reference: torch.Tensor) -> str:
     try:
         db.enable_sparse_attention(model)
     except (db.UnsupportedModelError, ValueError, TypeError) as error:
-        return f"refused: {error}"
+        return f"refused: {first_sentence(str(error))}"
     try:
         output = _steps(model, kwargs, 1)[-1]
     except Exception as error:  # recorded, not raised: the table shows where sparse attention breaks
@@ -87,9 +93,7 @@ def evaluate(cls_name: str) -> Outcome:
     model, kwargs = recipe.build()
 
     def refused(error: Exception) -> Outcome:
-        # The list of supported families that follows grows with the table; the reason is what comes before it.
-        reason = str(error).split(". Supported families")[0]
-        return Outcome(cls_name, recipe.style, recipe.modality, REFUSED, reason, 0, "", "")
+        return Outcome(cls_name, recipe.style, recipe.modality, REFUSED, first_sentence(str(error)), 0, "", "")
 
     try:
         adapter = resolve_adapter(model)
@@ -119,6 +123,6 @@ def evaluate(cls_name: str) -> Outcome:
         db.disable_block_cache(model)
     if not torch.equal(_forward(model, kwargs), reference):
         raise WrongOutput(f"{cls_name}: output after disable_block_cache differs from the original")
-    lists = ", ".join(dict.fromkeys(ref.name.split(".")[0] for ref in adapter.blocks))
+    lists = ", ".join(dict.fromkeys(ref.spec.attr for ref in adapter.blocks))
     sparse = _sparse(model, kwargs, reference)
     return Outcome(cls_name, recipe.style, recipe.modality, SUPPORTED, "", len(adapter.blocks), lists, sparse)

@@ -143,7 +143,7 @@ def Flux2Transformer2DModel():
 
 
 @image(DOUBLE_SINGLE)
-def Flux3Transformer2DModel():  # refused today (see the note above Krea2Transformer2DModel)
+def Flux3Transformer2DModel():
     model = tiny(
         d.Flux3Transformer2DModel,
         in_channels=4,
@@ -155,7 +155,16 @@ def Flux3Transformer2DModel():  # refused today (see the note above Krea2Transfo
         joint_attention_dim=32,
         axes_dims_rope=(4, 4, 4, 4),
     )
-    return model, {}
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols, torch.zeros_like(rows)], -1).reshape(16, 4)
+    txt_ids = torch.stack([torch.zeros(8), torch.zeros(8), torch.zeros(8), torch.arange(8)], -1).long()
+    return model, {
+        "hidden_states": torch.randn(1, 16, 4),
+        "encoder_hidden_states": text(),
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+        "timestep": timestep(0.5),
+    }
 
 
 def _glm_like(cls, **config):
@@ -543,10 +552,6 @@ def HunyuanImageTransformer2DModel():
     }
 
 
-# Refused today: the adapter table has no entry and diffusers' block registry does not know their blocks. Only the
-# model is built (refusal comes before any call); an entry for one of them comes with its forward inputs.
-
-
 @image(SINGLE_SEQUENCE)
 def Krea2Transformer2DModel():
     model = tiny(
@@ -568,11 +573,27 @@ def Krea2Transformer2DModel():
         axes_dims_rope=(4, 2, 2),
         rope_theta=1000.0,
     )
-    return model, {}
+    text_len, grid = 8, 4
+    positions = torch.zeros(text_len + grid * grid, 3)  # text at 0, image tokens at (0, row, col)
+    positions[text_len:, 1] = torch.arange(grid).repeat_interleave(grid)
+    positions[text_len:, 2] = torch.arange(grid).repeat(grid)
+    return model, {
+        "hidden_states": torch.randn(1, grid * grid, 16),
+        "encoder_hidden_states": torch.randn(1, text_len, 3, 16),  # (B, text, encoder layers, features)
+        "timestep": timestep(0.5),
+        "position_ids": positions,
+        "encoder_attention_mask": torch.ones(1, text_len, dtype=torch.bool),
+    }
 
 
 @image(SINGLE_SEQUENCE)
 def Ideogram4Transformer2DModel():
+    from diffusers.models.transformers.transformer_ideogram4 import (
+        IMAGE_POSITION_OFFSET,
+        LLM_TOKEN_INDICATOR,
+        OUTPUT_IMAGE_INDICATOR,
+    )
+
     model = tiny(
         d.Ideogram4Transformer2DModel,
         in_channels=16,
@@ -585,7 +606,26 @@ def Ideogram4Transformer2DModel():
         rope_theta=10000,
         mrope_section=(2, 1, 1),
     )
-    return model, {}
+    text_len, grid = 8, 4  # one sequence: text tokens (zero latents), then image tokens (zero text features)
+    hidden = torch.zeros(1, text_len + grid * grid, 16)
+    hidden[:, text_len:] = torch.randn(1, grid * grid, 16)
+    features = torch.zeros(1, text_len + grid * grid, 24)
+    features[:, :text_len] = torch.randn(1, text_len, 24)
+    positions = torch.zeros(1, text_len + grid * grid, 3, dtype=torch.long)
+    positions[:, :text_len] = torch.arange(text_len)[:, None]
+    positions[:, text_len:, 0] = IMAGE_POSITION_OFFSET
+    positions[:, text_len:, 1] = torch.arange(grid).repeat_interleave(grid) + IMAGE_POSITION_OFFSET
+    positions[:, text_len:, 2] = torch.arange(grid).repeat(grid) + IMAGE_POSITION_OFFSET
+    indicator = torch.full((1, text_len + grid * grid), OUTPUT_IMAGE_INDICATOR)
+    indicator[:, :text_len] = LLM_TOKEN_INDICATOR
+    return model, {
+        "hidden_states": hidden,
+        "encoder_hidden_states": features,
+        "timestep": timestep(0.5),
+        "position_ids": positions,
+        "segment_ids": torch.ones(1, text_len + grid * grid, dtype=torch.long),
+        "indicator": indicator,
+    }
 
 
 @image(SINGLE_SEQUENCE)
@@ -600,4 +640,11 @@ def QwenImage21Transformer2DModel():
         context_in_dim=16,
         axes_dims_rope=(8, 4, 4),
     )
-    return model, {}
+    text_len, slots = 8, 4  # the encoder's sequence: 8 text tokens, then 4 image slots of 2x2 latent tokens each
+    return model, {
+        "hidden_states": torch.randn(1, 4 * slots, 16),
+        "encoder_hidden_states": text(text_len, 16),
+        "timestep": timestep(0.5),
+        "img_shapes": [[(1, 4, 4)]],
+        "img_mask": torch.arange(text_len + slots)[None] >= text_len,
+    }

@@ -435,7 +435,25 @@ def MiniMaxH3Transformer3DModel():
         time_embed_dim=16,
         rope_freq_dim=2,
     )
-    return model, {}  # refused before any call, so no inputs yet: an adapter table entry needs them
+    text_len, audio_len, video_len = 4, 6, 8  # one packed sequence: text rows, audio rows, video rows
+    length = text_len + audio_len + video_len
+    tags = torch.tensor([1] * text_len + [2] * audio_len + [0] * video_len)  # 0 video, 1 text, 2 audio
+    positions = torch.zeros(length, 3)
+    positions[:, 0] = torch.arange(length)
+    positions[text_len + audio_len :, 1] = torch.arange(video_len) % 4
+    positions[text_len + audio_len :, 2] = torch.arange(video_len) % 2
+    return model, {
+        "hidden_states": torch.randn(1, video_len, 16),
+        "audio_hidden_states": torch.randn(1, audio_len, 6),
+        "encoder_hidden_states": text(text_len, 8),
+        "timestep": torch.tensor([0.7, 0.3]),  # video and audio noise levels
+        "timestep_indices": (tags == 2).long(),
+        "token_tags": tags,
+        "position_ids": positions,
+        "video_indices": torch.arange(text_len + audio_len, length),
+        "audio_indices": torch.arange(text_len, text_len + audio_len),
+        "text_indices": torch.arange(text_len),
+    }
 
 
 @video(CROSS_ATTENTION)
@@ -526,10 +544,6 @@ def Kandinsky5Transformer3DModel():
     }
 
 
-# Refused today: the adapter table has no entry and diffusers' block registry does not know their blocks. Only the
-# model is built (refusal comes before any call); an entry for one of them comes with its forward inputs.
-
-
 @video(CROSS_ATTENTION)
 def Kandinsky6Transformer3DModel():
     model = tiny(
@@ -548,7 +562,13 @@ def Kandinsky6Transformer3DModel():
         in_audio_dim=4,
         out_audio_dim=4,
     )
-    return model, {}
+    return model, {
+        "hidden_states": torch.randn(1, 2, 8, 8, 4),  # (B, F, H, W, C)
+        "encoder_hidden_states": text(8, 16),
+        "pooled_projections": torch.randn(1, 8),
+        "timestep": timestep(),
+        "audio_hidden_states": torch.randn(1, 6, 4),
+    }
 
 
 @video(SINGLE_SEQUENCE)
@@ -563,44 +583,8 @@ def Kandinsky6SRTransformer3DModel():
         num_visual_blocks=2,
         axes_dims=(4, 6, 6),
     )
-    return model, {}
-
-
-@video(CROSS_ATTENTION)
-def WanAnimate2Transformer3DModel():
-    model = tiny(
-        d.WanAnimate2Transformer3DModel,
-        patch_size=(1, 2, 2),
-        text_len=16,
-        in_dim=36,
-        dim=32,
-        ffn_dim=64,
-        freq_dim=32,
-        text_dim=16,
-        out_dim=16,
-        num_heads=2,
-        num_layers=2,
-        cross_attn_norm=True,
-        use_img_emb=False,
-    )
-    return model, {}
-
-
-@video(CROSS_ATTENTION)
-def SanaWMTransformer3DModel():
-    model = tiny(
-        d.SanaWMTransformer3DModel,
-        in_channels=4,
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=2,
-        linear_head_dim=16,
-        chunk_plucker_channels=8,
-        chunk_plucker_post_attn_blocks=2,
-        caption_channels=16,
-        image_size=64,
-    )
-    return model, {}
+    # (B, T, H, W, 2C + 1): the noisy latent, the low-resolution anchor latent and the anchor mask
+    return model, {"hidden_states": torch.randn(1, 2, 8, 8, 9), "timestep": timestep()}
 
 
 @video(CROSS_ATTENTION)
@@ -619,5 +603,56 @@ def SanaWMLTX2RefinerTransformer3DModel():
         audio_cross_attention_dim=8,
         num_layers=2,
         caption_channels=16,
+    )
+    rope = model.build_rotary_emb_for_absolute_positions(1, [0, 1], 4, 4, torch.device("cpu"), fps=25.0)
+    return model, {
+        "hidden_states": torch.randn(1, 2 * 4 * 4, 4),
+        "encoder_hidden_states": text(8, 16),
+        "timestep": torch.full((1, 2 * 4 * 4), 500.0),  # per video token
+        "video_rotary_emb": rope,
+    }
+
+
+@video(CROSS_ATTENTION)
+def SanaWMTransformer3DModel():
+    model = tiny(
+        d.SanaWMTransformer3DModel,
+        in_channels=4,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        linear_head_dim=16,
+        chunk_plucker_channels=8,
+        chunk_plucker_post_attn_blocks=2,
+        caption_channels=16,
+        image_size=64,
+    )
+    return model, {  # text only, no camera conditions
+        "hidden_states": torch.randn(1, 4, 2, 8, 8),
+        "timestep": torch.full((1, 1, 2), 500.0),  # (B, 1, frames)
+        "encoder_hidden_states": torch.randn(1, 1, 8, 16),
+        "encoder_attention_mask": torch.ones(1, 8),
+    }
+
+
+# Refused by the adapter table, with its reason: only the model is built (the refusal comes before any call).
+
+
+@video(CROSS_ATTENTION)
+def WanAnimate2Transformer3DModel():
+    model = tiny(
+        d.WanAnimate2Transformer3DModel,
+        patch_size=(1, 2, 2),
+        text_len=16,
+        in_dim=36,
+        dim=32,
+        ffn_dim=64,
+        freq_dim=32,
+        text_dim=16,
+        out_dim=16,
+        num_heads=2,
+        num_layers=2,
+        cross_attn_norm=True,
+        use_img_emb=False,
     )
     return model, {}
