@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry
 from ..cache.apply import _transformers
 from ..cache.units import stream_shapes
 from ..models import SELF_ATTN, SELF_ATTN_2, resolve_adapter
+from ..parallel import check_sparse_attention, context_parallel, register_inside_context_parallel
 from ..state import GenerationTracker, GenerationTrackerHook, check_not_enabled_elsewhere
 from .config import SparseAttentionConfig
 from .hooks import SPARSE_ATTENTION_HOOK, SparseAttentionHook
@@ -127,6 +128,7 @@ class SparseAttention:
         self._key_length_cache: dict = {}
         self._input_shape: tuple | None = None  # of the last transformer call, to see a bare loop's new generation
         text_first = JOINT_TEXT_FIRST.get(self.family)
+        check_sparse_attention(context_parallel(model), self.family, joint=text_first is not None)
         for ref in adapter.blocks:
             for name, role, module in ref.sub_blocks():
                 if role not in (SELF_ATTN, SELF_ATTN_2):
@@ -138,7 +140,7 @@ class SparseAttention:
                 else:
                     stream = "joint"
                 hook = SparseAttentionHook(self, len(self.hooks), name, module, stream, bool(text_first))
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SPARSE_ATTENTION_HOOK)
+                register_inside_context_parallel(module, hook, SPARSE_ATTENTION_HOOK)
                 self.hooks.append(hook)
                 self._modules.append(module)
                 self.layer_names.append(name)
