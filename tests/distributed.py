@@ -2,7 +2,7 @@
 
 Tests of context parallelism need real collectives between real processes (a rank that takes another decision than
 its peers hangs in the next all-to-all, which no single-process mock shows). Each rank is a fresh spawned interpreter
-on one thread; ``fn(rank, world_size, *args)`` must be a module-level function (spawn pickles it by name) and return
+on one thread, with torchrun's environment variables set; ``fn(rank, world_size, *args)`` must be a module-level function (spawn pickles it by name) and return
 something ``torch.save`` can write. diffusers' ``enable_parallelism`` cannot build a mesh without an accelerator
 (``rank % device_count()`` with a count of 0): wrap it in ``diffusers_block.parallel.cpu_context_parallel()``.
 """
@@ -27,10 +27,19 @@ def _free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, folder: str, fn, args: tuple) -> None:
     os.environ.setdefault("DIFFUSERS_BLOCK_ALLOW_DIRTY", "1")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+    # torchrun's variables, so that accelerate (which reads them) sees the same multi-process run
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
     )
+    if not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # what `accelerate launch --cpu` sets: else each rank runs alone
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(folder) / f"rank{rank}.pt")

@@ -185,17 +185,43 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
     objective = TrajectoryObjective(flow, flow.build_students(task.transformer, trainable=True))
     objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
     out = Path(out)
-    objective.flow.to("cpu", torch.bfloat16).save_pretrained(out)
-    record = {"distill": asdict(config), "train": asdict(train_config), "blocks": blocks, **report}
-    (out / "distill.json").write_text(json.dumps(record, indent=1))
+    state = _process_state()
+    if state.is_main_process:  # under accelerate launch every process holds the same trained students
+        objective.flow.to("cpu", torch.bfloat16).save_pretrained(out)
+        record = {"distill": asdict(config), "train": asdict(train_config), "blocks": blocks, **report}
+        (out / "distill.json").write_text(json.dumps(record, indent=1))
+    state.wait_for_everyone()
     return out
 
 
+def _process_state():
+    """accelerate's view of the processes of this run (one, or those of ``accelerate launch`` / torchrun); only
+    once the training loop's Accelerator exists (a PartialState made first would not know ``--cpu`` runs)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torch.Tensor, config: TrainConfig):
-    """sample_batch(step, rank, device): per segment, a share of the batch at random steps of that segment."""
+    """sample_batch(step, rank, device): per segment, a share of the batch at random steps of that segment.
+
+    ``batch_size`` is the global batch: each step draws the same batch whatever the number of processes, and
+    process ``rank`` of N trains on its N-th of each segment's share. Data-parallel training (gradients averaged
+    over equal shards) then follows the one-process run, and a checkpoint resumes on another process count."""
     sigmas = torch.tensor(schedule.sigmas)
     first_step = [sum(schedule.steps_per_segment[:k]) for k in range(schedule.num_segments)]
     share = max(config.batch_size // schedule.num_segments, 1)
+
+    @functools.cache  # asked once the training loop's Accelerator has set the processes up
+    def processes() -> int:
+        count = _process_state().num_processes
+        if share % count:
+            raise ValueError(
+                f"the batch of {config.batch_size} gives each of the {schedule.num_segments} segments {share} "
+                f"samples, which {count} processes cannot split evenly: make --batch-size a multiple of "
+                f"{schedule.num_segments * count}"
+            )
+        return count
 
     @functools.cache  # one copy per device: copying the trajectories every step made training transfer-bound
     def on_device(device):
@@ -203,11 +229,12 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
 
     def sample_batch(step: int, rank: int, device) -> list[dict]:
         x_all, y_all, s_all = on_device(device)
-        generator = generator_for_step(step, rank, config.seed, device)
+        generator = generator_for_step(step, 0, config.seed, device)  # the global batch, on every process
+        rows = slice(rank * share // processes(), (rank + 1) * share // processes())
         batch = []
         for k, n in enumerate(schedule.steps_per_segment):
-            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)
-            j = first_step[k] + torch.randint(0, n, (share,), generator=generator, device=device)
+            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)[rows]
+            j = first_step[k] + torch.randint(0, n, (share,), generator=generator, device=device)[rows]
             x, x_next = x_all[j, index], x_all[j + 1, index]
             span = (s_all[j + 1] - s_all[j]).view(-1, *([1] * (x.ndim - 1)))
             batch.append(
