@@ -7,6 +7,7 @@ outputs; each test checks one property of them against the same generation run s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -42,13 +43,13 @@ def _parallel(model: torch.nn.Module, **degrees) -> torch.nn.Module:
     return model
 
 
-def _denoise(model: torch.nn.Module) -> torch.Tensor:
+def _denoise(model: torch.nn.Module, arch=ARCH, latent_shape=LATENT) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn((1, *LATENT), generator=generator)
-    text = conditioning(ARCH, torch.device("cpu"), torch.float32, seed=1)
+    latents = torch.randn((1, *latent_shape), generator=generator)
+    text = conditioning(arch, torch.device("cpu"), torch.float32, seed=1)
     with torch.no_grad():
         for step in range(STEPS):
-            t = torch.tensor([1000.0 * (1 - step / STEPS)])
+            t = torch.tensor([1000.0 * (1 - step / STEPS) * arch.timestep_scale])
             with db.cache_context(model, "cond", step_index=step, num_inference_steps=STEPS):
                 velocity = model(hidden_states=latents, timestep=t, return_dict=False, **text)[0]
             latents = latents - velocity / STEPS
@@ -122,9 +123,24 @@ def _scenarios(rank: int, world_size: int) -> dict:
     db.enable_sparse_attention(late, dataclasses.replace(SPARSE, dense_steps=0))
     _parallel(late, ring_degree=world_size)
     results["ring_forward"] = _refusal(lambda: _denoise(late))
-    flux = _parallel(_model("tiny-flux"), ulysses_degree=world_size)
-    results["joint"] = _refusal(lambda: db.enable_sparse_attention(flux, SPARSE))
+    results["flux"] = _flux_cached(world_size)
     return results
+
+
+def _flux_cached(world_size: int) -> dict:
+    """Flux under CP: text and image tokens both split, double and single blocks cached per chunk."""
+    arch = ARCHITECTURES["tiny-flux"]
+    denoise = functools.partial(_denoise, arch=arch, latent_shape=arch.latent_shape)
+    out = {}
+    for name, model in (("single", _model("tiny-flux")), ("cp", _parallel(_model("tiny-flux"), ulysses_degree=2))):
+        out[name] = {"dense": denoise(model)}
+        db.enable_block_cache(model, dataclasses.replace(BWCACHE, threshold=1.0))  # the tiny Flux moves a lot
+        out[name]["cached"] = denoise(model)
+        out[name]["computed"] = db.block_cache_summary(model).computed
+        db.disable_block_cache(model)
+        if name == "cp":
+            out["joint"] = _refusal(lambda m=model: db.enable_sparse_attention(m, SPARSE))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +185,16 @@ def test_bwcache_decisions_agree_across_ranks_and_with_one_process(ranks):
 
 
 @pytest.mark.slow
+def test_flux_caches_under_context_parallelism(ranks):
+    for r in ranks:
+        cp, single = r["flux"]["cp"], r["flux"]["single"]
+        assert _close(cp["dense"], single["dense"])
+        assert _close(cp["cached"], single["cached"])
+        np.testing.assert_array_equal(cp["computed"], single["computed"])
+        assert (cp["computed"] == 0).any() and not _close(cp["cached"], cp["dense"], 1e-4)
+
+
+@pytest.mark.slow
 def test_bwcache_decision_uses_the_summed_indicator(ranks):
     policy = [r["policy"] for r in ranks]
     assert policy[0]["local_rate"] < 0.1 < policy[1]["local_rate"]  # alone, rank 0 would reuse, rank 1 compute
@@ -200,7 +226,7 @@ def test_unsupported_configurations_are_refused(ranks):
         assert "ring attention" in r["ring_enable"] and "ring_degree=2" in r["ring_enable"]
         assert "ulysses_degree=N" in r["ring_enable"]  # says what to do
         assert "ring attention" in r["ring_forward"]  # enable_parallelism after enable_sparse_attention
-        assert "text tokens" in r["joint"] and "flux" in r["joint"]
+        assert "text tokens" in r["flux"]["joint"] and "flux" in r["flux"]["joint"]
 
 
 @pytest.mark.slow
