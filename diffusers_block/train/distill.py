@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -289,7 +290,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training stage")
-    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--device", help="default: the GPU of this process (cuda:LOCAL_RANK) when available")
 
 
 def run(args) -> Path:
@@ -315,5 +316,12 @@ def run(args) -> Path:
         checkpoint_every=max(args.steps // 4, 1),
         max_minutes=args.max_minutes,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return distill(DigitsTask(args.teacher, device), args.out, config, train_config)
+    return distill(DigitsTask(args.teacher, args.device or _process_device()), args.out, config, train_config)
+
+
+def _process_device() -> str:
+    """This process's device: the GPU of its local rank under ``accelerate launch`` / torchrun (the one accelerate
+    trains on; the teacher, which the students share, must be there too, not on cuda:0), else cuda, else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
