@@ -156,7 +156,8 @@ class SparseAttentionHook(ModelHook):
         # call the whole sequence for this rank's heads; enable_parallelism may have come after enable_sparse_attention.
         layout = context_parallel(module)
         check_sparse_attention(layout, controller.family, joint=self.stream != "image")
-        image = hidden.shape[1]
+        tokens = full_tokens(layout, hidden.shape[1])  # what the SDPA call attends over (Ulysses: the whole sequence)
+        image = tokens
         if self.stream == "joint" and isinstance(encoder, torch.Tensor):
             controller.text_tokens = encoder.shape[1]
         elif self.stream == "single":
@@ -164,7 +165,7 @@ class SparseAttentionHook(ModelHook):
         step, branch = tracker.step, tracker.branch
         last = self._last_selection_step(branch)
         mode = controller.config.step_mode(step, last, tracker.num_steps)
-        if mode == "dense" or full_tokens(layout, hidden.shape[1]) < controller.config.min_tokens:
+        if mode == "dense" or tokens < controller.config.min_tokens:
             controller.record(self.layer, step, branch, "dense", None)
             return self.fn_ref.original_forward(*args, **kwargs)
         rotary = None
