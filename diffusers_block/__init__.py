@@ -34,6 +34,7 @@ from .cache import (  # noqa: E402
 )
 from .distill import BlockwiseFlowModel, disable_blockwise_flow, enable_blockwise_flow  # noqa: E402
 from .models import UnsupportedModelError, supported_families  # noqa: E402
+from .parallel import UnsupportedParallelismError  # noqa: E402
 from .pipeline_methods import install_pipeline_methods  # noqa: E402
 from .state import ShapeChangedError, cache_context  # noqa: E402
 
@@ -52,6 +53,7 @@ __all__ = [
     "StaticScheduleConfig",
     "TunedSchedule",
     "UnsupportedModelError",
+    "UnsupportedParallelismError",
     "block_cache_summary",
     "calibrate_schedule",
     "cache_context",

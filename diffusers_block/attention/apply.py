@@ -36,6 +36,7 @@ from ..models import (
     get_argument,
     resolve_adapter,
 )
+from ..parallel import check_sparse_attention, context_parallel, register_inside_context_parallel
 from ..state import GenerationTracker, GenerationTrackerHook, check_not_enabled_elsewhere
 from .config import SparseAttentionConfig
 from .hooks import EAGER_ONLY, SPARSE_ATTENTION_HOOK, SparseAttentionHook
@@ -193,6 +194,8 @@ class SparseAttention:
         for ref, found in attentions:  # refuse before hooking anything
             if ref.spec.text is None and any(role == SELF_ATTN for _, role, _ in found):
                 raise _text_placement_unknown(model, adapter, ref)
+        joint = any(ref.spec.text in (TEXT_FIRST, TEXT_LAST) for ref, found in attentions if found)
+        check_sparse_attention(context_parallel(model), self.family, joint=joint)
         for ref, found in attentions:
             if found and ref.spec.text in (TEXT_FIRST, TEXT_LAST):
                 hook = TextLength(self, ref.module, ref.spec.encoder_arg)
@@ -200,7 +203,7 @@ class SparseAttention:
             for name, role, module in found:
                 text = TEXT_SEPARATE if role == SELF_ATTN_2 else ref.spec.text
                 hook = SparseAttentionHook(self, len(self.hooks), name, module, text)
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, SPARSE_ATTENTION_HOOK)
+                register_inside_context_parallel(module, hook, SPARSE_ATTENTION_HOOK)
                 self.hooks.append(hook)
                 self._modules.append(module)
                 self.layer_names.append(name)

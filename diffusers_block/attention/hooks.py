@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..kernels import rotate_interleaved
 from ..models import TEXT_FIRST, TEXT_SEPARATE, UnsupportedModelError, argument_index, get_argument
+from ..parallel import check_sparse_attention, context_parallel, full_tokens, local_heads
 from .functional import sparse_self_attention
 
 if TYPE_CHECKING:
@@ -154,17 +155,25 @@ class SparseAttentionHook(ModelHook):
         encoder = get_argument(args, kwargs, "encoder_hidden_states", self._encoder_index)
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             return self.fn_ref.original_forward(*args, **kwargs)
-        image = hidden.shape[1]
+        # Under context parallelism (diffusers' Ulysses) the module sees this rank's chunk of the tokens, and its SDPA
+        # call the whole sequence for this rank's heads; enable_parallelism may have come after enable_sparse_attention.
+        layout = context_parallel(module)
+        check_sparse_attention(layout, controller.family, joint=self.text != TEXT_SEPARATE)
+        tokens = full_tokens(layout, hidden.shape[1])  # what the SDPA call attends over (Ulysses: the whole sequence)
+        image = tokens
         if self.text != TEXT_SEPARATE and not isinstance(encoder, torch.Tensor):
             image -= controller.text_tokens  # the block concatenated text and image into hidden_states
         step, branch = tracker.step, tracker.branch
         last = self._last_selection_step(branch)
         mode = controller.config.step_mode(step, last, tracker.num_steps)
-        if mode == "dense" or hidden.shape[1] < controller.config.min_tokens:
+        if mode == "dense" or tokens < controller.config.min_tokens:
             controller.record(self.layer, step, branch, "dense", None)
             return self.fn_ref.original_forward(*args, **kwargs)
         rotary = None
-        if controller.config.fuse_rotary and type(getattr(module, "processor", None)) in _rotary_processors():
+        # Under CP the processor's rotary tables are the rank's chunk of the sequence while the SDPA call holds all of
+        # it: the processor keeps rotating (before its all-to-all).
+        fuse = controller.config.fuse_rotary and layout is None
+        if fuse and type(getattr(module, "processor", None)) in _rotary_processors():
             tables = get_argument(args, kwargs, "rotary_emb", self._rotary_index)
             if (
                 isinstance(tables, (tuple, list))
@@ -173,7 +182,15 @@ class SparseAttentionHook(ModelHook):
             ):
                 rotary = tuple(tables)
                 args, kwargs = _set_argument(args, kwargs, "rotary_emb", self._rotary_index, None)
-        self._call = {"step": step, "branch": branch, "image": image, "mode": mode, "calls": 0, "rotary": rotary}
+        self._call = {
+            "step": step,
+            "branch": branch,
+            "image": image,
+            "mode": mode,
+            "calls": 0,
+            "rotary": rotary,
+            "layout": layout,
+        }
         try:
             with _native_backend(module), _SdpaInterceptor(self):
                 return self.fn_ref.original_forward(*args, **kwargs)
@@ -227,7 +244,7 @@ class SparseAttentionHook(ModelHook):
             controller.record(self.layer, frame["step"], frame["branch"], "fallback", None)
             return self._dense(call, rotary)
         config = controller.config
-        thresholds = self._thresholds_for(heads, q.device)
+        thresholds = self._thresholds_for(heads, q.device, frame.get("layout"))
         grid = controller.grid if config.reorder else None
         # One call for the whole batch when all samples share a key length; per sample otherwise (text padding).
         groups = [(slice(None), None if lengths is None else lengths[0], "all")]
@@ -298,10 +315,12 @@ class SparseAttentionHook(ModelHook):
             enable_gqa=call["enable_gqa"],
         )
 
-    def _thresholds_for(self, heads: int, device: torch.device) -> torch.Tensor:
+    def _thresholds_for(self, heads: int, device: torch.device, layout=None) -> torch.Tensor:
+        """Per-head thresholds of the ``heads`` heads of this call: under Ulysses, this rank's slice of the model's."""
+        first, total = local_heads(layout, heads)
         cached = self._thresholds
         if cached is None or cached.numel() != heads or cached.device != device:
-            values = self.controller.config.thresholds(heads)
+            values = self.controller.config.thresholds(total)[first : first + heads]
             cached = self._thresholds = torch.tensor(values, dtype=torch.float32, device=device)
         return cached
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import attention, attention_quality, cache, distill, policy, quality, report
+from . import attention, attention_quality, cache, distill, parallel, policy, quality, report
 
 COMMANDS = {
     "cache": cache,
@@ -19,6 +19,7 @@ COMMANDS = {
     "attention": attention,
     "attention-quality": attention_quality,
     "distill": distill,
+    "parallel": parallel,
 }
 
 

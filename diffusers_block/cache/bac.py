@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models import FFN_CHILDREN
-from .apply import disable_block_cache, enable_block_cache
+from ..parallel import context_parallel, gather_sequence
+from .apply import _transformers, disable_block_cache, enable_block_cache
 from .policy import CacheConfig, CachePolicy
 from .slot import CacheSlot
 from .static import StaticScheduleConfig
@@ -140,7 +141,10 @@ def record_features(
     target, generate: Callable[[object], object], granularity: str = "block", max_samples: int = 8
 ) -> dict[str, torch.Tensor]:
     """Run ``generate(target)`` uncached; per unit, its cached tensor at every step, (K, samples, D) float32 on the
-    CPU (the first ``max_samples`` samples of the batch)."""
+    CPU (the first ``max_samples`` samples of the batch).
+
+    Under context parallelism each rank records its chunk of the sequence; the chunks are gathered (one all-gather
+    per unit, after the run), so every rank holds the whole features and calibrates the same schedule."""
     features: dict[str, dict[int, torch.Tensor]] = {}
 
     def recorder(name: str, step: int, tensor: torch.Tensor) -> None:
@@ -152,7 +156,11 @@ def record_features(
         generate(target)
     finally:
         disable_block_cache(target)
-    return {name: torch.stack([by_step[s] for s in sorted(by_step)]) for name, by_step in features.items()}
+    stacked = {name: torch.stack([by_step[s] for s in sorted(by_step)]) for name, by_step in features.items()}
+    layout = next(filter(None, map(context_parallel, _transformers(target).values())), None)
+    if layout is not None:
+        stacked = {name: gather_sequence(f, layout, dim=-1) for name, f in stacked.items()}
+    return stacked
 
 
 def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch
 from diffusers.hooks import HookRegistry
 
 from ..models import UnsupportedModelError, resolve_adapter
+from ..parallel import context_parallel, register_inside_context_parallel
 from ..state import TRACKER_HOOK, GenerationTracker, attach_tracker
 from .hooks import CACHE_HOOK, BlockCacheHook
 from .policy import CacheConfig
@@ -50,13 +51,15 @@ class BlockCache:
         self.tracker = tracker
         self.unit_names = [name for name, _, _ in units]
         self.policy = config.build(self.unit_names)
+        if self.policy.wants_indicator:
+            self.policy.parallel = context_parallel(model)
         self.reads_step = self.policy.needs_step or config.forecast != "none"
         self.hooks: list[BlockCacheHook] = []
         self._modules: list[torch.nn.Module] = []
         self._records: list[tuple] = []  # (step, branch, unit, computed, indicator)
         for index, (_, module, unit) in enumerate(units):
             hook = BlockCacheHook(self, index, unit)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, CACHE_HOOK)
+            register_inside_context_parallel(module, hook, CACHE_HOOK)  # sees the rank's chunk under CP
             self.hooks.append(hook)
             self._modules.append(module)
         attach_tracker(model, tracker)
@@ -70,6 +73,8 @@ class BlockCache:
                 hook.slots.clear()
             self.policy.reset()
             self._records.clear()
+            if self.policy.wants_indicator:  # enable_parallelism may come after the cache
+                self.policy.parallel = context_parallel(self.model)
         elif event == "forward":
             for hook in self.hooks:
                 hook.calls_this_forward = 0

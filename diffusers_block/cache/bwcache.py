@@ -7,7 +7,9 @@ steps, one that moves a lot is recomputed every step. The first and last few ste
 features change fastest there (the U-shaped curve of the paper), and ``max_consecutive_reuse`` bounds drift.
 
 The indicator is one fp32 reduction over a tensor the block already produced. Its values are read back to the
-host in one batch per transformer call, the first time a decision needs them, not once per block.
+host in one batch per transformer call, the first time a decision needs them, not once per block. Under context
+parallelism that read is also where the ranks agree: the batch of numerators and denominators is summed over the
+ranks in one all-reduce, so every rank decides on the whole sequence's change (see ``diffusers_block.parallel``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from typing import Literal
 import torch
 
 from .. import validation
+from ..parallel import sum_over_ranks
 from .policy import CacheConfig, CachePolicy
-from .slot import CacheSlot
+from .slot import CacheSlot, relative_l1_of
 
 SCOPES = ("block", "model")
 
@@ -74,11 +77,15 @@ class BWCachePolicy(CachePolicy):
             self._pending.append(slot)
 
     def _read_pending(self) -> None:
-        """Move every pending indicator to the host with a single synchronisation."""
+        """Move every pending indicator to the host with a single synchronisation (and, under context parallelism,
+        a single all-reduce before it: every rank holds the same pending units, since they all decided alike)."""
         pending = [slot for slot in self._pending if isinstance(slot.indicator, torch.Tensor)]
         self._pending.clear()
         if pending:
-            values = torch.stack([slot.indicator for slot in pending]).tolist()
+            parts = torch.stack([slot.indicator for slot in pending])
+            if self.parallel is not None:
+                parts = sum_over_ranks(parts, self.parallel)
+            values = relative_l1_of(parts).tolist()
             for slot, value in zip(pending, values):
                 slot.indicator = value
 

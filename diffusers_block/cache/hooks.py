@@ -9,7 +9,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from .forecast import reused_tensors
-from .slot import CacheSlot, relative_l1
+from .slot import CacheSlot, relative_l1_of, relative_l1_parts
 
 if TYPE_CHECKING:
     from .block_cache import BlockCache
@@ -58,11 +58,12 @@ class BlockCacheHook(ModelHook):
 
         output = self.fn_ref.original_forward(*args, **kwargs)
         tensors = self.unit.extract(args, kwargs, output)
-        indicator = None
+        parts = indicator = None
         if policy.wants_indicator and slot.matches(shape):
-            indicator = relative_l1(self.unit.primary(tensors), self.unit.primary(slot.current))
+            parts = relative_l1_parts(self.unit.primary(tensors), self.unit.primary(slot.current))
+            indicator = relative_l1_of(parts)  # this rank's own, for the summary
         slot.store(tensors, step, shape, keep_previous=cache.config.forecast != "none")
-        slot.indicator = indicator
+        slot.indicator = parts
         policy.observe(self.index, slot, step, self.unit.primary(tensors))
         cache.record(self.index, computed=True, indicator=indicator)
         return output

@@ -54,6 +54,9 @@ class CachePolicy:
     planned: bool = False  # decisions made per step by plan(), not per call by should_compute()
     wants_indicator: bool = False  # the hook measures each computed unit's relative change for observe()
     needs_step: bool = True  # False keeps the step out of the hook, so compiled graphs are not specialised on it
+    #: Under context parallelism, the rank's place in the ranks that hold chunks of the same sequence and must decide
+    #: alike (``parallel.ContextParallelLayout``); set by the block cache before each transformer call.
+    parallel = None
 
     def __init__(self, config: CacheConfig, unit_names: Sequence[str]) -> None:
         self.config = config

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,17 +186,43 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
     objective = TrajectoryObjective(flow, flow.build_students(task.transformer, trainable=True))
     objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
     out = Path(out)
-    objective.flow.to("cpu", torch.bfloat16).save_pretrained(out)
-    record = {"distill": asdict(config), "train": asdict(train_config), "blocks": blocks, **report}
-    (out / "distill.json").write_text(json.dumps(record, indent=1))
+    state = _process_state()
+    if state.is_main_process:  # under accelerate launch every process holds the same trained students
+        objective.flow.to("cpu", torch.bfloat16).save_pretrained(out)
+        record = {"distill": asdict(config), "train": asdict(train_config), "blocks": blocks, **report}
+        (out / "distill.json").write_text(json.dumps(record, indent=1))
+    state.wait_for_everyone()
     return out
 
 
+def _process_state():
+    """accelerate's view of the processes of this run (one, or those of ``accelerate launch`` / torchrun); only
+    once the training loop's Accelerator exists (a PartialState made first would not know ``--cpu`` runs)."""
+    from accelerate import PartialState
+
+    return PartialState()
+
+
 def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torch.Tensor, config: TrainConfig):
-    """sample_batch(step, rank, device): per segment, a share of the batch at random steps of that segment."""
+    """sample_batch(step, rank, device): per segment, a share of the batch at random steps of that segment.
+
+    ``batch_size`` is the global batch: each step draws the same batch whatever the number of processes, and
+    process ``rank`` of N trains on its N-th of each segment's share. Data-parallel training (gradients averaged
+    over equal shards) then follows the one-process run, and a checkpoint resumes on another process count."""
     sigmas = torch.tensor(schedule.sigmas)
     first_step = [sum(schedule.steps_per_segment[:k]) for k in range(schedule.num_segments)]
     share = max(config.batch_size // schedule.num_segments, 1)
+
+    @functools.cache  # asked once the training loop's Accelerator has set the processes up
+    def processes() -> int:
+        count = _process_state().num_processes
+        if share % count:
+            raise ValueError(
+                f"the batch of {config.batch_size} gives each of the {schedule.num_segments} segments {share} "
+                f"samples, which {count} processes cannot split evenly: make --batch-size a multiple of "
+                f"{schedule.num_segments * count}"
+            )
+        return count
 
     @functools.cache  # one copy per device: copying the trajectories every step made training transfer-bound
     def on_device(device):
@@ -203,11 +230,12 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
 
     def sample_batch(step: int, rank: int, device) -> list[dict]:
         x_all, y_all, s_all = on_device(device)
-        generator = generator_for_step(step, rank, config.seed, device)
+        generator = generator_for_step(step, 0, config.seed, device)  # the global batch, on every process
+        rows = slice(rank * share // processes(), (rank + 1) * share // processes())
         batch = []
         for k, n in enumerate(schedule.steps_per_segment):
-            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)
-            j = first_step[k] + torch.randint(0, n, (share,), generator=generator, device=device)
+            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)[rows]
+            j = first_step[k] + torch.randint(0, n, (share,), generator=generator, device=device)[rows]
             x, x_next = x_all[j, index], x_all[j + 1, index]
             span = (s_all[j + 1] - s_all[j]).view(-1, *([1] * (x.ndim - 1)))
             batch.append(
@@ -262,7 +290,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training stage")
-    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--device", help="default: the GPU of this process (cuda:LOCAL_RANK) when available")
 
 
 def run(args) -> Path:
@@ -288,5 +316,12 @@ def run(args) -> Path:
         checkpoint_every=max(args.steps // 4, 1),
         max_minutes=args.max_minutes,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return distill(DigitsTask(args.teacher, device), args.out, config, train_config)
+    return distill(DigitsTask(args.teacher, args.device or _process_device()), args.out, config, train_config)
+
+
+def _process_device() -> str:
+    """This process's device: the GPU of its local rank under ``accelerate launch`` / torchrun (the one accelerate
+    trains on; the teacher, which the students share, must be there too, not on cuda:0), else cuda, else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"

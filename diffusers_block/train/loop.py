@@ -56,7 +56,9 @@ def train(
     scalar loss. Resumes from the latest checkpoint under ``output_dir/checkpoints`` if there is one.
     """
     mixed = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
-    accelerator = Accelerator(mixed_precision=mixed)
+    # Every process runs all config.steps steps (batches come from sample_batch, not a sharded dataloader), so the
+    # LR schedule steps once per step; accelerate's default steps it once per process per step.
+    accelerator = Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False)
     set_seed(config.seed)
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
@@ -95,7 +97,8 @@ def train(
         running += loss.detach().float()  # read back only when logging: no host sync per step
         count += 1
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            mean = running.item() / count
+            # the mean over every process's batch: with equal shards, the loss of the whole (global) batch
+            mean = accelerator.reduce(running, reduction="mean").item() / count
             if not math.isfinite(mean):
                 raise FloatingPointError(f"loss became {mean} before step {step + 1}; lower the learning rate")
             record = {

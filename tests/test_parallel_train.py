@@ -1,0 +1,71 @@
+"""Distillation training data-parallel on 2 CPU processes (what ``accelerate launch --num_processes 2`` runs), and a
+checkpoint of it resumed on 1 process: both must follow the 1-process run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from distributed import run
+from test_distill import _ToyTask
+
+from diffusers_block.distill import BlockwiseFlowModel
+
+STEPS, CHECKPOINT = 6, 3
+
+
+def _distill(folder, name: str) -> None:
+    from diffusers_block.train.distill import DistillConfig, distill
+    from diffusers_block.train.loop import TrainConfig
+
+    config = DistillConfig(segments=2, steps_per_segment=1, rank=4, guidance_scale=2.0, trajectories=64, fine_steps=8)
+    train_config = TrainConfig(
+        output_dir=str(folder / name / "runs"),
+        steps=STEPS,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        ema_decay=0.5,
+        log_every=1,
+        checkpoint_every=CHECKPOINT,
+    )
+    distill(_ToyTask(), folder / name / "student", config, train_config)
+
+
+def _two_processes(rank: int, world_size: int, folder) -> None:
+    _distill(folder, "two")
+
+
+def _factors(folder, name: str) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in BlockwiseFlowModel.from_pretrained(folder / name / "student").state_dict().items()}
+
+
+@pytest.mark.slow
+def test_two_process_training_and_a_resume_on_one_process_follow_the_one_process_run(tmp_path):
+    run(_two_processes, tmp_path, world_size=2, timeout=600)
+    _distill(tmp_path, "one")
+    # the 2-process run's checkpoint at step 3, finished on one process
+    (tmp_path / "resumed" / "runs" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp_path / "two" / "runs" / "checkpoints" / f"step-{CHECKPOINT}",
+        tmp_path / "resumed" / "runs" / "checkpoints" / f"step-{CHECKPOINT}",
+    )
+    _distill(tmp_path, "resumed")
+    one, two, resumed = (_factors(tmp_path, name) for name in ("one", "two", "resumed"))
+    for name, other in (("two processes", two), ("resumed on one", resumed)):
+        for key in one:
+            error = float((other[key] - one[key]).norm() / one[key].norm().clamp_min(1e-12))
+            assert error < 1e-2, f"{name}: {key} differs from the one-process run by {error:.2e}"
+    # the LR schedule steps once per step whatever the process count (accelerate's default steps it N times)
+    logs = {name: _log(tmp_path, name) for name in ("one", "two")}
+    assert [r["lr"] for r in logs["two"]] == [r["lr"] for r in logs["one"]]
+    # the logged loss is the mean over the processes' shards: the 1-process curve
+    assert [r["loss"] for r in logs["two"]] == pytest.approx([r["loss"] for r in logs["one"]], rel=1e-4)
+    assert len(logs["one"]) == STEPS
+
+
+def _log(folder, name: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (folder / name / "runs" / "train_log.jsonl").read_text().splitlines()]
