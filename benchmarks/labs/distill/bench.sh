@@ -5,6 +5,7 @@
 set -u
 OUT=${OUT:-/tmp/distill-out}
 STUDENTS=${STUDENTS:-models}
-timeout -k 5 ${IMAGE_LIMIT:-120} python -m diffusers_block.bench distill --model digits-image --students "$STUDENTS/digits-image-distilled" --per-class ${IMAGE_PER_CLASS:-30} --out "$OUT" --plot 2>&1 | grep -v Warning
+image_student=$STUDENTS/digits-image-distilled; [ -d "$image_student" ] || image_student=models/digits-image-distilled
+timeout -k 5 ${IMAGE_LIMIT:-120} python -m diffusers_block.bench distill --model digits-image --students "$image_student" --per-class ${IMAGE_PER_CLASS:-30} --out "$OUT" --plot 2>&1 | grep -v Warning
 [ -d "$STUDENTS/digits-video-distilled" ] && timeout -k 5 ${VIDEO_LIMIT:-120} python -m diffusers_block.bench distill --model digits-video \
   --students "$STUDENTS/digits-video-distilled" --per-class ${VIDEO_PER_CLASS:-2} --out "$OUT" --plot 2>&1 | grep -v Warning
