@@ -30,7 +30,8 @@ FFN_CONTEXT = "ffn_context"
 TEXT_FIRST = "first"  # joint attention over [text, image]
 TEXT_LAST = "last"  # joint attention over [image, text]
 TEXT_SEPARATE = "separate"  # no text in self-attention: it reaches the image through cross-attention, or not at all
-TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE)
+TEXT_ONLY = "only"  # text tokens only (a text refiner): never made sparse
+TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE, TEXT_ONLY)
 
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
@@ -55,8 +56,13 @@ class BlockListSpec:
     attention needs to keep text queries dense and text keys in every image query's lists: ``"first"`` or
     ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor or
     by the block itself), ``"separate"`` (the self-attention sees image tokens only; text, if any, comes through
-    cross-attention), or None (unknown: sparse attention refuses the model, block caching still works). A
-    ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
+    cross-attention), ``"only"`` (text tokens only, e.g. a text refiner: left dense), or None (unknown: sparse
+    attention refuses the model, block caching still works). ``text_refused`` says why a list's placement cannot be
+    expressed (for the refusal). A ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image
+    tokens only.
+
+    A joint list whose blocks take no text argument (or get None: the transformer concatenated the streams before
+    them) takes the text length of the last joint block before it in the same forward.
     """
 
     attr: str
@@ -66,6 +72,7 @@ class BlockListSpec:
     encoder_arg: str = "encoder_hidden_states"
     optional: bool = False
     text: str | None = None
+    text_refused: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "sub_blocks", dict(self.sub_blocks))
@@ -73,6 +80,8 @@ class BlockListSpec:
             raise ValueError(
                 f"BlockListSpec({self.attr!r}).text must be one of {TEXT_PLACEMENTS} or None (unknown); got {self.text!r}"
             )
+        if self.text_refused and self.text is not None:
+            raise ValueError(f"BlockListSpec({self.attr!r}): text_refused explains a text=None, not text={self.text!r}")
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,24 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
             ),
         ),
+        FamilySpec(  # HunyuanVideo's block conventions on images
+            "hunyuanimage",
+            ("HunyuanImageTransformer2DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
+            ),
+        ),
+        FamilySpec(  # spatial blocks (text by cross-attention) alternate with temporal ones (image tokens over frames)
+            "latte",
+            ("LatteTransformer3DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec(
+                    "temporal_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn1", FFN: "ff"}, text=TEXT_SEPARATE
+                ),
+            ),
+        ),
         FamilySpec(
             "ltx",
             ("LTXVideoTransformer3DModel",),
@@ -182,24 +209,25 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "motif_video",
             ("MotifVideoTransformer3DModel",),
             (
-                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
             ),
         ),
         FamilySpec(
             "auraflow",
             ("AuraFlowTransformer2DModel",),
             (
-                BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}),
+                BlockListSpec("joint_transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # [register tokens + text, image], concatenated by the transformer
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "ff"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # Flux descendants whose single blocks take the concatenated sequence alone
             "chroma",
             ("ChromaTransformer2DModel", "BriaFiboTransformer2DModel"),
             (
-                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # Flux descendants with Flux's block conventions
@@ -211,14 +239,19 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 "Flux2Transformer2DModel",
             ),
             (
-                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS),
-                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}),
+                BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # Flux-2 concatenates [text, image] before its single blocks and passes them no text
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(
             "qwenimage",
             ("QwenImageTransformer2DModel",),
-            (BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (
+                BlockListSpec(
+                    "transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_FIRST
+                ),
+            ),
         ),
         FamilySpec(
             "cogview",
@@ -228,63 +261,105 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 "GlmImageTransformer2DModel",
                 "EasyAnimateTransformer3DModel",
             ),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
         ),
-        FamilySpec(
+        FamilySpec(  # linear self-attention over the image tokens (no SDPA: it stays as it is), text by cross-attention
             "sana",
             ("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(  # joint sequence: the refiners run on image and text tokens apart, then layers on both together
             "lumina2",
             ("Lumina2Transformer2DModel",),
-            tuple(
-                BlockListSpec(attr, (HIDDEN,), _LUMINA_SUB_BLOCKS)
-                for attr in ("noise_refiner", "context_refiner", "layers")
+            (
+                BlockListSpec("noise_refiner", (HIDDEN,), _LUMINA_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec("context_refiner", (HIDDEN,), _LUMINA_SUB_BLOCKS, text=TEXT_ONLY),
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    _LUMINA_SUB_BLOCKS,
+                    text_refused=(
+                        "its `layers` attend over one padded sequence per sample, [that sample's valid text tokens, "
+                        "image tokens], so the image starts at a different position in each sample of a batch, and "
+                        "the blocks get no text argument to tell where"
+                    ),
+                ),
             ),
         ),
         FamilySpec(
             "lumina_next",
             ("LuminaNextDiT2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {**_LUMINA_SUB_BLOCKS, SELF_ATTN: "attn1", CROSS_ATTN: "attn2"}),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {**_LUMINA_SUB_BLOCKS, SELF_ATTN: "attn1", CROSS_ATTN: "attn2"},
+                    text=TEXT_SEPARATE,
+                ),
+            ),
         ),
         FamilySpec(  # blocks take ``x``; the SigLIP refiner exists only in the image-editing variant
             "z_image",
             ("ZImageTransformer2DModel", "BriaFibo2Transformer2DModel"),
             tuple(
-                BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional)
-                for attr, optional in (
-                    ("noise_refiner", False),
-                    ("context_refiner", True),  # Bria-Fibo-2 refines no text
-                    ("siglip_refiner", True),
-                    ("layers", False),
+                BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional, text=text)
+                for attr, optional, text in (
+                    ("noise_refiner", False, TEXT_SEPARATE),  # image (and Bria-Fibo-2's context image) tokens
+                    ("context_refiner", True, TEXT_ONLY),  # Bria-Fibo-2 refines no text
+                    ("siglip_refiner", True, TEXT_SEPARATE),  # the edit variant's SigLIP image tokens
                 )
+            )
+            + (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    _Z_IMAGE_SUB_BLOCKS,
+                    hidden_arg="x",
+                    text_refused=(
+                        "its `layers` attend over one unified sequence whose order depends on the inputs (Z-Image: "
+                        "[image, text], or [text, image, SigLIP tokens] when editing; Bria-Fibo-2: [text, image] or, "
+                        "with padded prompts, [image, text]), each sample's parts padded to their own lengths, and "
+                        "the blocks get no text argument to tell where the text is"
+                    ),
+                ),
             ),
         ),
         FamilySpec(
             "ernie_image",
             ("ErnieImageTransformer2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attention", FFN: "mlp"}, hidden_arg="x"),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {SELF_ATTN: "self_attention", FFN: "mlp"},
+                    hidden_arg="x",
+                    text_refused=(
+                        "its `layers` take one sequence-first tensor [image, text] whose text length is the "
+                        "transformer's `text_bth` argument, never passed to the blocks"
+                    ),
+                ),
+            ),
         ),
-        FamilySpec(  # image tokens attend to [image, text]; only the image stream is updated
+        FamilySpec(  # image queries attend to keys [image, text] (query and key lengths differ: its attention stays dense)
             "nucleus_moe",
             ("NucleusMoEImageTransformer2DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_LAST),),
         ),
         FamilySpec(
             "hunyuan_dit",
             ("HunyuanDiT2DModel",),
-            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),  # the long skips enter as extra arguments
+            # the long skips enter as extra arguments
+            (BlockListSpec("blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "hunyuanvideo15",
             ("HunyuanVideo15Transformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),),
         ),
         FamilySpec(
             "joyimage",
             ("JoyImageEditTransformer3DModel", "JoyImageEditPlusTransformer3DModel"),
-            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (BlockListSpec("double_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_LAST),),
         ),
         FamilySpec(  # sub-blocks sit one level down (block.block), so only whole blocks are cached
             "hidream",
@@ -297,22 +372,40 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "cosmos",
             ("CosmosTransformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(  # the second stream is audio: video and audio tokens update each other every block
             "ltx2",
             ("LTX2VideoTransformer3DModel",),
             (
-                BlockListSpec(
-                    "transformer_blocks", (HIDDEN, ENCODER), _BASIC_SUB_BLOCKS, encoder_arg="audio_hidden_states"
+                BlockListSpec(  # attn1 is the video self-attention; audio and text have attention modules of their own
+                    "transformer_blocks",
+                    (HIDDEN, ENCODER),
+                    _BASIC_SUB_BLOCKS,
+                    encoder_arg="audio_hidden_states",
+                    text=TEXT_SEPARATE,
                 ),
             ),
         ),
-        FamilySpec("prx", ("PRXTransformer2DModel",), (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}),)),
+        FamilySpec(  # image queries attend to keys [text, image] (query and key lengths differ: it stays dense)
+            "prx",
+            ("PRXTransformer2DModel",),
+            (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}, text=TEXT_FIRST),),
+        ),
         FamilySpec(
             "omnigen",
             ("OmniGenTransformer2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attn", FFN: "mlp"}),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {SELF_ATTN: "self_attn", FFN: "mlp"},
+                    text_refused=(
+                        "its `layers` attend over one sequence [prompt tokens with the input images' tokens spliced "
+                        "in, a time token, image tokens] under a full attention mask, and get no text argument"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
             "policy",
