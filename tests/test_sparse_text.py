@@ -338,6 +338,8 @@ def test_table_entry_without_text_placement_is_refused(monkeypatch):
 def test_block_list_spec_rejects_an_unknown_placement():
     with pytest.raises(ValueError, match="text must be one of"):
         models.BlockListSpec("blocks", (models.HIDDEN,), text="middle")
+    with pytest.raises(ValueError, match="text_refused explains a text=None"):
+        models.BlockListSpec("blocks", (models.HIDDEN,), text="first", text_refused="why")
 
 
 def test_image_only_attention_that_gets_more_tokens_raises():
