@@ -676,3 +676,22 @@ def test_joint_sequence_without_a_fixed_text_place_is_refused_with_why(cls_name)
     for part in (cls_name, "`layers.0`", "no fixed place", "block caching"):
         assert part in message, (part, message)
     assert _no_hooks(model)
+
+
+def test_concatenated_blocks_keep_their_text_length_under_block_caching(monkeypatch):
+    """With block caching reusing whole steps, Chroma's single blocks (streams concatenated by the transformer)
+    still get the text length of the joint blocks before them: every sparse call keeps its text exact."""
+    from tests.coverage import RECIPES
+    from tests.coverage.outcome import PERMISSIVE, _steps
+
+    model, kwargs = RECIPES["ChromaTransformer2DModel"].build()
+    db.enable_block_cache(model, PERMISSIVE)
+    spy = _Spy(monkeypatch)
+    db.enable_sparse_attention(model, VERY_SPARSE)
+    _steps(model, kwargs, 4)
+    single = [record for record in spy.every if record["hook"].name.startswith("single_transformer_blocks")]
+    assert single and all(record["call"]["key"].shape[2] - record["image"] == 8 for record in single)
+    for record in spy.calls:
+        assert _check_call(record, VERY_SPARSE)[0] == 8  # the recipe's 8 text tokens
+    db.disable_sparse_attention(model)
+    db.disable_block_cache(model)
