@@ -505,6 +505,7 @@ def test_table_text_placement_matches_the_model(cls_name, monkeypatch):
     from tests.coverage import RECIPES
 
     model, kwargs = RECIPES[cls_name].build()
+    kwargs = {**kwargs, **(_OPTIONAL_INPUTS[cls_name](kwargs) if cls_name in _OPTIONAL_INPUTS else {})}
     adapter = models.resolve_adapter(model)
     firsts, lasts = {}, {}
     for ref in adapter.blocks:
