@@ -30,7 +30,8 @@ FFN_CONTEXT = "ffn_context"
 TEXT_FIRST = "first"  # joint attention over [text, image]
 TEXT_LAST = "last"  # joint attention over [image, text]
 TEXT_SEPARATE = "separate"  # no text in self-attention: it reaches the image through cross-attention, or not at all
-TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE)
+TEXT_ONLY = "only"  # text tokens only (a text refiner): never made sparse
+TEXT_PLACEMENTS = (TEXT_FIRST, TEXT_LAST, TEXT_SEPARATE, TEXT_ONLY)
 
 _BASIC_SUB_BLOCKS = {SELF_ATTN: "attn1", CROSS_ATTN: "attn2", FFN: "ff"}
 _JOINT_SUB_BLOCKS = {SELF_ATTN: "attn", FFN: "ff", FFN_CONTEXT: "ff_context"}
@@ -55,9 +56,14 @@ class BlockListSpec:
     ``text`` says where the text tokens sit in the sequence the ``self_attn`` sub-block attends over, which sparse
     attention needs to keep text queries dense and text keys in every image query's lists: ``"first"`` or
     ``"last"`` (joint attention: text concatenated before or after the image tokens, by the attention processor, by
-    the block, or by the model before this list), ``"separate"`` (the self-attention sees image tokens only; text,
-    if any, comes through cross-attention), or None (unknown: sparse attention refuses the model, block caching
-    still works). A ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image tokens only.
+    the block, or by the transformer before this list), ``"separate"`` (the self-attention sees image tokens only;
+    text, if any, comes through cross-attention), ``"only"`` (text tokens only, e.g. a text refiner: left dense), or
+    None (unknown: sparse attention refuses the model, block caching still works). ``text_refused`` says why a list's placement cannot be
+    expressed (for the refusal). A ``self_attn_2`` sub-block (SD3.5's extra attention) always attends over image
+    tokens only.
+
+    A joint list whose blocks take no text argument (or get None: the transformer concatenated the streams before
+    them) takes the text length of the last joint block before it in the same forward.
     """
 
     attr: str
@@ -67,6 +73,7 @@ class BlockListSpec:
     encoder_arg: str = "encoder_hidden_states"
     optional: bool = False
     text: str | None = None
+    text_refused: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "sub_blocks", dict(self.sub_blocks))
@@ -74,6 +81,8 @@ class BlockListSpec:
             raise ValueError(
                 f"BlockListSpec({self.attr!r}).text must be one of {TEXT_PLACEMENTS} or None (unknown); got {self.text!r}"
             )
+        if self.text_refused and self.text is not None:
+            raise ValueError(f"BlockListSpec({self.attr!r}): text_refused explains a text=None, not text={self.text!r}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,24 @@ FAMILIES: Mapping[str, FamilySpec] = {
                 BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
             ),
         ),
+        FamilySpec(  # HunyuanVideo's block conventions on images
+            "hunyuanimage",
+            ("HunyuanImageTransformer2DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),
+                BlockListSpec("single_transformer_blocks", (HIDDEN, ENCODER), {SELF_ATTN: "attn"}, text=TEXT_LAST),
+            ),
+        ),
+        FamilySpec(  # spatial blocks (text by cross-attention) alternate with temporal ones (image tokens over frames)
+            "latte",
+            ("LatteTransformer3DModel",),
+            (
+                BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec(
+                    "temporal_transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn1", FFN: "ff"}, text=TEXT_SEPARATE
+                ),
+            ),
+        ),
         FamilySpec(
             "ltx",
             ("LTXVideoTransformer3DModel",),
@@ -175,14 +202,6 @@ FAMILIES: Mapping[str, FamilySpec] = {
                     {SELF_ATTN: "attn1", FFN: "ff", FFN_CONTEXT: "ff_context"},
                     text=TEXT_LAST,  # MochiAttnProcessor2_0: [image, valid text] per sample
                 ),
-            ),
-        ),
-        FamilySpec(  # spatial blocks over each frame's tokens, temporal blocks over each position's frames; no text
-            "latte",  # in either's self-attention (the generic adapter cannot tell for the temporal blocks)
-            ("LatteTransformer3DModel",),
-            tuple(
-                BlockListSpec(attr, (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE)
-                for attr in ("transformer_blocks", "temporal_transformer_blocks")
             ),
         ),
         FamilySpec(
@@ -226,6 +245,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ),
             (
                 BlockListSpec("transformer_blocks", (ENCODER, HIDDEN), _JOINT_SUB_BLOCKS, text=TEXT_FIRST),
+                # Flux-2 concatenates [text, image] before its single blocks and passes them no text
                 BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), {SELF_ATTN: "attn"}, text=TEXT_FIRST),
             ),
         ),
@@ -248,7 +268,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
             ),
             (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_1_SUB_BLOCKS, text=TEXT_FIRST),),
         ),
-        FamilySpec(
+        FamilySpec(  # linear self-attention over the image tokens (no SDPA: it stays as it is), text by cross-attention
             "sana",
             ("SanaTransformer2DModel", "SanaVideoTransformer3DModel"),
             (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
@@ -256,9 +276,19 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(  # joint sequence: the refiners run on image and text tokens apart, then layers on both together
             "lumina2",
             ("Lumina2Transformer2DModel",),
-            tuple(
-                BlockListSpec(attr, (HIDDEN,), _LUMINA_SUB_BLOCKS)
-                for attr in ("noise_refiner", "context_refiner", "layers")
+            (
+                BlockListSpec("noise_refiner", (HIDDEN,), _LUMINA_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec("context_refiner", (HIDDEN,), _LUMINA_SUB_BLOCKS, text=TEXT_ONLY),
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    _LUMINA_SUB_BLOCKS,
+                    text_refused=(
+                        "its `layers` attend over one padded sequence per sample, [that sample's valid text tokens, "
+                        "image tokens], so the image starts at a different position in each sample of a batch, and "
+                        "the blocks get no text argument to tell where"
+                    ),
+                ),
             ),
         ),
         FamilySpec(
@@ -277,54 +307,125 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "z_image",
             ("ZImageTransformer2DModel", "BriaFibo2Transformer2DModel"),
             tuple(
-                BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional)
-                for attr, optional in (
-                    ("noise_refiner", False),
-                    ("context_refiner", True),  # Bria-Fibo-2 refines no text
-                    ("siglip_refiner", True),
-                    ("layers", False),
+                BlockListSpec(attr, (HIDDEN,), _Z_IMAGE_SUB_BLOCKS, hidden_arg="x", optional=optional, text=text)
+                for attr, optional, text in (
+                    ("noise_refiner", False, TEXT_SEPARATE),  # image (and Bria-Fibo-2's context image) tokens
+                    ("context_refiner", True, TEXT_ONLY),  # Bria-Fibo-2 refines no text
+                    ("siglip_refiner", True, TEXT_SEPARATE),  # the edit variant's SigLIP image tokens
                 )
+            )
+            + (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    _Z_IMAGE_SUB_BLOCKS,
+                    hidden_arg="x",
+                    text_refused=(
+                        "its `layers` attend over one unified sequence whose order depends on the inputs (Z-Image: "
+                        "[image, text], or [text, image, SigLIP tokens] when editing; Bria-Fibo-2: [text, image] or, "
+                        "with padded prompts, [image, text]), each sample's parts padded to their own lengths, and "
+                        "the blocks get no text argument to tell where the text is"
+                    ),
+                ),
             ),
         ),
         FamilySpec(
             "ernie_image",
             ("ErnieImageTransformer2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attention", FFN: "mlp"}, hidden_arg="x"),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {SELF_ATTN: "self_attention", FFN: "mlp"},
+                    hidden_arg="x",
+                    text_refused=(
+                        "its `layers` take one sequence-first tensor [image, text] whose text length is the "
+                        "transformer's `text_bth` argument, never passed to the blocks"
+                    ),
+                ),
+            ),
         ),
-        FamilySpec(  # image tokens attend to [image, text]; only the image stream is updated
+        FamilySpec(  # image queries attend to keys [image, text] (query and key lengths differ: its attention stays dense)
             "nucleus_moe",
             ("NucleusMoEImageTransformer2DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}, text=TEXT_LAST),),
         ),
         FamilySpec(  # per-modality blocks first (text, image, reference image), then single blocks on all of them
             "flux3",
             ("Flux3Transformer2DModel",),
             (
-                BlockListSpec("txt_mode_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
-                BlockListSpec("mode_blocks.image", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),
-                BlockListSpec("mode_blocks.image_cond", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, optional=True),
-                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), _ATTN_FF_SUB_BLOCKS),
+                BlockListSpec("txt_mode_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, text=TEXT_ONLY),
+                BlockListSpec("mode_blocks.image", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, text=TEXT_SEPARATE),
+                BlockListSpec(
+                    "mode_blocks.image_cond", (HIDDEN,), _ATTN_FF_SUB_BLOCKS, optional=True, text=TEXT_SEPARATE
+                ),
+                # the block concatenates [text, image (+ reference image)] for its attention
+                BlockListSpec("single_transformer_blocks", (ENCODER, HIDDEN), _ATTN_FF_SUB_BLOCKS, text=TEXT_FIRST),
             ),
         ),
         FamilySpec(  # one sequence of text and image tokens; the text encoder's own blocks are not cached
             "krea2",
             ("Krea2Transformer2DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+            (
+                BlockListSpec(
+                    "transformer_blocks",
+                    (HIDDEN,),
+                    _ATTN_FF_SUB_BLOCKS,
+                    text_refused=(
+                        "its `transformer_blocks` attend over one sequence [text, image] that the transformer "
+                        "concatenates before them, and no block of the table gets the text (its text-fusion blocks "
+                        "are not cached), so nothing gives the blocks the text length"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(
             "ideogram4",
             ("Ideogram4Transformer2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "attention", FFN: "feed_forward"}),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {SELF_ATTN: "attention", FFN: "feed_forward"},
+                    text_refused=(
+                        "its `layers` attend over one sequence whose positions are text or image as the "
+                        "transformer's `indicator` argument says (any order, per sample) under a segment mask, and "
+                        "get no text argument"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(  # one sequence: text, condition images, then the target image
             "qwenimage21",
             ("QwenImage21Transformer2DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), {SELF_ATTN: "attn", FFN: "img_mlp"}),),
+            (
+                BlockListSpec(
+                    "transformer_blocks",
+                    (HIDDEN,),
+                    {SELF_ATTN: "attn", FFN: "img_mlp"},
+                    text_refused=(
+                        "its `transformer_blocks` attend over one sequence in which the condition images' tokens are "
+                        "spliced between the text tokens (where the prompt's image slots are), under a block-causal "
+                        "mask, and get no text argument"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(  # one packed sequence of text, audio and video rows
             "minimax_h3",
             ("MiniMaxH3Transformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _ATTN_FF_SUB_BLOCKS),),
+            (
+                BlockListSpec(
+                    "transformer_blocks",
+                    (HIDDEN,),
+                    _ATTN_FF_SUB_BLOCKS,
+                    text_refused=(
+                        "its `transformer_blocks` attend over one packed sequence into which the transformer "
+                        "scatters the text, video and audio rows at the positions its index arguments give, and get "
+                        "no text argument"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(  # Kandinsky 6's fused blocks update the video stream and the audio stream together
             "kandinsky6",
@@ -339,14 +440,20 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(  # LTX-2 blocks run video-only in this refiner
             "sana_wm_refiner",
             ("SanaWMLTX2RefinerTransformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS),),
+            # attn1 is the video self-attention; text comes through attn2
+            (BlockListSpec("transformer_blocks", (HIDDEN,), _BASIC_SUB_BLOCKS, text=TEXT_SEPARATE),),
         ),
         FamilySpec(
             "sana_wm",
             ("SanaWMTransformer3DModel",),
             (
-                BlockListSpec(
-                    "blocks", (HIDDEN,), {SELF_ATTN: "attn", CROSS_ATTN: "cross_attn", FFN: "mlp"}, hidden_arg="x"
+                BlockListSpec(  # the text ``y`` enters through cross_attn only
+                    "blocks",
+                    (HIDDEN,),
+                    {SELF_ATTN: "attn", CROSS_ATTN: "cross_attn", FFN: "mlp"},
+                    hidden_arg="x",
+                    encoder_arg="y",
+                    text=TEXT_SEPARATE,
                 ),
             ),
         ),
@@ -369,7 +476,7 @@ FAMILIES: Mapping[str, FamilySpec] = {
         FamilySpec(
             "hunyuanvideo15",
             ("HunyuanVideo15Transformer3DModel",),
-            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS),),
+            (BlockListSpec("transformer_blocks", (HIDDEN, ENCODER), _JOINT_SUB_BLOCKS, text=TEXT_LAST),),
         ),
         FamilySpec(
             "joyimage",
@@ -393,20 +500,34 @@ FAMILIES: Mapping[str, FamilySpec] = {
             "ltx2",
             ("LTX2VideoTransformer3DModel",),
             (
-                BlockListSpec(
+                BlockListSpec(  # attn1 is the video self-attention; audio and text have attention modules of their own
                     "transformer_blocks",
                     (HIDDEN, ENCODER),
                     _BASIC_SUB_BLOCKS,
                     encoder_arg="audio_hidden_states",
-                    text=TEXT_SEPARATE,  # attn1 is the video tokens' self-attention; text comes through attn2
+                    text=TEXT_SEPARATE,
                 ),
             ),
         ),
-        FamilySpec("prx", ("PRXTransformer2DModel",), (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}),)),
+        FamilySpec(  # image queries attend to keys [text, image] (query and key lengths differ: it stays dense)
+            "prx",
+            ("PRXTransformer2DModel",),
+            (BlockListSpec("blocks", (HIDDEN,), {SELF_ATTN: "attention"}, text=TEXT_FIRST),),
+        ),
         FamilySpec(
             "omnigen",
             ("OmniGenTransformer2DModel",),
-            (BlockListSpec("layers", (HIDDEN,), {SELF_ATTN: "self_attn", FFN: "mlp"}),),
+            (
+                BlockListSpec(
+                    "layers",
+                    (HIDDEN,),
+                    {SELF_ATTN: "self_attn", FFN: "mlp"},
+                    text_refused=(
+                        "its `layers` attend over one sequence [prompt tokens with the input images' tokens spliced "
+                        "in, a time token, image tokens] under a full attention mask, and get no text argument"
+                    ),
+                ),
+            ),
         ),
         FamilySpec(  # diffusers_block.pipelines.policy: diffusion-policy denoiser (self-attn, cross-attn, FFN)
             "policy",

@@ -171,6 +171,7 @@ def test_family_cached_skipped_blocks_are_exact_on_the_selection_call(family):
     db.disable_sparse_attention(model)
 
 
+# Families tests/tiny_models builds (the others' placements: test_sparse_text.test_table_text_placement_matches_the_model).
 JOINT = sorted(name for name in FAMILIES if ADAPTERS[name].block_lists[0].text in ("first", "last"))
 
 

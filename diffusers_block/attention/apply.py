@@ -28,6 +28,7 @@ from ..models import (
     SELF_ATTN_2,
     TEXT_FIRST,
     TEXT_LAST,
+    TEXT_ONLY,
     TEXT_SEPARATE,
     BlockRef,
     ModelAdapter,
@@ -49,6 +50,14 @@ TRACKER_HOOK = "diffusers_block.sparse_attention.tracker"
 
 def _text_placement_unknown(model: torch.nn.Module, adapter: ModelAdapter, ref: BlockRef) -> UnsupportedModelError:
     spec = ref.spec
+    name = type(model).__name__
+    if spec.text_refused:  # known, but no placement the kernels can follow
+        return UnsupportedModelError(
+            f"Sparse attention cannot run on {name}: the text tokens in the self-attention of `{ref.name}` have no "
+            f"fixed place it can protect: {spec.text_refused} (adapter entry {adapter.family!r}). Without it the "
+            f"block selection could drop the text keys of image queries and sparsify text queries. Dense attention "
+            f"and block caching (enable_block_cache) still work on this model."
+        )
     if adapter.family != "generic":
         why = f"its adapter entry {adapter.family!r} does not say (BlockListSpec({spec.attr!r}).text is None)"
     elif ENCODER in spec.returns:
@@ -64,10 +73,10 @@ def _text_placement_unknown(model: torch.nn.Module, adapter: ModelAdapter, ref: 
     else:
         why = f"it is not in the adapter table (BlockListSpec({spec.attr!r}).text is None)"
     return UnsupportedModelError(
-        f"Sparse attention cannot run on {type(model).__name__}: where the text tokens sit in the self-attention of "
+        f"Sparse attention cannot run on {name}: where the text tokens sit in the self-attention of "
         f"`{ref.name}` is unknown: {why}. Without it the block selection could drop the text keys of image queries "
         f"and sparsify text queries. Dense attention and block caching (enable_block_cache) still work on this "
-        f'model. To use sparse attention, add text="first", "last" or "separate" to its BlockListSpec in '
+        f'model. To use sparse attention, add text="first", "last", "separate" or "only" to its BlockListSpec in '
         f"diffusers_block.models.FAMILIES (where its attention puts the text tokens), or file an issue."
     )
 
@@ -75,6 +84,8 @@ def _text_placement_unknown(model: torch.nn.Module, adapter: ModelAdapter, ref: 
 class TextLength:
     """Forward pre-hook on a block of a joint-attention list: the text length of this call, for its attention hook
     (a block that concatenates text and image itself hands its attention one sequence, no text argument to read).
+    A block without a text argument, or given None (the transformer concatenated the streams before it: Chroma's,
+    AuraFlow's, Flux-2's single blocks), leaves the length of the last joint block before it in this forward.
 
     A torch hook rather than one in diffusers' HookRegistry: block caching hooks the same blocks, and the registry's
     ``remove_hook`` of an inner hook replaces the next hook's whole forward (bypassing its ``new_forward``)."""
@@ -87,10 +98,8 @@ class TextLength:
     @torch.compiler.disable(reason=EAGER_ONLY)
     def __call__(self, module, args, kwargs):
         encoder = get_argument(args, kwargs, self.encoder_arg, self._index)
-        if isinstance(encoder, torch.Tensor) and encoder.dim() == 3:
-            self.controller.text_tokens = encoder.shape[1]
-        # else: the model concatenated the streams before this list (its blocks take one sequence): the length the
-        # earlier blocks of this forward received holds (a torch pre-hook runs even where block caching skips them).
+        if isinstance(encoder, torch.Tensor):
+            self.controller.text_tokens = encoder.shape[1] if encoder.dim() == 3 else 0
 
 
 def _reaches(fn, target) -> bool:
@@ -177,7 +186,8 @@ class SparseAttention:
         self.tracker = tracker
         self.family = adapter.family
         self.grid: tuple[int, int, int] | None = None
-        self.text_tokens = 0  # text length of the current block, or the last one given text (TextLength)
+        # text length of the block running now (joint-attention lists, TextLength); None: no joint block ran yet
+        self.text_tokens: int | None = None
         self.layer_names: list[str] = []
         self.hooks: list[SparseAttentionHook] = []
         self._modules: list[torch.nn.Module] = []
@@ -197,6 +207,8 @@ class SparseAttention:
         joint = any(ref.spec.text in (TEXT_FIRST, TEXT_LAST) for ref, found in attentions if found)
         check_sparse_attention(context_parallel(model), self.family, joint=joint)
         for ref, found in attentions:
+            if ref.spec.text == TEXT_ONLY:  # text tokens only: nothing to make sparse, leave it dense
+                found = [(name, role, module) for name, role, module in found if role == SELF_ATTN_2]
             if found and ref.spec.text in (TEXT_FIRST, TEXT_LAST):
                 hook = TextLength(self, ref.module, ref.spec.encoder_arg)
                 self._text_hooks.append(ref.module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -227,7 +239,7 @@ class SparseAttention:
         self.grid = (
             token_grid(self.family, getattr(self.model, "config", None), args, kwargs) if self.config.reorder else None
         )
-        self.text_tokens = 0
+        self.text_tokens = None
         self._key_length_cache.clear()
 
     def _follow_shape(self, args: tuple, kwargs: dict) -> None:

@@ -162,6 +162,14 @@ class SparseAttentionHook(ModelHook):
         tokens = full_tokens(layout, hidden.shape[1])  # what the SDPA call attends over (Ulysses: the whole sequence)
         image = tokens
         if self.text != TEXT_SEPARATE and not isinstance(encoder, torch.Tensor):
+            if controller.text_tokens is None:
+                raise UnsupportedModelError(
+                    f"Sparse attention on {type(controller.model).__name__}: the self-attention at `{self.name}` "
+                    f"attends over text and image tokens in one sequence, but no block of this forward said how many "
+                    f"are text (its block gets no text argument and no joint block ran before it). Call the "
+                    f"transformer as a whole, or disable sparse attention for it (dense attention and block caching "
+                    f"still work)."
+                )
             image -= controller.text_tokens  # the block concatenated text and image into hidden_states
         step, branch = tracker.step, tracker.branch
         last = self._last_selection_step(branch)
