@@ -585,17 +585,11 @@ def _separate_classes() -> list[str]:
     return sorted(separate & set(RECIPES))
 
 
-# AnyFlow-FAR's causal processor needs the flex backend; the hook switches attention to native SDPA and it refuses.
-_FLEX_ONLY = pytest.mark.xfail(raises=ValueError, strict=True, reason="needs the flex attention backend")
+# AnyFlow-FAR's causal processor runs on the flex backend only: refused (test_flex_only_processor_is_refused).
+FLEX_ONLY = "AnyFlowFARTransformer3DModel"
 
 
-@pytest.mark.parametrize(
-    "cls_name",
-    [
-        pytest.param(cls, marks=_FLEX_ONLY) if cls == "AnyFlowFARTransformer3DModel" else cls
-        for cls in _separate_classes()
-    ],
-)
+@pytest.mark.parametrize("cls_name", [cls for cls in _separate_classes() if cls != FLEX_ONLY])
 def test_table_image_only_self_attention_matches_the_model(cls_name, monkeypatch):
     """For every class whose adapter entry says its self-attentions see no text ("separate"): changing the first
     block's second stream (text, or LTX-2's audio) changes no row of its self-attention's query or key, and at a
@@ -823,3 +817,16 @@ def test_concatenated_blocks_keep_their_text_length_under_block_caching(monkeypa
         assert _check_call(record, VERY_SPARSE)[0] == 8  # the recipe's 8 text tokens
     db.disable_sparse_attention(model)
     db.disable_block_cache(model)
+
+
+def test_flex_only_processor_is_refused():
+    """A processor that runs on the flex backend only (AnyFlow-FAR's causal one) cannot be served by hooks that
+    receive native SDPA calls: enable_sparse_attention says so before hooking anything; block caching still works."""
+    from tests.coverage import RECIPES
+
+    model, kwargs = RECIPES[FLEX_ONLY].build()
+    with pytest.raises(models.UnsupportedModelError, match="only runs on the 'flex'"):
+        db.enable_sparse_attention(model, db.SparseAttentionConfig(min_tokens=0, block_size=8, dense_steps=0))
+    assert not any(
+        hasattr(m, "_diffusers_hook") and m._diffusers_hook.get_hook(SPARSE_ATTENTION_HOOK) for m in model.modules()
+    )

@@ -102,6 +102,20 @@ class TextLength:
             self.controller.text_tokens = encoder.shape[1] if encoder.dim() == 3 else 0
 
 
+def _check_native_backend(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Sparse attention receives the SDPA calls of diffusers' native backend; a processor that only runs on other
+    backends (AnyFlow-FAR's causal processor needs flex attention and its ``BlockMask``) cannot be served."""
+    processor = getattr(module, "processor", None)
+    supported = getattr(processor, "_SUPPORTED_BACKENDS", None)
+    if supported is not None and "native" not in supported:
+        raise UnsupportedModelError(
+            f"Sparse attention cannot run on {type(model).__name__}: the attention processor of `{name}` "
+            f"({type(processor).__name__}) only runs on the {', '.join(map(repr, supported))} attention backends, and "
+            f"sparse attention replaces the native SDPA backend. Block caching (enable_block_cache) still works on "
+            f"this model."
+        )
+
+
 def _reaches(fn, target) -> bool:
     """Whether ``fn`` is ``target`` or wraps it (functools.wraps chains)."""
     seen = 0
@@ -204,6 +218,8 @@ class SparseAttention:
         for ref, found in attentions:  # refuse before hooking anything
             if ref.spec.text is None and any(role == SELF_ATTN for _, role, _ in found):
                 raise _text_placement_unknown(model, adapter, ref)
+            for name, _, module in found:
+                _check_native_backend(model, name, module)
         joint = any(ref.spec.text in (TEXT_FIRST, TEXT_LAST) for ref, found in attentions if found)
         check_sparse_attention(context_parallel(model), self.family, joint=joint)
         for ref, found in attentions:
