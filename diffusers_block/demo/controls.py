@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import gradio as gr
 
 from .. import BWCacheConfig, CacheConfig, StaticScheduleConfig, calibrate_schedule
+from ..cache.apply import default_cache_config
 from .checks import MAX_REPEATS, MAX_STEPS, number, whole
 from .sparse import SparseSettings
 
@@ -30,14 +31,14 @@ class CacheSettings:
     """What the cache controls hold; each policy reads its own fields. Defaults are the library's and README's."""
 
     policy: str = "bwcache"  # "bwcache" | "static" | "bac" | "none"
-    granularity: str = "block"
-    forecast: str = "none"
-    # BWCacheConfig
-    threshold: float = 0.1
-    max_consecutive_reuse: int = 3
-    warmup_steps: int = 2
-    cooldown_steps: int = 1
-    scope: str = "block"
+    granularity: str = default_cache_config().granularity
+    forecast: str = default_cache_config().forecast
+    # BWCacheConfig: enable_block_cache()'s default (docs/defaults.md), read from it rather than copied
+    threshold: float = default_cache_config().threshold
+    max_consecutive_reuse: int = default_cache_config().max_consecutive_reuse
+    warmup_steps: int = default_cache_config().warmup_steps
+    cooldown_steps: int = default_cache_config().cooldown_steps
+    scope: str = default_cache_config().scope
     # StaticScheduleConfig rule
     interval: int = 3
     static_warmup_steps: int = 5
