@@ -26,19 +26,22 @@ POLICIES = {  # label in the page -> CacheSettings.policy
 }
 
 
+_LIBRARY_DEFAULT = default_cache_config()  # what enable_block_cache() uses with no config
+
+
 @dataclass(frozen=True)
 class CacheSettings:
     """What the cache controls hold; each policy reads its own fields. Defaults are the library's and README's."""
 
     policy: str = "bwcache"  # "bwcache" | "static" | "bac" | "none"
-    granularity: str = default_cache_config().granularity
-    forecast: str = default_cache_config().forecast
+    granularity: str = _LIBRARY_DEFAULT.granularity
+    forecast: str = _LIBRARY_DEFAULT.forecast
     # BWCacheConfig: enable_block_cache()'s default (docs/defaults.md), read from it rather than copied
-    threshold: float = default_cache_config().threshold
-    max_consecutive_reuse: int = default_cache_config().max_consecutive_reuse
-    warmup_steps: int = default_cache_config().warmup_steps
-    cooldown_steps: int = default_cache_config().cooldown_steps
-    scope: str = default_cache_config().scope
+    threshold: float = _LIBRARY_DEFAULT.threshold
+    max_consecutive_reuse: int = _LIBRARY_DEFAULT.max_consecutive_reuse
+    warmup_steps: int = _LIBRARY_DEFAULT.warmup_steps
+    cooldown_steps: int = _LIBRARY_DEFAULT.cooldown_steps
+    scope: str = _LIBRARY_DEFAULT.scope
     # StaticScheduleConfig rule
     interval: int = 3
     static_warmup_steps: int = 5

@@ -248,14 +248,20 @@ def side_by_side(
             if sparse is not None:
                 _sparse().disable_sparse_attention(pipe)
         expected_calls = plain.transformer_calls
-        if baseline is None:
-            baseline, accelerated = plain, cached
-        else:
-            baseline.seconds = min(baseline.seconds, plain.seconds)
-            accelerated.seconds = min(accelerated.seconds, cached.seconds)
+        baseline, accelerated = _keep_fastest(baseline, accelerated, plain, cached)
     return SideBySide(
         baseline, accelerated, summaries["cache"], config, calibration_seconds, repeats, summaries["sparse"], sparse
     )
+
+
+def _keep_fastest(baseline, accelerated, plain, other):
+    """The first repeat's runs, or the kept ones with each side's fastest time so far (a repeat's outputs and work
+    are the same: same seeds, same schedule)."""
+    if baseline is None:
+        return plain, other
+    baseline.seconds = min(baseline.seconds, plain.seconds)
+    accelerated.seconds = min(accelerated.seconds, other.seconds)
+    return baseline, accelerated
 
 
 def _sparse():
@@ -295,10 +301,6 @@ def teacher_and_student(
         finally:
             disable_blockwise_flow(pipe)
         expected_calls = plain.transformer_calls
-        if baseline is None:
-            baseline, accelerated = plain, distilled
-        else:
-            baseline.seconds = min(baseline.seconds, plain.seconds)
-            accelerated.seconds = min(accelerated.seconds, distilled.seconds)
+        baseline, accelerated = _keep_fastest(baseline, accelerated, plain, distilled)
     info = StudentInfo(folder, student.num_steps, student.config.guidance_scale)
     return SideBySide(baseline, accelerated, None, None, None, repeats, student=info)
