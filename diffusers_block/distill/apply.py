@@ -16,6 +16,7 @@ half; pipelines that call the transformer once per branch name the calls with a 
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -30,6 +31,7 @@ from ..cache.apply import _ATTR as CACHE_ATTR
 from ..cache.apply import SERVING_ATTR
 from ..models import argument_index, get_argument
 from .model import BlockwiseFlowModel
+from .residual import apply_trunk_residual
 from .schedule import SegmentSchedule
 
 ROUTING_HOOK = "diffusers_block.blockwise_flow"
@@ -123,7 +125,10 @@ class SegmentRoutingHook(ModelHook):
         return _run_on_second_half(student, args, kwargs)
 
     def reset_state(self, module):
+        """End of a pipeline call: forget the last output and the students' own per-run state (trunk records)."""
         self._cond_output = None
+        for student in self.students:
+            HookRegistry.check_if_exists_or_initialize(student).reset_stateful_hooks()
         return module
 
 
@@ -172,6 +177,10 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
         )
     disable_blockwise_flow(pipe)
     students = student.to(teacher.device).build_students(teacher)
+    if student.residuals is not None:  # feature residual approximation: trunks run at each segment's first step
+        for segment, (module, residual) in enumerate(zip(students, student.residuals)):
+            residual = copy.deepcopy(residual).to(teacher.device, teacher.dtype).eval().requires_grad_(False)
+            apply_trunk_residual(module, residual, student.config.residual_trunk, student.schedule, segment)
     hook = SegmentRoutingHook(students, student.schedule, pipe)
     HookRegistry.check_if_exists_or_initialize(teacher).register_hook(hook, ROUTING_HOOK)
     teacher_scheduler = pipe.scheduler

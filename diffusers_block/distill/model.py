@@ -18,6 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..models import resolve_adapter
+from .residual import TrunkResidual, check_trunk_kept, check_trunk_size, stream_widths
 from .schedule import SegmentSchedule
 
 # Relative difference of the teacher checksum above which a student refuses to bind (bf16 vs fp32 copies of the
@@ -112,6 +113,11 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
     keeps; ``linears[k]``: ``{name: [out, in]}`` of the linears segment k changes with rank-``rank`` factors;
     ``guidance_scale``: the classifier-free guidance folded into the students (None: none was);
     ``teacher_class`` / ``teacher_config`` / ``teacher_checksum``: the teacher it binds to.
+
+    ``residual_trunk``: feature residual approximation (:mod:`diffusers_block.distill.residual`), off (None) by
+    default: the number of leading blocks that form each segment's trunk, run only at the segment's first step;
+    ``residual_width``: the hidden width of its residual networks; ``residual_streams``: ``{stream: features}`` of
+    the streams the trunk returns (read off the teacher by :meth:`with_residual_trunk`).
     """
 
     config_name = "config.json"
@@ -128,6 +134,9 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
         linears: Sequence[dict] = ({},),
         rank: int = 4,
         guidance_scale: float | None = None,
+        residual_trunk: int | None = None,
+        residual_width: int = 64,
+        residual_streams: dict | None = None,
     ) -> None:
         super().__init__()
         self.schedule = SegmentSchedule(tuple(sigmas), tuple(steps_per_segment))
@@ -140,6 +149,21 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
             nn.ModuleDict({_key(name): LowRankDelta(out, inp, rank) for name, (out, inp) in segment.items()})
             for segment in linears
         )
+        self.residuals = None
+        if residual_trunk is not None:
+            check_trunk_size(residual_trunk)
+            if not residual_streams:
+                raise ValueError("residual_trunk needs residual_streams: build it with with_residual_trunk(teacher)")
+            for k, kept in enumerate(blocks):
+                if len(kept) <= residual_trunk:
+                    raise ValueError(
+                        f"residual_trunk={residual_trunk} leaves no block after the trunk in segment {k}, which keeps "
+                        f"{len(kept)} blocks: use a trunk of at most {len(kept) - 1} blocks"
+                    )
+            self.residuals = nn.ModuleList(
+                TrunkResidual(dict(residual_streams), residual_width, steps - 1)
+                for steps in self.schedule.steps_per_segment
+            )
 
     @classmethod
     def for_teacher(
@@ -149,15 +173,18 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
         blocks: Sequence[Sequence[str]] | None = None,
         rank: int = 4,
         guidance_scale: float | None = None,
+        residual_trunk: int | None = None,
+        residual_width: int = 64,
     ) -> BlockwiseFlowModel:
-        """Untrained students of ``teacher`` (each exactly the teacher restricted to its blocks; all by default)."""
+        """Untrained students of ``teacher`` (each exactly the teacher restricted to its blocks; all by default),
+        with an untrained feature residual approximation of the first ``residual_trunk`` blocks if given."""
         blocks = [block_names(teacher)] * schedule.num_segments if blocks is None else [list(b) for b in blocks]
         known = set(block_names(teacher))
         for kept in blocks:
             unknown = [name for name in kept if name not in known]
             if unknown or not kept:
                 raise ValueError(f"each segment keeps one or more of the teacher's blocks {sorted(known)}; got {kept}")
-        return cls(
+        flow = cls(
             teacher_class=type(teacher).__name__,
             teacher_config=architecture(teacher),
             teacher_checksum=teacher_checksum(teacher),
@@ -168,6 +195,25 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
             rank=rank,
             guidance_scale=guidance_scale,
         )
+        if residual_trunk is None:
+            return flow
+        return flow.with_residual_trunk(teacher, residual_trunk, residual_width)
+
+    def with_residual_trunk(self, teacher: nn.Module, trunk: int | None, width: int = 64) -> BlockwiseFlowModel:
+        """A copy of these students (same schedule, blocks and low-rank factors) whose first ``trunk`` blocks run
+        only at each segment's first step, approximated at its later steps by new, untrained residual networks
+        (``trunk=None``: without feature residual approximation). A ValueError names the fix when a segment does
+        not keep the teacher's first ``trunk`` blocks and at least one more."""
+        self.check_teacher(teacher)
+        config = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        config.update(residual_trunk=trunk, residual_width=width, residual_streams=None)
+        if trunk is not None:
+            config["residual_streams"] = stream_widths(teacher, trunk)  # checks the trunk against the teacher
+            check_trunk_kept(block_names(teacher), self.config.blocks, trunk)
+        flow = type(self)(**config)
+        flow.deltas.load_state_dict(self.deltas.state_dict())
+        flow.to(self.device)
+        return flow if flow.dtype == self.dtype else flow.to(self.dtype)
 
     @property
     def num_steps(self) -> int:

@@ -8,6 +8,11 @@
 3. Training: each student step regresses the teacher's average velocity over that step,
    ``(x(s_next) - x(s)) / (s_next - s)``, from the teacher's state at ``s``; the segments' students train together,
    each on its own share of every batch, through the shared loop (accelerate, EMA, checkpoints).
+4. With ``--residual-trunk N``: the feature residual approximation of each segment's first N blocks
+   (:mod:`.trunk_residual`), on pairs of states of the same trajectories, after the students.
+
+``--init-student DIR`` starts from a trained student (its schedule, blocks and low-rank factors) instead of
+planning a new one; with ``--steps 0`` only the residual networks train.
 """
 
 from __future__ import annotations
@@ -16,19 +21,21 @@ import functools
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distill import load
 from ..distill.importance import calibration_scores, choose_blocks, weight_scores
 from ..distill.model import BlockwiseFlowModel, block_names
 from ..distill.schedule import SegmentSchedule, euler_defects, optimal_grid, split_steps, uniform_sigmas
 from ..distill.trajectories import GuidedVelocity, solve, transformer_velocity
 from .digits_image import generator_for_step
 from .loop import TrainConfig, train
+from .trunk_residual import TrunkResidualObjective, pair_batches, residual_loss
 
 CALIBRATION_SAMPLES = 256
 
@@ -45,6 +52,10 @@ class DistillConfig:
     trajectories: int = 20000
     fine_steps: int = 96
     generation_batch: int = 1024
+    init_student: str | None = None  # start from this student's schedule, blocks and factors
+    residual_trunk: int | None = None  # feature residual approximation of the first N blocks (None: off)
+    residual_width: int = 64
+    residual_steps: int = 1000
 
 
 class DigitsTask:
@@ -175,16 +186,42 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
     ``sample_labels(n, generator)``, ``conditioning(labels, null=False)`` and ``guided_velocity(labels, scale)``.
     """
     device = next(task.transformer.parameters()).device
-    schedule, blocks, report = plan(task, config, train_config.seed, device)
-    flow = BlockwiseFlowModel.for_teacher(task.transformer, schedule, blocks, config.rank, config.guidance_scale)
+    if config.init_student is not None:
+        flow = load(config.init_student).to(device, torch.float32)
+        flow = flow.with_residual_trunk(task.transformer, config.residual_trunk, config.residual_width)
+        schedule, blocks, report = flow.schedule, flow.config.blocks, {"init_student": str(config.init_student)}
+    else:
+        schedule, blocks, report = plan(task, config, train_config.seed, device)
+        residual = {"residual_trunk": config.residual_trunk, "residual_width": config.residual_width}
+        flow = BlockwiseFlowModel.for_teacher(
+            task.transformer, schedule, blocks, config.rank, config.guidance_scale, **residual
+        )
     flow.to(device)  # the students' parametrizations read these factors beside the teacher's weights
     grid = [round(s, 6) for s in uniform_sigmas(config.fine_steps)]
+    off_grid = [s for s in schedule.sigmas if round(s, 6) not in grid]
+    if off_grid:
+        raise ValueError(
+            f"the student's sigmas {off_grid} are not on the teacher's uniform grid of --fine-steps "
+            f"{config.fine_steps}: pick --fine-steps so that its grid passes through every sigma of the student"
+        )
     keep = [grid.index(round(s, 6)) for s in schedule.sigmas]
     states, labels, _ = teacher_flow(
         task, config.trajectories, grid, keep, config.guidance_scale, config.generation_batch, train_config.seed, device
     )
     objective = TrajectoryObjective(flow, flow.build_students(task.transformer, trainable=True))
-    objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
+    if train_config.steps > 0:
+        objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
+    if config.residual_trunk is not None and config.residual_steps > 0:
+        steps = config.residual_steps
+        stage = replace(
+            train_config,
+            output_dir=str(Path(train_config.output_dir) / "residual"),
+            steps=steps,
+            warmup_steps=min(200, steps // 10),
+            checkpoint_every=max(steps // 4, 1),
+        )
+        residual = TrunkResidualObjective(objective.flow, objective.flow.build_students(task.transformer))
+        train(residual, pair_batches(task, schedule, states, labels, stage), residual_loss, stage)
     out = Path(out)
     state = _process_state()
     if state.is_main_process:  # under accelerate launch every process holds the same trained students
@@ -291,6 +328,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget of the training stage")
     parser.add_argument("--device", help="default: the GPU of this process (cuda:LOCAL_RANK) when available")
+    parser.add_argument(
+        "--init-student",
+        help="start from this trained student (its schedule, blocks and factors; --steps 0: keep them)",
+    )
+    parser.add_argument(
+        "--residual-trunk",
+        type=int,
+        help="feature residual approximation: leading blocks run at a segment's first step only",
+    )
+    parser.add_argument("--residual-width", type=int, default=defaults.residual_width, help="residual networks' width")
+    parser.add_argument("--residual-steps", type=int, default=defaults.residual_steps, help="their training steps")
 
 
 def run(args) -> Path:
@@ -305,6 +353,10 @@ def run(args) -> Path:
         trajectories=args.trajectories,
         fine_steps=args.fine_steps,
         generation_batch=args.generation_batch,
+        init_student=args.init_student,
+        residual_trunk=args.residual_trunk,
+        residual_width=args.residual_width,
+        residual_steps=args.residual_steps,
     )
     train_config = TrainConfig(
         output_dir=str(Path(args.out) / "runs"),
