@@ -68,3 +68,19 @@ def test_bench_distill_video(tmp_path, one_thread, monkeypatch):
     assert result["samples"] == 2
     rows = _check_rows(result, student_forwards=4)
     assert all(0.0 <= row["motion_accuracy"] <= 1.0 for row in rows.values())
+
+
+def test_bench_distill_counts_the_trunk_a_residual_student_skips(tmp_path, one_thread):
+    from diffusers_block.distill import load
+    from diffusers_block.zoo import load_digits_image_pipeline, model_path
+
+    pipe, _ = load_digits_image_pipeline()
+    student = tmp_path / "fra"
+    shipped = load(model_path("digits-image-distilled"))
+    shipped.with_residual_trunk(pipe.transformer, 2).save_pretrained(student)
+    result = _run(tmp_path / "out", "--model", "digits-image", "--per-class", "1", "--students", str(student))
+    rows = {row["name"]: row for row in result["results"]}
+    # 2 segments x 4 steps; the trunk (2 of the 10 blocks) runs at each segment's first step only: the 6 later
+    # steps each skip a fifth of the block work, a bit less of the whole forward (embedding and output layers)
+    assert 8 - 6 * 0.2 < rows["student-fra"]["forwards"] < 8 - 6 * 0.15
+    assert {"teacher-euler-3-cfg", "teacher-cache-static2-7-cfg"} <= set(rows)  # baselines at its whole steps

@@ -205,13 +205,22 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
             f"{config.fine_steps}: pick --fine-steps so that its grid passes through every sigma of the student"
         )
     keep = [grid.index(round(s, 6)) for s in schedule.sigmas]
-    states, labels, _ = teacher_flow(
-        task, config.trajectories, grid, keep, config.guidance_scale, config.generation_batch, train_config.seed, device
-    )
+    trains_residual = config.residual_trunk is not None and config.residual_steps > 0
+    if train_config.steps > 0 or trains_residual:  # else (--steps 0, nothing to train): saved as it is
+        states, labels, _ = teacher_flow(
+            task,
+            config.trajectories,
+            grid,
+            keep,
+            config.guidance_scale,
+            config.generation_batch,
+            train_config.seed,
+            device,
+        )
     objective = TrajectoryObjective(flow, flow.build_students(task.transformer, trainable=True))
     if train_config.steps > 0:
         objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
-    if config.residual_trunk is not None and config.residual_steps > 0:
+    if trains_residual:
         steps = config.residual_steps
         stage = replace(
             train_config,
