@@ -165,16 +165,15 @@ def test_a_changed_batch_or_a_run_that_starts_mid_segment_runs_the_trunk():
     pipe(**call_kwargs("sd3", steps=STEPS, guidance=False, batch_size=2))
     student = pipe._diffusers_block_serving["segment_0"]
     plain = _plain(flow).build_students(pipe.transformer)[0]
-    later = {k: v for k, v in calls[1]["kwargs"].items()}
-    one = {k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim and len(v) == 2 else v) for k, v in later.items()}
+    step1, step2 = calls[1]["kwargs"], calls[2]["kwargs"]
     with torch.no_grad():
-        exact = plain(**one)[0]
-        # segment 0's record is of a batch of 2 (and its run has moved on to segment 1): step 1 runs the trunk
-        assert torch.equal(student(**one)[0], exact)
-        student(**calls[0]["kwargs"])  # a new run's first step, batch 2
-        approximate = student(**later)[0]  # its second step: approximated
-        assert not torch.equal(approximate, plain(**later)[0])
-        assert torch.equal(student(**one)[0], exact)  # batch 1 after a record of batch 2: the trunk runs
+        # a new run entering segment 0 at its second step (the last run ended at its third): no valid record
+        assert torch.equal(student(**step1)[0], plain(**step1)[0])
+        assert torch.equal(student(**step2)[0], plain(**step2)[0])
+        student(**calls[0]["kwargs"])  # a run's first step (batch 2) records the trunk
+        assert not torch.equal(student(**step1)[0], plain(**step1)[0])  # approximated
+        one = {k: (v[:1] if isinstance(v, torch.Tensor) and v.ndim and len(v) == 2 else v) for k, v in step2.items()}
+        assert torch.equal(student(**one)[0], plain(**one)[0])  # batch 1 after a record of batch 2: the trunk runs
 
 
 def test_tiny_training_lowers_the_feature_error_below_the_trunk_cache(tmp_path):

@@ -224,12 +224,13 @@ class TrunkStepHook(ModelHook):
                 f"{self.segment} whose student was called"
             )
         state, batch = self.state, hidden.shape[0]
-        if step > 0 and state.record_batch is not None and state.record_batch != batch:
-            state.clear()  # another batch than the first step's: not the same samples, so no approximation
+        # a record of this run's first step: same batch, and no call at a later step of the segment since
+        recorded = state.first_outputs is not None and state.record_batch == batch
+        in_order = state.last_step is not None and state.last_step <= step
         state.step, state.batch = step, batch
-        state.approximate = (
-            step > 0 and state.first_outputs is not None and state.last_step is not None and state.last_step <= step
-        )
+        state.approximate = step > 0 and recorded and in_order
+        if step > 0 and not state.approximate:
+            state.clear()  # a stale record (another run, another batch) must not serve this run's later steps
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
