@@ -43,8 +43,9 @@ class TrainConfig:
 class Auxiliary:
     """A second model trained in alternation with the main one (a distribution-matching critic): ``steps`` updates
     of ``loss_fn(model, batch)`` on each batch before the main model's update, with its own AdamW at a constant
-    ``lr``. The Accelerator prepares it beside the main model, so it is data-parallel and checkpointed and resumed
-    with it; it gets no EMA (it is a training aid, not an output). Its mean loss is logged as ``{name}_loss``."""
+    ``lr``. The Accelerator prepares it beside the main model (wrapped for data-parallel training like it), and
+    checkpoints and resumes it with it; it gets no EMA (it is a training aid, not an output). Its mean loss is
+    logged as ``{name}_loss``."""
 
     model: torch.nn.Module
     loss_fn: Callable[[torch.nn.Module, object], torch.Tensor]
