@@ -7,7 +7,8 @@
    points (no dataset: the teacher is the data).
 3. Training: each student step regresses the teacher's average velocity over that step,
    ``(x(s_next) - x(s)) / (s_next - s)``, from the teacher's state at ``s``; the segments' students train together,
-   each on its own share of every batch, through the shared loop (accelerate, EMA, checkpoints).
+   each on its own share of every batch, through the shared loop (accelerate, EMA, checkpoints); with
+   ``--dmd-weight``, plus a distribution-matching term (:mod:`.distribution_matching`).
 """
 
 from __future__ import annotations
