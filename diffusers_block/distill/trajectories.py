@@ -26,9 +26,10 @@ class GuidedVelocity:
         self.guided = uncond is not None and guidance_scale != 1.0
         self.inputs = {k: torch.cat([uncond[k], v]) for k, v in cond.items()} if self.guided else cond
 
-    def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        batch = 2 * len(x) if self.guided else len(x)
-        sigmas = torch.full((batch,), float(sigma), device=x.device, dtype=x.dtype)
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """``sigma``: one level for the whole batch, or one per sample (B,)."""
+        sigmas = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(len(x))
+        sigmas = torch.cat([sigmas, sigmas]) if self.guided else sigmas
         v = transformer_velocity(self.transformer, torch.cat([x, x]) if self.guided else x, sigmas, self.inputs)
         if not self.guided:
             return v

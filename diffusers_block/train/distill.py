@@ -7,7 +7,8 @@
    points (no dataset: the teacher is the data).
 3. Training: each student step regresses the teacher's average velocity over that step,
    ``(x(s_next) - x(s)) / (s_next - s)``, from the teacher's state at ``s``; the segments' students train together,
-   each on its own share of every batch, through the shared loop (accelerate, EMA, checkpoints).
+   each on its own share of every batch, through the shared loop (accelerate, EMA, checkpoints); with
+   ``--dmd-weight``, plus a distribution-matching term (:mod:`.distribution_matching`).
 4. With ``--residual-trunk N``: the feature residual approximation of each segment's first N blocks
    (:mod:`.trunk_residual`), on pairs of states of the same trajectories, after the students.
 
@@ -21,7 +22,7 @@ import functools
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,9 @@ from ..distill.importance import calibration_scores, choose_blocks, weight_score
 from ..distill.model import BlockwiseFlowModel, block_names
 from ..distill.schedule import SegmentSchedule, euler_defects, optimal_grid, split_steps, uniform_sigmas
 from ..distill.trajectories import GuidedVelocity, solve, transformer_velocity
+from . import distribution_matching
 from .digits_image import generator_for_step
+from .distribution_matching import DistributionMatchingConfig
 from .loop import TrainConfig, train
 from .trunk_residual import TrunkResidualObjective, pair_batches, residual_loss
 
@@ -56,6 +59,7 @@ class DistillConfig:
     residual_trunk: int | None = None  # feature residual approximation of the first N blocks (None: off)
     residual_width: int = 64
     residual_steps: int = 1000
+    distribution_matching: DistributionMatchingConfig = field(default_factory=DistributionMatchingConfig)  # --dmd-*
 
 
 class DigitsTask:
@@ -219,7 +223,11 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
         )
     objective = TrajectoryObjective(flow, flow.build_students(task.transformer, trainable=True))
     if train_config.steps > 0:
-        objective = train(objective, _batches(task, schedule, states, labels, train_config), _loss, train_config)
+        critic = None
+        if config.distribution_matching.enabled:
+            critic = distribution_matching.attach(objective, task, config.guidance_scale, config.distribution_matching)
+        batches = _batches(task, schedule, states, labels, train_config)
+        objective = train(objective, batches, _loss, train_config, auxiliary=critic)
     if trains_residual:
         steps = config.residual_steps
         stage = replace(
@@ -285,7 +293,14 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
             x, x_next = x_all[j, index], x_all[j + 1, index]
             span = (s_all[j + 1] - s_all[j]).view(-1, *([1] * (x.ndim - 1)))
             batch.append(
-                {"x": x, "sigma": s_all[j], "target": (x_next - x) / span, "inputs": task.conditioning(y_all[index])}
+                {
+                    "x": x,
+                    "sigma": s_all[j],
+                    "sigma_next": s_all[j + 1],
+                    "target": (x_next - x) / span,
+                    "labels": y_all[index],
+                    "inputs": task.conditioning(y_all[index]),
+                }
             )
         return batch
 
@@ -298,19 +313,30 @@ class TrajectoryObjective(nn.Module):
 
     Only the low-rank factors (``flow``) are registered: the students' frozen teacher weights stay out of the
     optimizer, the EMA and the checkpoints. The loss is this module's forward, so data-parallel training wraps it.
+    With ``distribution_matching`` set (:func:`distribution_matching.attach`, ``--dmd-weight``), its DMD term is
+    added and the loss's terms are returned for the log.
     """
 
     def __init__(self, flow: BlockwiseFlowModel, students: nn.ModuleList) -> None:
         super().__init__()
         self.flow = flow
         object.__setattr__(self, "students", students)  # not a submodule (see above)
+        self.distribution_matching = None
 
-    def forward(self, batch: list[dict]) -> torch.Tensor:
-        losses = [
-            F.mse_loss(transformer_velocity(student, b["x"], b["sigma"], b["inputs"]).float(), b["target"].float())
+    def velocities(self, batch: list[dict]) -> list[torch.Tensor]:
+        """Each segment's student velocity on its share of the batch."""
+        return [
+            transformer_velocity(student, b["x"], b["sigma"], b["inputs"]).float()
             for student, b in zip(self.students, batch)
         ]
-        return torch.stack(losses).mean()
+
+    def forward(self, batch: list[dict]) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        velocities = self.velocities(batch)
+        loss = torch.stack([F.mse_loss(v, b["target"].float()) for v, b in zip(velocities, batch)]).mean()
+        if self.distribution_matching is None:
+            return loss
+        term, logged = self.distribution_matching.generator_loss(batch, velocities)
+        return loss + term, {"trajectory": loss.detach(), **logged}
 
 
 def _loss(objective: nn.Module, batch: list[dict]) -> torch.Tensor:
@@ -348,6 +374,16 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--residual-width", type=int, default=defaults.residual_width, help="residual networks' width")
     parser.add_argument("--residual-steps", type=int, default=defaults.residual_steps, help="their training steps")
+    matching = DistributionMatchingConfig()
+    parser.add_argument(
+        "--dmd-weight",
+        type=float,
+        default=matching.weight,
+        help="weight of a distribution-matching (DMD) term beside the trajectory loss (0: off)",
+    )
+    parser.add_argument("--critic-steps", type=int, default=matching.critic_steps, help="critic updates per step")
+    parser.add_argument("--critic-rank", type=int, default=matching.critic_rank, help="rank of the critic's deltas")
+    parser.add_argument("--critic-lr", type=float, default=matching.critic_lr, help="the critic's learning rate")
 
 
 def run(args) -> Path:
@@ -366,6 +402,12 @@ def run(args) -> Path:
         residual_trunk=args.residual_trunk,
         residual_width=args.residual_width,
         residual_steps=args.residual_steps,
+        distribution_matching=DistributionMatchingConfig(
+            weight=args.dmd_weight,
+            critic_steps=args.critic_steps,
+            critic_rank=args.critic_rank,
+            critic_lr=args.critic_lr,
+        ),
     )
     train_config = TrainConfig(
         output_dir=str(Path(args.out) / "runs"),

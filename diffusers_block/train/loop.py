@@ -39,6 +39,21 @@ class TrainConfig:
     max_minutes: float | None = None  # stop early (keeping the EMA weights) when the wall-clock budget is spent
 
 
+@dataclass
+class Auxiliary:
+    """A second model trained in alternation with the main one (a distribution-matching critic): ``steps`` updates
+    of ``loss_fn(model, batch)`` on each batch before the main model's update, with its own AdamW at a constant
+    ``lr``. The Accelerator prepares it beside the main model (wrapped for data-parallel training like it), and
+    checkpoints and resumes it with it; it gets no EMA (it is a training aid, not an output). Its mean loss is
+    logged as ``{name}_loss``."""
+
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.nn.Module, object], torch.Tensor]
+    steps: int = 1
+    lr: float = 1e-4
+    name: str = "auxiliary"
+
+
 def _latest_checkpoint(directory: Path) -> tuple[Path | None, int]:
     checkpoints = sorted(directory.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     return (checkpoints[-1], int(checkpoints[-1].name.split("-")[1])) if checkpoints else (None, 0)
@@ -49,11 +64,14 @@ def train(
     sample_batch: Callable[[int, int, torch.device], dict],
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
     config: TrainConfig,
+    auxiliary: Auxiliary | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` for ``config.steps`` steps; returns the unwrapped model holding the EMA weights.
 
     ``sample_batch(step, process_index, device)`` returns the batch of that step; ``loss_fn(model, batch)`` its
-    scalar loss. Resumes from the latest checkpoint under ``output_dir/checkpoints`` if there is one.
+    scalar loss, or ``(loss, {name: scalar})`` to log the loss's terms too. Resumes from the latest checkpoint under
+    ``output_dir/checkpoints`` if there is one. ``auxiliary``: a second model trained in alternation (see
+    :class:`Auxiliary`).
     """
     mixed = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     # Every process runs all config.steps steps (batches come from sample_batch, not a sharded dataloader), so the
@@ -68,6 +86,9 @@ def train(
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
     ema.to(accelerator.device)
     accelerator.register_for_checkpointing(ema)
+    if auxiliary is not None:  # prepared second: its state is model_1 / optimizer_1 in every checkpoint
+        aux_optimizer = torch.optim.AdamW(auxiliary.model.parameters(), lr=auxiliary.lr, weight_decay=0.0)
+        aux_model, aux_optimizer = accelerator.prepare(auxiliary.model, aux_optimizer)
 
     latest, start = _latest_checkpoint(checkpoints)
     if latest is not None:
@@ -80,13 +101,28 @@ def train(
 
     model.train()
     started, running, count = time.time(), torch.zeros((), device=accelerator.device), 0
+    terms: dict[str, torch.Tensor] = {}  # running sums of the logged terms, like ``running``
     progress = tqdm(
         range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_main_process
     )
     for step in progress:
         batch = sample_batch(step, accelerator.process_index, accelerator.device)
+        if auxiliary is not None:
+            for _ in range(auxiliary.steps):
+                with accelerator.autocast():
+                    aux_loss = auxiliary.loss_fn(aux_model, batch)
+                accelerator.backward(aux_loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(aux_model.parameters(), config.grad_clip)
+                aux_optimizer.step()
+                aux_optimizer.zero_grad(set_to_none=True)
+                _accumulate(terms, f"{auxiliary.name}_loss", aux_loss.detach() / auxiliary.steps)
         with accelerator.autocast():
             loss = loss_fn(model, batch)
+        if isinstance(loss, tuple):
+            loss, logged = loss
+            for name, value in logged.items():
+                _accumulate(terms, name, value.detach())
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -104,10 +140,12 @@ def train(
             record = {
                 "step": step + 1,
                 "loss": mean,
+                **{name: accelerator.reduce(total, reduction="mean").item() / count for name, total in terms.items()},
                 "lr": schedule.get_last_lr()[0],
                 "elapsed_s": round(time.time() - started, 1),
             }
             running.zero_()
+            terms.clear()
             count = 0
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
@@ -127,3 +165,9 @@ def train(
     ema.copy_to(trained.parameters())
     trained.eval()
     return trained
+
+
+def _accumulate(totals: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Add to a running sum on the device (read back only when logging: no host sync per step)."""
+    value = value.float()
+    totals[name] = totals[name] + value if name in totals else value

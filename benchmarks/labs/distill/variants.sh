@@ -2,7 +2,8 @@
 # Distillation variants trained side by side on one GPU, then `bench distill` on each model, in one device call:
 #   bash benchmarks/labs/distill/variants.sh [MINUTES]
 # Image: 2 segments x 4 steps (uniform / curvature-optimal grid), and students keeping 8 of 10 blocks chosen by
-# calibration; with FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
+# calibration; with DMD=1 (or FULL=1) a 2 x 4 student with a distribution-matching term (--dmd-weight 0.5); with
+# FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
 # or first-n. Video: 2 x 4, uniform.
 # Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT.
 set -u
@@ -21,6 +22,9 @@ train() {
 train image-2x4-uniform $image --segments 2 --steps-per-segment 4 &
 train image-2x4-optimal $image --segments 2 --steps-per-segment 4 --grid optimal &
 train image-2x4-calibration8 $image --segments 2 --steps-per-segment 4 --blocks calibration --keep 8 &
+if [ "${DMD:-0}" = 1 ] || [ "${FULL:-0}" = 1 ]; then  # the trajectory loss plus a distribution-matching term
+  train image-2x4-dmd $image --segments 2 --steps-per-segment 4 --dmd-weight 0.5 --critic-steps 2 &
+fi
 if [ "${FULL:-0}" = 1 ]; then
   train image-4x2-rank2 $image --segments 4 --steps-per-segment 2 --rank 2 &
   train image-2x4-first8 $image --segments 2 --steps-per-segment 4 --blocks first --keep 8 &
