@@ -69,3 +69,17 @@ def _log(folder, name: str) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (folder / name / "runs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_launched_process_loads_what_it_trains_beside_on_its_own_gpu(monkeypatch):
+    """Under ``accelerate launch`` every process trains on cuda:LOCAL_RANK: the teacher (distillation) and the VAE
+    (video) must be loaded there, not all on cuda:0."""
+    from diffusers_block.train.loop import process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert process_device() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert process_device() == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert process_device() == "cuda:0"

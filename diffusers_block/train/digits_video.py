@@ -31,7 +31,7 @@ from ..data.digits import MOTIONS, make_moving_digits
 from ..zoo.label_encoder import ClipLabelEncoder
 from ..zoo.no_text_encoder import fill_text_slots
 from .digits_image import LABEL_DROPOUT, generator_for_step, rectified_flow_loss
-from .loop import TrainConfig, train
+from .loop import TrainConfig, process_device, train
 
 FRAMES = 17
 CANVAS = 32
@@ -109,9 +109,7 @@ def load_vae(path: str) -> AutoencoderKLWan:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no AutoencoderKLWan in {path}: pass the folder --vae-only wrote (OUT/vae)")
     vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
-    if torch.cuda.is_available():
-        vae.to("cuda")
-    return vae
+    return vae.to(process_device())
 
 
 @torch.no_grad()

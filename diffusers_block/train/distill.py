@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,7 +36,7 @@ from ..distill.trajectories import GuidedVelocity, solve, transformer_velocity
 from . import distribution_matching
 from .digits_image import generator_for_step
 from .distribution_matching import DistributionMatchingConfig
-from .loop import TrainConfig, train
+from .loop import TrainConfig, process_device, train
 from .trunk_residual import TrunkResidualObjective, pair_batches, residual_loss
 
 CALIBRATION_SAMPLES = 256
@@ -419,12 +418,4 @@ def run(args) -> Path:
         checkpoint_every=max(args.steps // 4, 1),
         max_minutes=args.max_minutes,
     )
-    return distill(DigitsTask(args.teacher, args.device or _process_device()), args.out, config, train_config)
-
-
-def _process_device() -> str:
-    """This process's device: the GPU of its local rank under ``accelerate launch`` / torchrun (the one accelerate
-    trains on; the teacher, which the students share, must be there too, not on cuda:0), else cuda, else the CPU."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return distill(DigitsTask(args.teacher, args.device or process_device()), args.out, config, train_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -171,3 +172,12 @@ def _accumulate(totals: dict[str, torch.Tensor], name: str, value: torch.Tensor)
     """Add to a running sum on the device (read back only when logging: no host sync per step)."""
     value = value.float()
     totals[name] = totals[name] + value if name in totals else value
+
+
+def process_device() -> str:
+    """This process's device: the GPU of its local rank under ``accelerate launch`` / torchrun (the one accelerate
+    trains on; whatever a process loads beside the trained model, a teacher or a VAE, must be there too, not on
+    cuda:0), else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
