@@ -32,13 +32,9 @@ def _flow(pipe, trunk=1, residual=False, seed=0, **kwargs) -> BlockwiseFlowModel
     return flow
 
 
-def _plain(flow: BlockwiseFlowModel) -> BlockwiseFlowModel:
+def _plain(flow: BlockwiseFlowModel, teacher) -> BlockwiseFlowModel:
     """The same students without feature residual approximation."""
-    config = {k: v for k, v in flow.config.items() if not k.startswith("_")}
-    config.update(residual_trunk=None, residual_streams=None)
-    plain = BlockwiseFlowModel(**config)
-    plain.deltas.load_state_dict(flow.deltas.state_dict())
-    return plain
+    return flow.with_residual_trunk(teacher, None)
 
 
 def _record_calls(pipe) -> list[dict]:
@@ -83,7 +79,7 @@ def _trunk_cache(students, trunk: int) -> None:
 def test_untrained_residual_is_a_trunk_cache(name, trunk):
     pipe = build_pipeline(name)
     flow = _flow(pipe, trunk)
-    pipe.enable_blockwise_flow(_plain(flow))
+    pipe.enable_blockwise_flow(_plain(flow, pipe.transformer))
     _trunk_cache(pipe._diffusers_block_serving.values(), trunk)
     expected = pipe(**call_kwargs(name, steps=STEPS))[0]
     full = pipe(**call_kwargs(name, steps=STEPS, guidance=False))[0]
@@ -100,7 +96,7 @@ def test_first_step_of_each_segment_is_the_full_student_and_later_steps_are_not(
     pipe.enable_blockwise_flow(flow)
     calls = _record_calls(pipe)
     pipe(**call_kwargs(name, steps=STEPS, guidance=False))
-    plain = _plain(flow).build_students(pipe.transformer)
+    plain = _plain(flow, pipe.transformer).build_students(pipe.transformer)
     assert len(calls) == STEPS
     for step, call in enumerate(calls):
         k = SCHEDULE.segment_of_step[step]
@@ -164,7 +160,7 @@ def test_a_changed_batch_or_a_run_that_starts_mid_segment_runs_the_trunk():
     calls = _record_calls(pipe)
     pipe(**call_kwargs("sd3", steps=STEPS, guidance=False, batch_size=2))
     student = pipe._diffusers_block_serving["segment_0"]
-    plain = _plain(flow).build_students(pipe.transformer)[0]
+    plain = _plain(flow, pipe.transformer).build_students(pipe.transformer)[0]
     step1, step2 = calls[1]["kwargs"], calls[2]["kwargs"]
     with torch.no_grad():
         # a new run entering segment 0 at its second step (the last run ended at its third): no valid record
