@@ -210,6 +210,28 @@ class _ToyTask:
         )
 
 
+def toy_distillation(folder, name: str, steps: int, checkpoint_every: int, batch_size: int, **config):
+    """Distil ``_ToyTask`` into ``folder/name/student`` (2 segments x 1 step; its log and checkpoints under
+    ``folder/name/runs``): the short run the resume and multi-process tests compare."""
+    from diffusers_block.train.distill import DistillConfig, distill
+    from diffusers_block.train.loop import TrainConfig
+
+    distill_config = DistillConfig(
+        segments=2, steps_per_segment=1, rank=4, guidance_scale=2.0, trajectories=64, fine_steps=8, **config
+    )
+    train_config = TrainConfig(
+        output_dir=str(folder / name / "runs"),
+        steps=steps,
+        batch_size=batch_size,
+        lr=3e-3,
+        warmup_steps=2,
+        ema_decay=0.5,
+        log_every=1,
+        checkpoint_every=checkpoint_every,
+    )
+    return distill(_ToyTask(), folder / name / "student", distill_config, train_config)
+
+
 def test_tiny_distillation_lowers_its_loss_and_beats_the_teacher_at_its_step_count(tmp_path):
     import json
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from test_distill import _ToyTask
+from test_distill import _ToyTask, toy_distillation
 from torch import nn
 
 from diffusers_block.train.distribution_matching import (
@@ -184,30 +184,8 @@ STEPS, CHECKPOINT = 6, 3
 
 
 def _distill(folder, name: str):
-    from diffusers_block.train.distill import DistillConfig, distill
-    from diffusers_block.train.loop import TrainConfig
-
     matching = DistributionMatchingConfig(weight=0.5, critic_steps=2, critic_rank=2, critic_lr=1e-3)
-    config = DistillConfig(
-        segments=2,
-        steps_per_segment=1,
-        rank=4,
-        guidance_scale=2.0,
-        trajectories=64,
-        fine_steps=8,
-        distribution_matching=matching,
-    )
-    train_config = TrainConfig(
-        output_dir=str(folder / name / "runs"),
-        steps=STEPS,
-        batch_size=8,
-        lr=3e-3,
-        warmup_steps=2,
-        ema_decay=0.5,
-        log_every=1,
-        checkpoint_every=CHECKPOINT,
-    )
-    return distill(_ToyTask(), folder / name / "student", config, train_config)
+    return toy_distillation(folder, name, STEPS, CHECKPOINT, batch_size=8, distribution_matching=matching)
 
 
 def test_distillation_with_distribution_matching_logs_its_terms_and_resumes_its_critic(tmp_path):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from distributed import run
-from test_distill import _ToyTask
+from test_distill import toy_distillation
 
 from diffusers_block.distill import BlockwiseFlowModel
 
@@ -16,21 +16,7 @@ STEPS, CHECKPOINT = 6, 3
 
 
 def _distill(folder, name: str) -> None:
-    from diffusers_block.train.distill import DistillConfig, distill
-    from diffusers_block.train.loop import TrainConfig
-
-    config = DistillConfig(segments=2, steps_per_segment=1, rank=4, guidance_scale=2.0, trajectories=64, fine_steps=8)
-    train_config = TrainConfig(
-        output_dir=str(folder / name / "runs"),
-        steps=STEPS,
-        batch_size=16,
-        lr=3e-3,
-        warmup_steps=2,
-        ema_decay=0.5,
-        log_every=1,
-        checkpoint_every=CHECKPOINT,
-    )
-    distill(_ToyTask(), folder / name / "student", config, train_config)
+    toy_distillation(folder, name, STEPS, CHECKPOINT, batch_size=16)
 
 
 def _two_processes(rank: int, world_size: int, folder) -> None:
