@@ -223,3 +223,21 @@ def test_bad_trunks_get_errors_naming_the_fix():
         BlockwiseFlowModel.for_teacher(teacher, SCHEDULE, blocks=two, residual_trunk=2)
     plain = BlockwiseFlowModel.for_teacher(teacher, SCHEDULE)
     assert plain.residuals is None and plain.with_residual_trunk(teacher, 1).residuals is not None
+
+
+def test_composes_with_the_block_cache():
+    """The block cache's hooks sit on the FRA students' blocks like on any student's: computing every step gives
+    the FRA students exactly, a reusing schedule skips block work, and disabling it gives them back."""
+    from diffusers_block import StaticScheduleConfig
+
+    pipe = build_pipeline("wan")
+    pipe.enable_blockwise_flow(_flow(pipe, trunk=1, residual=True))
+    fra = pipe(**call_kwargs("wan", steps=STEPS))[0]
+    pipe.enable_block_cache(StaticScheduleConfig(interval=1))
+    assert torch.equal(pipe(**call_kwargs("wan", steps=STEPS))[0], fra)
+    pipe.enable_block_cache(StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=0))
+    cached = pipe(**call_kwargs("wan", steps=STEPS))[0]
+    assert 0 < pipe.block_cache_summary().fraction_computed < 1
+    assert torch.isfinite(cached).all() and not torch.equal(cached, fra)
+    pipe.disable_block_cache()
+    assert torch.equal(pipe(**call_kwargs("wan", steps=STEPS))[0], fra)
