@@ -242,6 +242,31 @@ class TrunkStepHook(ModelHook):
         return module
 
 
+class _BlockStreams:
+    """A trunk block's streams: read off its call's arguments, split out of its output, and put back in the form it
+    returns (one tensor, or a tuple in the adapter table's ``returns`` order)."""
+
+    def __init__(self, module: nn.Module, spec) -> None:
+        self.spec = spec
+        self._hidden_index = argument_index(module, spec.hidden_arg)
+        self._encoder_index = argument_index(module, spec.encoder_arg)
+
+    def inputs(self, args, kwargs) -> dict:
+        streams = {HIDDEN: get_argument(args, kwargs, self.spec.hidden_arg, self._hidden_index)}
+        if ENCODER in self.spec.returns:
+            streams[ENCODER] = get_argument(args, kwargs, self.spec.encoder_arg, self._encoder_index)
+        return streams
+
+    def outputs(self, output) -> dict:
+        values = (output,) if isinstance(output, torch.Tensor) else tuple(output)
+        return dict(zip(self.spec.returns, values))
+
+    def as_output(self, streams: dict):
+        if self.spec.returns == (HIDDEN,):
+            return streams[HIDDEN]
+        return tuple(streams[role] for role in self.spec.returns)
+
+
 class TrunkBlockHook(ModelHook):
     """On each trunk block: record the trunk at the first step; at later steps, skip the block.
 
@@ -251,43 +276,23 @@ class TrunkBlockHook(ModelHook):
 
     def __init__(self, state: _TrunkState, block: BlockRef, residual: TrunkResidual, first: bool, last: bool):
         super().__init__()
-        self.state, self.spec, self.residual = state, block.spec, residual
+        self.state, self.residual = state, residual
+        self.streams = _BlockStreams(block.module, block.spec)
         self.first, self.last = first, last
-        self._hidden_index = self._encoder_index = None
-
-    def initialize_hook(self, module):
-        self._hidden_index = argument_index(module, self.spec.hidden_arg)
-        self._encoder_index = argument_index(module, self.spec.encoder_arg)
-        return module
-
-    def _inputs(self, args, kwargs) -> dict:
-        streams = {HIDDEN: get_argument(args, kwargs, self.spec.hidden_arg, self._hidden_index)}
-        if ENCODER in self.spec.returns:
-            streams[ENCODER] = get_argument(args, kwargs, self.spec.encoder_arg, self._encoder_index)
-        return streams
-
-    def _as_output(self, streams: dict):
-        if self.spec.returns == (HIDDEN,):
-            return streams[HIDDEN]
-        return tuple(streams[role] for role in self.spec.returns)
-
-    def _streams(self, output) -> dict:
-        values = (output,) if isinstance(output, torch.Tensor) else tuple(output)
-        return dict(zip(self.spec.returns, values))
 
     def new_forward(self, module, *args, **kwargs):
-        state = self.state
+        state, streams = self.state, self.streams
         if state.approximate:
-            inputs = self._inputs(args, kwargs)
+            inputs = streams.inputs(args, kwargs)
             if not self.first:
-                return self._as_output(inputs)  # the first trunk block already returned the trunk's output
-            return self._as_output(self.residual(state.first_outputs, state.first_inputs, inputs, state.step))
+                return streams.as_output(inputs)  # the first trunk block already returned the trunk's output
+            return streams.as_output(self.residual(state.first_outputs, state.first_inputs, inputs, state.step))
         recording = state.step == 0
         if recording and self.first:
-            state.pending = self._inputs(args, kwargs)
+            state.pending = streams.inputs(args, kwargs)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if recording and self.last and state.pending is not None:  # (a block cache may have skipped the first)
-            state.first_inputs, state.first_outputs = state.pending, self._streams(output)
+            state.first_inputs, state.first_outputs = state.pending, streams.outputs(output)
             state.record_batch = state.batch
         return output
 
@@ -319,19 +324,14 @@ def trunk_features(student: nn.Module, trunk: int, run: Callable[[], object]) ->
     """(inputs, outputs): the trunk's streams on the call ``run()`` makes to ``student`` (which stops after the
     trunk: the blocks after it are not run)."""
     blocks = trunk_blocks(student, trunk)
-    spec = blocks[0].spec
-    hidden_index = argument_index(blocks[0].module, spec.hidden_arg)
-    encoder_index = argument_index(blocks[0].module, spec.encoder_arg)
+    streams = _BlockStreams(blocks[0].module, blocks[0].spec)  # the trunk's blocks share one list's signature
     captured: dict = {}
 
     def enter(module, args, kwargs):
-        captured["inputs"] = {HIDDEN: get_argument(args, kwargs, spec.hidden_arg, hidden_index)}
-        if ENCODER in spec.returns:
-            captured["inputs"][ENCODER] = get_argument(args, kwargs, spec.encoder_arg, encoder_index)
+        captured["inputs"] = streams.inputs(args, kwargs)
 
     def leave(module, args, kwargs, output):
-        values = (output,) if isinstance(output, torch.Tensor) else tuple(output)
-        captured["outputs"] = dict(zip(spec.returns, values))
+        captured["outputs"] = streams.outputs(output)
         raise _TrunkDone
 
     handles = [
