@@ -112,11 +112,7 @@ def train(
             for _ in range(auxiliary.steps):
                 with accelerator.autocast():
                     aux_loss = auxiliary.loss_fn(aux_model, batch)
-                accelerator.backward(aux_loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(aux_model.parameters(), config.grad_clip)
-                aux_optimizer.step()
-                aux_optimizer.zero_grad(set_to_none=True)
+                _update(accelerator, aux_model, aux_optimizer, aux_loss, config.grad_clip)
                 _accumulate(terms, f"{auxiliary.name}_loss", aux_loss.detach() / auxiliary.steps)
         with accelerator.autocast():
             loss = loss_fn(model, batch)
@@ -124,12 +120,8 @@ def train(
             loss, logged = loss
             for name, value in logged.items():
                 _accumulate(terms, name, value.detach())
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        _update(accelerator, model, optimizer, loss, config.grad_clip)
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         ema.step(accelerator.unwrap_model(model).parameters())
         running += loss.detach().float()  # read back only when logging: no host sync per step
         count += 1
@@ -166,6 +158,15 @@ def train(
     ema.copy_to(trained.parameters())
     trained.eval()
     return trained
+
+
+def _update(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:
+    """One optimizer step on ``loss``: backward, gradients clipped once they are synchronised, step, zero."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _accumulate(totals: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
