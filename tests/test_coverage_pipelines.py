@@ -35,48 +35,39 @@ def _mask(length: int) -> torch.Tensor:
     return torch.ones(1, length, dtype=torch.long)
 
 
+def _prompts(dim: int, size: int, **extra) -> dict:
+    """Text of length 8 and width ``dim``, with its mask, for both CFG branches; an image of ``size`` pixels."""
+    return {
+        "prompt_embeds": _embeds(8, dim, 0),
+        "prompt_attention_mask": _mask(8),
+        "negative_prompt_embeds": _embeds(8, dim, 1),
+        "negative_prompt_attention_mask": _mask(8),
+        **extra,
+        "height": size,
+        "width": size,
+    }
+
+
 # pipeline class, transformer class, scheduler, prompt kwargs (text length 8, the recipe's text width), sizes
 PIPELINES = {
     "sana": (
         SanaPipeline,
         "SanaTransformer2DModel",
         lambda: DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
-        lambda: {
-            "prompt_embeds": _embeds(8, 8, 0),
-            "prompt_attention_mask": _mask(8),
-            "negative_prompt_embeds": _embeds(8, 8, 1),
-            "negative_prompt_attention_mask": _mask(8),
-            "use_resolution_binning": False,
-            "negative_prompt": None,  # defaults to "", which clashes with negative embeddings
-            "height": 64,
-            "width": 64,
-        },
+        # negative_prompt=None: its default "" clashes with negative embeddings
+        lambda: _prompts(8, 64, use_resolution_binning=False, negative_prompt=None),
     ),
     "auraflow": (
         AuraFlowPipeline,
         "AuraFlowTransformer2DModel",
         FlowMatchEulerDiscreteScheduler,
-        lambda: {
-            "prompt_embeds": _embeds(8, 32, 0),
-            "prompt_attention_mask": _mask(8),
-            "negative_prompt_embeds": _embeds(8, 32, 1),
-            "negative_prompt_attention_mask": _mask(8),
-            "height": 128,
-            "width": 128,
-        },
+        lambda: _prompts(32, 128),
     ),
     "lumina2": (
         Lumina2Pipeline,
         "Lumina2Transformer2DModel",
         FlowMatchEulerDiscreteScheduler,
-        lambda: {
-            "prompt_embeds": _embeds(8, 32, 0),
-            "prompt_attention_mask": _mask(8),
-            "negative_prompt_embeds": _embeds(8, 32, 1),
-            "negative_prompt_attention_mask": _mask(8),
-            "height": 64,
-            "width": 64,
-        },
+        lambda: _prompts(32, 64),
     ),
 }
 
