@@ -37,7 +37,7 @@ from . import distribution_matching
 from .digits_image import generator_for_step
 from .distribution_matching import DistributionMatchingConfig
 from .loop import TrainConfig, process_device, train
-from .trunk_residual import TrunkResidualObjective, pair_batches, residual_loss
+from .trunk_residual import TrunkResidualObjective, pair_batches
 
 CALIBRATION_SAMPLES = 256
 
@@ -237,7 +237,7 @@ def distill(task, out: str | Path, config: DistillConfig, train_config: TrainCon
             checkpoint_every=max(steps // 4, 1),
         )
         residual = TrunkResidualObjective(objective.flow, objective.flow.build_students(task.transformer))
-        train(residual, pair_batches(task, schedule, states, labels, stage), residual_loss, stage)
+        train(residual, pair_batches(task, schedule, states, labels, stage), _loss, stage)
     out = Path(out)
     state = _process_state()
     if state.is_main_process:  # under accelerate launch every process holds the same trained students
@@ -338,7 +338,9 @@ class TrajectoryObjective(nn.Module):
         return loss + term, {"trajectory": loss.detach(), **logged}
 
 
-def _loss(objective: nn.Module, batch: list[dict]) -> torch.Tensor:
+def _loss(objective: nn.Module, batch) -> torch.Tensor:
+    """The training loop's loss of both stages: each objective's forward is its loss, so data-parallel training
+    (which wraps the module) covers it."""
     return objective(batch)
 
 

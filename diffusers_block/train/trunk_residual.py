@@ -87,7 +87,3 @@ class TrunkResidualObjective(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         approximation, cache = self.errors(batch)
         return (approximation / cache.clamp_min(1e-12)).mean()
-
-
-def residual_loss(objective: nn.Module, batch: dict) -> torch.Tensor:
-    return objective(batch)
