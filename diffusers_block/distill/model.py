@@ -18,7 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..models import resolve_adapter
-from .residual import TrunkResidual, check_trunk_kept, check_trunk_size, stream_widths
+from .residual import TrunkResidual, check_blocks_after_trunk, check_trunk_kept, check_trunk_size, stream_widths
 from .schedule import SegmentSchedule
 
 # Relative difference of the teacher checksum above which a student refuses to bind (bf16 vs fp32 copies of the
@@ -154,12 +154,7 @@ class BlockwiseFlowModel(ModelMixin, ConfigMixin):
             check_trunk_size(residual_trunk)
             if not residual_streams:
                 raise ValueError("residual_trunk needs residual_streams: build it with with_residual_trunk(teacher)")
-            for k, kept in enumerate(blocks):
-                if len(kept) <= residual_trunk:
-                    raise ValueError(
-                        f"residual_trunk={residual_trunk} leaves no block after the trunk in segment {k}, which keeps "
-                        f"{len(kept)} blocks: use a trunk of at most {len(kept) - 1} blocks"
-                    )
+            check_blocks_after_trunk(blocks, residual_trunk)
             self.residuals = nn.ModuleList(
                 TrunkResidual(dict(residual_streams), residual_width, steps - 1)
                 for steps in self.schedule.steps_per_segment

@@ -150,6 +150,16 @@ def stream_widths(transformer: nn.Module, trunk: int) -> dict[str, int]:
     return widths
 
 
+def check_blocks_after_trunk(kept: Sequence[Sequence[str]], trunk: int) -> None:
+    """A ValueError naming the fix if some segment keeps no block after a trunk of ``trunk`` blocks."""
+    for k, names in enumerate(kept):
+        if len(names) <= trunk:
+            raise ValueError(
+                f"residual_trunk={trunk} leaves no block after the trunk in segment {k}, which keeps {len(names)} "
+                f"blocks: use a trunk of at most {len(names) - 1} blocks"
+            )
+
+
 def check_trunk_kept(teacher_blocks: Sequence[str], kept: Sequence[Sequence[str]], trunk: int) -> None:
     """A ValueError naming the fix if some segment does not keep the teacher's first ``trunk`` blocks, or keeps
     no block after them."""
@@ -161,11 +171,7 @@ def check_trunk_kept(teacher_blocks: Sequence[str], kept: Sequence[Sequence[str]
                 f"residual_trunk={trunk} needs every segment to keep the teacher's first {trunk} blocks; segment {k} "
                 f"drops {missing}: keep them (--blocks first or all) or use a trunk of the leading blocks it keeps"
             )
-        if len(names) <= trunk:
-            raise ValueError(
-                f"residual_trunk={trunk} leaves no block after the trunk in segment {k}, which keeps {len(names)} "
-                f"blocks: use a trunk of at most {len(names) - 1} blocks"
-            )
+    check_blocks_after_trunk(kept, trunk)
 
 
 # ----------------------------------------------------------------------------------------------------------------
