@@ -60,6 +60,39 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_steps_schedule_is_diffusers_cosine_with_warmup():
+    from diffusers.optimization import get_scheduler
+
+    from diffusers_block.train.loop import _BudgetClock
+
+    clock = _BudgetClock(TrainConfig("unused", steps=50, warmup_steps=10))
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    reference = get_scheduler("cosine", optimizer, num_warmup_steps=10, num_training_steps=50).lr_lambdas[0]
+    assert [clock.lr_factor(s) for s in range(50)] == pytest.approx([reference(s) for s in range(50)])
+
+
+def test_a_time_budget_anneals_the_learning_rate_before_it_stops(tmp_path, monkeypatch):
+    """The clock, not the 1,000 steps, ends this run: its learning rate must still reach 0 at the stop."""
+    import diffusers_block.train.loop as loop
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(loop.time, "time", lambda: now["t"])
+    sample_batch, loss_fn = _problem()
+
+    def one_second_a_step(step, rank, device):
+        now["t"] = float(step)
+        return sample_batch(step, rank, device)
+
+    config = TrainConfig(str(tmp_path), steps=1000, lr=0.05, warmup_steps=5, log_every=5, max_minutes=0.5)
+    train(_model(), one_second_a_step, loss_fn, config)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["stopped_early"] and log[-1]["step"] == 32  # step 31 begins at t=31 > 30 s
+    lrs = [r["lr"] for r in log]
+    assert lrs[0] == pytest.approx(0.05)  # warmup done at step 5
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == 0.0
+    assert 0.01 < lrs[3] < 0.04  # halfway through the time left, near half the peak (a steps-only cosine: ~0.05)
+
+
 def test_rectified_flow_loss_is_zero_for_the_true_velocity():
     from diffusers_block.train.digits_image import rectified_flow_loss
 

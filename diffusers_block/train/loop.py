@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -37,7 +36,9 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     mixed_precision: str | None = None  # None: bf16 on GPU, no on CPU
-    max_minutes: float | None = None  # stop early (keeping the EMA weights) when the wall-clock budget is spent
+    # Stop early (keeping the EMA weights) when the wall-clock budget is spent; the cosine schedule then anneals over
+    # whichever budget, steps or minutes, ends first, so a run the clock stops still ends at a learning rate near 0.
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -82,7 +83,8 @@ def train(
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    clock = _BudgetClock(config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.lr_factor)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
     ema.to(accelerator.device)
@@ -101,7 +103,8 @@ def train(
         (output / "train_config.json").write_text(json.dumps(asdict(config), indent=1))
 
     model.train()
-    started, running, count = time.time(), torch.zeros((), device=accelerator.device), 0
+    clock.start()
+    running, count = torch.zeros((), device=accelerator.device), 0
     terms: dict[str, torch.Tensor] = {}  # running sums of the logged terms, like ``running``
     progress = tqdm(
         range(start, config.steps), initial=start, total=config.steps, disable=not accelerator.is_main_process
@@ -135,7 +138,7 @@ def train(
                 "loss": mean,
                 **{name: accelerator.reduce(total, reduction="mean").item() / count for name, total in terms.items()},
                 "lr": schedule.get_last_lr()[0],
-                "elapsed_s": round(time.time() - started, 1),
+                "elapsed_s": round(clock.elapsed(), 1),
             }
             running.zero_()
             terms.clear()
@@ -146,11 +149,12 @@ def train(
                     log.write(json.dumps(record) + "\n")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             accelerator.save_state(str(checkpoints / f"step-{step + 1}"))
-        if config.max_minutes is not None and time.time() - started > 60 * config.max_minutes:
+        if clock.spent():
             accelerator.print(f"time budget of {config.max_minutes} min spent: stopping after step {step + 1}")
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
-                    log.write(json.dumps({"step": step + 1, "stopped_early": True}) + "\n")
+                    record = {"step": step + 1, "stopped_early": True, "lr": schedule.get_last_lr()[0]}
+                    log.write(json.dumps(record) + "\n")
             break
 
     accelerator.wait_for_everyone()
@@ -158,6 +162,38 @@ def train(
     ema.copy_to(trained.parameters())
     trained.eval()
     return trained
+
+
+class _BudgetClock:
+    """Linear warmup, then a cosine decay to 0 over the training's progress: the larger of the fraction of steps
+    done and, with ``max_minutes``, the fraction of the time left after warmup that is spent. A time budget that
+    stops the run before ``steps`` would otherwise leave it at a high learning rate, its weights never annealed.
+    The clock counts from this process's start (a resumed run has its own budget, as ``max_minutes`` says)."""
+
+    def __init__(self, config: TrainConfig):
+        self.steps, self.warmup = config.steps, config.warmup_steps
+        self.budget = None if config.max_minutes is None else 60.0 * config.max_minutes
+        self.started = self.warm_at = None
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else time.time() - self.started
+
+    def spent(self) -> bool:
+        return self.budget is not None and self.elapsed() > self.budget
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.budget is not None and self.started is not None:
+            if self.warm_at is None:  # the first step after warmup: the time left from here is what decays
+                self.warm_at = self.elapsed()
+            left = self.budget - self.warm_at
+            progress = max(progress, (self.elapsed() - self.warm_at) / left if left > 0 else 1.0)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def _update(accelerator: Accelerator, model, optimizer, loss: torch.Tensor, grad_clip: float) -> None:

@@ -4,7 +4,7 @@
 # Image: 2 segments x 4 steps (uniform / curvature-optimal grid), and students keeping 8 of 10 blocks chosen by
 # calibration; with DMD=1 (or FULL=1) a 2 x 4 student with a distribution-matching term (--dmd-weight 0.5); with
 # FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
-# or first-n. Video: 2 x 4, uniform.
+# or first-n. Video: 2 x 4, uniform (VIDEO=0 skips it).
 # Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT.
 set -u
 OUT=${OUT:-/tmp/distill-out}
@@ -30,7 +30,7 @@ if [ "${FULL:-0}" = 1 ]; then
   train image-2x4-first8 $image --segments 2 --steps-per-segment 4 --blocks first --keep 8 &
   train image-2x4-weights8 $image --segments 2 --steps-per-segment 4 --blocks weights --keep 8 &
 fi
-train video-2x4-uniform $video --segments 2 --steps-per-segment 4 &
+[ "${VIDEO:-1}" = 1 ] && train video-2x4-uniform $video --segments 2 --steps-per-segment 4 &
 wait
 cat "$work/status"
 tar czf "$OUT/students.tar.gz" --exclude=checkpoints -C "$work" .  # kept even if a bench below is cut short
