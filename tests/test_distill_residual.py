@@ -209,6 +209,36 @@ def test_tiny_training_lowers_the_feature_error_below_the_trunk_cache(tmp_path):
     assert learned.sum() < 0.8 * cache.sum()
 
 
+def test_the_residual_stage_splits_one_global_batch_over_processes(monkeypatch):
+    """Like the trajectory stage: each of N processes trains on its N-th of the same global batch (a batch drawn per
+    process would grow with the GPU count and change what a resumed run sees)."""
+    import types
+
+    import diffusers_block.train.loop as loop
+    from diffusers_block.train.distill import teacher_flow
+    from diffusers_block.train.loop import TrainConfig
+    from diffusers_block.train.trunk_residual import pair_batches
+
+    task = _ToyTask()
+    schedule = SegmentSchedule(uniform_sigmas(6), (3, 3))
+    states, labels, _ = teacher_flow(task, 8, uniform_sigmas(6), None, 2.0, 8, seed=1, device="cpu")
+    config = TrainConfig(output_dir="", steps=1, batch_size=16, seed=5)
+
+    def batch(processes: int, rank: int):
+        monkeypatch.setattr(loop, "PartialState", lambda: types.SimpleNamespace(num_processes=processes))
+        return pair_batches(task, schedule, states, labels, config)(3, rank, "cpu")
+
+    whole, halves = batch(1, 0), [batch(2, 0), batch(2, 1)]
+    for k in whole:
+        assert len(whole[k]["step"]) == 8 and [len(h[k]["step"]) for h in halves] == [4, 4]
+        for name in ("first", "later"):
+            for i in range(2):
+                torch.testing.assert_close(
+                    whole[k][name][i], torch.cat([h[k][name][i] for h in halves]), rtol=0, atol=0
+                )
+        torch.testing.assert_close(whole[k]["step"], torch.cat([h[k]["step"] for h in halves]), rtol=0, atol=0)
+
+
 def test_bad_trunks_get_errors_naming_the_fix():
     pipe = build_pipeline("sd3")  # three blocks
     teacher = pipe.transformer

@@ -36,7 +36,7 @@ from ..distill.trajectories import GuidedVelocity, solve, transformer_velocity
 from . import distribution_matching
 from .digits_image import generator_for_step
 from .distribution_matching import DistributionMatchingConfig
-from .loop import TrainConfig, process_device, train
+from .loop import TrainConfig, process_device, process_rows, train
 from .trunk_residual import TrunkResidualObjective, pair_batches
 
 CALIBRATION_SAMPLES = 256
@@ -265,17 +265,7 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
     sigmas = torch.tensor(schedule.sigmas)
     first_step = [sum(schedule.steps_per_segment[:k]) for k in range(schedule.num_segments)]
     share = max(config.batch_size // schedule.num_segments, 1)
-
-    @functools.cache  # asked once the training loop's Accelerator has set the processes up
-    def processes() -> int:
-        count = _process_state().num_processes
-        if share % count:
-            raise ValueError(
-                f"the batch of {config.batch_size} gives each of the {schedule.num_segments} segments {share} "
-                f"samples, which {count} processes cannot split evenly: make --batch-size a multiple of "
-                f"{schedule.num_segments * count}"
-            )
-        return count
+    rows_of = process_rows(share, config.batch_size, schedule.num_segments)
 
     @functools.cache  # one copy per device: copying the trajectories every step made training transfer-bound
     def on_device(device):
@@ -284,7 +274,7 @@ def _batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torc
     def sample_batch(step: int, rank: int, device) -> list[dict]:
         x_all, y_all, s_all = on_device(device)
         generator = generator_for_step(step, 0, config.seed, device)  # the global batch, on every process
-        rows = slice(rank * share // processes(), (rank + 1) * share // processes())
+        rows = rows_of(rank)
         batch = []
         for k, n in enumerate(schedule.steps_per_segment):
             index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)[rows]

@@ -7,6 +7,7 @@ both, so a resumed run sees exactly the batches it would have seen, and each pro
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -218,3 +219,26 @@ def process_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
+def process_rows(share: int, batch_size: int, groups: int):
+    """rows(rank): the slice of each group's ``share`` of the global batch that process ``rank`` trains on.
+
+    For the ``sample_batch(step, rank, device)`` of :func:`train`: every process draws the whole global batch from
+    the same generator and keeps its rows, so a step's batch does not depend on the number of processes (and a
+    checkpoint resumes on another count). The count is asked once the training loop's Accelerator has set them up."""
+
+    @functools.cache
+    def processes() -> int:
+        count = PartialState().num_processes
+        if share % count:
+            raise ValueError(
+                f"the batch of {batch_size} gives each of its {groups} segments {share} samples, which {count} "
+                f"processes cannot split evenly: make --batch-size a multiple of {groups * count}"
+            )
+        return count
+
+    def rows(rank: int) -> slice:
+        return slice(rank * share // processes(), (rank + 1) * share // processes())
+
+    return rows

@@ -20,17 +20,19 @@ from ..distill.residual import trunk_features
 from ..distill.schedule import SegmentSchedule
 from ..distill.trajectories import transformer_velocity
 from .digits_image import generator_for_step
-from .loop import TrainConfig
+from .loop import TrainConfig, process_rows
 
 
 def pair_batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: torch.Tensor, config: TrainConfig):
     """sample_batch(step, rank, device): per segment with later steps, a share of the batch of (first state, later
-    state) pairs of the same trajectories, at random later steps of the segment."""
+    state) pairs of the same trajectories, at random later steps of the segment. ``batch_size`` is the global batch,
+    split over the processes as the trajectory stage's is (:func:`~.loop.process_rows`)."""
     sigmas = torch.tensor(schedule.sigmas)
     segments = [k for k, n in enumerate(schedule.steps_per_segment) if n > 1]
     if not segments:
         raise ValueError("feature residual approximation needs a segment of two or more steps; every segment has one")
     share = max(config.batch_size // len(segments), 1)
+    rows_of = process_rows(share, config.batch_size, len(segments))
 
     @functools.cache
     def on_device(device):
@@ -38,15 +40,16 @@ def pair_batches(task, schedule: SegmentSchedule, states: torch.Tensor, labels: 
 
     def sample_batch(step: int, rank: int, device) -> dict:
         x_all, y_all, s_all = on_device(device)
-        generator = generator_for_step(step, rank, config.seed, device)
+        generator = generator_for_step(step, 0, config.seed, device)  # the global batch, on every process
+        rows = rows_of(rank)
         batch = {}
         for k in segments:
             first = sum(schedule.steps_per_segment[:k])
-            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)
-            later = torch.randint(1, schedule.steps_per_segment[k], (share,), generator=generator, device=device)
+            index = torch.randint(0, x_all.shape[1], (share,), generator=generator, device=device)[rows]
+            later = torch.randint(1, schedule.steps_per_segment[k], (share,), generator=generator, device=device)[rows]
             inputs = task.conditioning(y_all[index])
             batch[k] = {
-                "first": (x_all[first, index], s_all[first].expand(share)),
+                "first": (x_all[first, index], s_all[first].expand(len(index))),
                 "later": (x_all[first + later, index], s_all[first + later]),
                 "step": later,
                 "inputs": inputs,
