@@ -5,13 +5,15 @@
 # calibration; with DMD=1 (or FULL=1) a 2 x 4 student with a distribution-matching term (--dmd-weight 0.5); with
 # FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
 # or first-n. Video: 2 x 4, uniform (VIDEO=0 skips it).
-# Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT.
+# Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT. TRAJECTORIES (image teacher solves, default
+# 20000), PER_CLASS (bench images per digit, default 30), REPEATS and DEVICE=cpu size it for a CPU run.
 set -u
 OUT=${OUT:-/tmp/distill-out}
 minutes=${1:-3.5}
 work=/tmp/distill-work
 mkdir -p "$OUT" "$work"
-image="--teacher models/digits-image --guidance 3 --fine-steps 48 --steps 3000 --batch-size 512 --max-minutes $minutes"
+image="--teacher models/digits-image --guidance 3 --fine-steps 48 --trajectories ${TRAJECTORIES:-20000} --steps 3000"
+image="$image --batch-size 512 --max-minutes $minutes ${DEVICE:+--device $DEVICE}"
 video="--teacher models/digits-video --guidance 5 --fine-steps 48 --trajectories 8000 --generation-batch 256"
 video="$video --steps 3000 --batch-size 128 --max-minutes $minutes"
 train() {
@@ -35,7 +37,7 @@ wait
 cat "$work/status"
 tar czf "$OUT/students.tar.gz" --exclude=checkpoints -C "$work" .  # kept even if a bench below is cut short
 students=$(ls -d "$work"/image-*/ 2>/dev/null | while read d; do [ -f "$d/config.json" ] && echo "$d"; done)
-python -m diffusers_block.bench distill --model digits-image --students $students --per-class ${PER_CLASS:-30} --out "$OUT" \
+python -m diffusers_block.bench distill --model digits-image --students $students --per-class ${PER_CLASS:-30} --out "$OUT" ${DEVICE:+--device $DEVICE} ${REPEATS:+--repeats $REPEATS} \
   --name distill-digits-image-variants --plot 2>&1 | grep -v Warning
 [ -f "$work/video-2x4-uniform/config.json" ] && python -m diffusers_block.bench distill --model digits-video \
   --students "$work/video-2x4-uniform" --per-class 1 --out "$OUT" --name distill-digits-video-variants --plot 2>&1 \
