@@ -25,8 +25,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _run(tmp_path, *args) -> dict:
-    main(["distill", *args, "--reference-steps", "4", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+def _run(tmp_path, *args, repeats: int = 1) -> dict:
+    main(["distill", *args, "--reference-steps", "4", "--repeats", str(repeats), "--device", "cpu", "--out", str(tmp_path)])
     [path] = tmp_path.glob("distill-*.json")
     return json.loads(path.read_text())
 
@@ -78,9 +78,16 @@ def test_bench_distill_counts_the_trunk_a_residual_student_skips(tmp_path, one_t
     student = tmp_path / "fra"
     shipped = load(model_path("digits-image-distilled"))
     shipped.with_residual_trunk(pipe.transformer, 2).save_pretrained(student)
-    result = _run(tmp_path / "out", "--model", "digits-image", "--per-class", "1", "--students", str(student))
+    result = _run(tmp_path / "out", "--model", "digits-image", "--per-class", "1", "--students", str(student), repeats=0)
     rows = {row["name"]: row for row in result["results"]}
+    assert all(row["seconds"] is None and row["speedup"] is None for row in rows.values())  # quality only: untimed
     # 2 segments x 4 steps; the trunk (2 of the 10 blocks) runs at each segment's first step only: the 6 later
     # steps each skip a fifth of the block work, a bit less of the whole forward (embedding and output layers)
     assert 8 - 6 * 0.2 < rows["student-fra"]["forwards"] < 8 - 6 * 0.15
     assert {"teacher-euler-3-cfg", "teacher-cache-static2-7-cfg"} <= set(rows)  # baselines at its whole steps
+
+
+@pytest.mark.parametrize("extra", [["--repeats", "-1"], ["--repeats", "0", "--architecture", "wan2.1-1.3b"]])
+def test_bench_distill_rejects_a_repeat_count_it_cannot_honour(extra):
+    with pytest.raises(SystemExit, match="--repeats"):
+        main(["distill", *extra, "--device", "cpu"])

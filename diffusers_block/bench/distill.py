@@ -8,7 +8,8 @@ every-other-step schedule at twice the steps, so its block work matches the budg
 forwards and FLOPs per sample (counted with torch's FlopCounterMode around the transformer), the digit
 classifier's accuracy (per frame, and motion accuracy for video), a digit FID (Fréchet distance in the
 classifier's feature space to real test digits), PSNR / SSIM to the reference at the same seed, and the median
-wall-clock of ``--repeats`` runs. Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
+wall-clock of ``--repeats`` runs (``--repeats 0``: quality only, each row generated once and not timed, half the
+work, for CPU runs). Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, help="teacher CFG (default: 3 image, 5 video)")
     parser.add_argument("--per-class", type=int, default=50, help="images per digit, or clips per (digit, motion)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; 0: quality only, untimed")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", help="results file name (default: distill-<model>)")
@@ -79,8 +80,8 @@ class Row:
     fid: float
     psnr_db: float
     ssim: float
-    seconds: float
-    speedup: float
+    seconds: float | None  # None under --repeats 0
+    speedup: float | None
     motion_accuracy: float | None = None
 
 
@@ -131,8 +132,9 @@ class _Workload:
         return generate_digits(self.pipe, self.encoder, self.labels[:count], steps, guidance, seed=0)
 
 
-def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[torch.Tensor, float, float]:
-    """Output, median seconds over ``repeats`` runs after an untimed one, transformer FLOPs per sample."""
+def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[torch.Tensor, float | None, float]:
+    """Output, median seconds over ``repeats`` runs after an untimed one (None when ``repeats`` is 0), transformer
+    FLOPs per sample."""
     counter = TransformerFlops(work.pipe.transformer)
     try:
         work.generate(steps, guidance, count=2)
@@ -142,10 +144,15 @@ def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[
     for _ in range(repeats):
         ms, output, _ = timed(lambda: work.generate(steps, guidance), work.pipe.device)
         times.append(ms / 1e3)
-    return output.float().cpu(), statistics.median(times), counter.flops / 2
+    return output.float().cpu(), statistics.median(times) if times else None, counter.flops / 2
 
 
 def run(args) -> dict:
+    if args.repeats < 0 or (args.architecture and args.repeats == 0):
+        raise SystemExit(
+            f"--repeats {args.repeats}: give a count of timed runs (>= 1), or 0 for quality only (not with --architecture, "
+            "which only times)"
+        )
     if args.architecture:
         return timing(args)
     work = _Workload(args)
@@ -159,7 +166,7 @@ def run(args) -> dict:
     forward_flops = reference_flops / (2 * args.reference_steps)
     rows = []
 
-    def row(name: str, output: torch.Tensor, seconds: float, flops: float) -> Row:
+    def row(name: str, output: torch.Tensor, seconds: float | None, flops: float) -> Row:
         frames = output.reshape(-1, *output.shape[-3:])
         result = Row(
             name=name,
@@ -171,7 +178,7 @@ def run(args) -> dict:
             psnr_db=psnr(output, reference, data_range=1.0, reduction="mean").item(),
             ssim=ssim(frames, reference.reshape(frames.shape), data_range=1.0, reduction="mean").item(),
             seconds=seconds,
-            speedup=reference_seconds / seconds,
+            speedup=None if seconds is None else reference_seconds / seconds,
             motion_accuracy=motion_accuracy(output, work.motions) if work.video else None,
         )
         rows.append(result)
