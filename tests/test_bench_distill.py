@@ -26,7 +26,20 @@ def one_thread():
 
 
 def _run(tmp_path, *args, repeats: int = 1) -> dict:
-    main(["distill", *args, "--reference-steps", "4", "--repeats", str(repeats), "--device", "cpu", "--out", str(tmp_path)])
+    main(
+        [
+            "distill",
+            *args,
+            "--reference-steps",
+            "4",
+            "--repeats",
+            str(repeats),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     [path] = tmp_path.glob("distill-*.json")
     return json.loads(path.read_text())
 
@@ -78,7 +91,9 @@ def test_bench_distill_counts_the_trunk_a_residual_student_skips(tmp_path, one_t
     student = tmp_path / "fra"
     shipped = load(model_path("digits-image-distilled"))
     shipped.with_residual_trunk(pipe.transformer, 2).save_pretrained(student)
-    result = _run(tmp_path / "out", "--model", "digits-image", "--per-class", "1", "--students", str(student), repeats=0)
+    result = _run(
+        tmp_path / "out", "--model", "digits-image", "--per-class", "1", "--students", str(student), repeats=0
+    )
     rows = {row["name"]: row for row in result["results"]}
     assert all(row["seconds"] is None and row["speedup"] is None for row in rows.values())  # quality only: untimed
     # 2 segments x 4 steps; the trunk (2 of the 10 blocks) runs at each segment's first step only: the 6 later
