@@ -3,6 +3,7 @@ checkpoint of it resumed on 1 process: both must follow the 1-process run."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -69,3 +70,27 @@ def test_a_launched_process_loads_what_it_trains_beside_on_its_own_gpu(monkeypat
     assert process_device() == "cuda:3"
     monkeypatch.delenv("LOCAL_RANK")
     assert process_device() == "cuda:0"
+
+
+def _two_processes_with_distribution_matching(rank: int, world_size: int, folder) -> None:
+    from test_distill_dmd import _distill as distill_with_dmd
+
+    distill_with_dmd(folder, "two")
+
+
+@pytest.mark.slow
+def test_distribution_matching_trains_its_critic_data_parallel(tmp_path):
+    """The critic is the loop's second prepared model: under 2 processes it trains beside the students (each critic
+    loss calls it once per segment before one backward), and every step's terms are the mean over both shards."""
+    from test_distill_dmd import _distill as distill_with_dmd
+
+    run(_two_processes_with_distribution_matching, tmp_path, world_size=2, timeout=600)
+    distill_with_dmd(tmp_path, "one")
+    logs = {name: _log(tmp_path, name) for name in ("one", "two")}
+    assert len(logs["two"]) == len(logs["one"])
+    for record in logs["two"]:
+        assert all(math.isfinite(record[key]) for key in ("loss", "trajectory", "dmd", "critic_loss"))
+    # before any update the trajectory term depends on the batch alone: the two shards make the one-process batch
+    assert logs["two"][0]["trajectory"] == pytest.approx(logs["one"][0]["trajectory"], rel=1e-4)
+    checkpoint = tmp_path / "two" / "runs" / "checkpoints" / f"step-{CHECKPOINT}"
+    assert (checkpoint / "model_1.safetensors").is_file()  # the critic, saved with the students
