@@ -6,7 +6,7 @@
 # FULL=1 also 4 segments x 2 steps (rank 2: the same storage) and 8 of 10 blocks chosen by weights
 # or first-n. Video: 2 x 4, uniform (VIDEO=0 skips it).
 # Students and logs go to $OUT/students.tar.gz, bench JSON and plots to $OUT. TRAJECTORIES (image teacher solves, default
-# 20000), STEPS (image, default 3000: a tenth of it, at most 200, is warmup), PER_CLASS (bench images per digit, default 30), REPEATS and DEVICE=cpu size it for a CPU run.
+# 20000), STEPS (image, default 3000: a tenth of it, at most 200, is warmup), PER_CLASS (bench images per digit, default 30), REPEATS (0: quality only, untimed) and DEVICE=cpu size it for a CPU run.
 set -u
 OUT=${OUT:-/tmp/distill-out}
 minutes=${1:-3.5}
