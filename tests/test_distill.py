@@ -162,6 +162,41 @@ def test_bad_input_gets_errors_naming_the_fix(tmp_path):
         dit.enable_blockwise_flow(flow)
 
 
+def test_controlnet_residuals_reach_a_full_student_and_are_refused_by_a_pruned_one():
+    """SD3 adds ControlNet residuals by block index inside its forward: a student keeping every block takes them
+    (halved with the CFG batch like every per-sample input); one that drops blocks, or skips its trunk, refuses them
+    naming the fix."""
+    pipe = build_pipeline("sd3")
+    config = pipe.transformer.config
+    width, tokens = config.num_attention_heads * config.attention_head_dim, (config.sample_size // 2) ** 2
+
+    def call(batch: int, controlnet: bool):
+        torch.manual_seed(0)
+        kwargs = dict(
+            hidden_states=torch.randn(batch, config.in_channels, config.sample_size, config.sample_size),
+            encoder_hidden_states=torch.randn(batch, 5, config.joint_attention_dim),
+            pooled_projections=torch.randn(batch, config.pooled_projection_dim),
+            timestep=torch.full((batch,), 750.0),  # a step of the first segment
+        )
+        residuals = [torch.randn(batch, tokens, width) for _ in range(config.num_layers)]
+        with torch.no_grad():
+            return pipe.transformer(**kwargs, block_controlnet_hidden_states=residuals if controlnet else None)[0]
+
+    pipe.enable_blockwise_flow(_flow(pipe))  # every block kept
+    pipe._guidance_scale = 2.0  # as inside a CFG call: the batch is (uncond, cond)
+    guided, plain = call(2, controlnet=True), call(2, controlnet=False)
+    assert guided.shape == plain.shape and not torch.equal(guided, plain)  # the residuals were added
+    pipe.disable_blockwise_flow()
+    pipe.enable_blockwise_flow(_flow(pipe, blocks=[["transformer_blocks.0"], ["transformer_blocks.1"]]))
+    call(2, controlnet=False)
+    with pytest.raises(ValueError, match="drops some of the teacher's blocks.*--blocks all"):
+        call(2, controlnet=True)
+    pipe.disable_blockwise_flow()  # feature residual approximation skips the trunk, and the residuals added in it
+    pipe.enable_blockwise_flow(_flow(pipe).with_residual_trunk(pipe.transformer, 1))
+    with pytest.raises(ValueError, match="skips its first 1 blocks.*without --residual-trunk"):
+        call(2, controlnet=True)
+
+
 def test_composes_with_block_cache_and_sparse_attention():
     pipe = build_pipeline("wan")
     pipe.enable_blockwise_flow(_flow(pipe, schedule=SegmentSchedule(uniform_sigmas(6), (3, 3))))

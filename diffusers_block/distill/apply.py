@@ -30,7 +30,7 @@ from ..cache import disable_block_cache
 from ..cache.apply import _ATTR as CACHE_ATTR
 from ..cache.apply import SERVING_ATTR
 from ..models import argument_index, get_argument
-from .model import BlockwiseFlowModel
+from .model import BlockwiseFlowModel, block_names
 from .residual import apply_trunk_residual
 from .schedule import SegmentSchedule
 
@@ -85,10 +85,13 @@ class SegmentRoutingHook(ModelHook):
 
     _is_stateful = True  # receives the cache context
 
-    def __init__(self, students: torch.nn.ModuleList, schedule: SegmentSchedule, pipeline=None) -> None:
+    def __init__(
+        self, students: torch.nn.ModuleList, schedule: SegmentSchedule, pipeline=None, controlnet_refusal: str = ""
+    ) -> None:
         super().__init__()
         self.students = students
         self.schedule = schedule
+        self.controlnet_refusal = controlnet_refusal  # why these students cannot take ControlNet residuals, if so
         self.context = _ContextName()
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._timestep_index: int | None = None
@@ -106,6 +109,8 @@ class SegmentRoutingHook(ModelHook):
         timestep = get_argument(args, kwargs, "timestep", self._timestep_index)
         if timestep is None:
             raise ValueError("blockwise flow routes by timestep, but the transformer was called without one")
+        if self.controlnet_refusal and any(v is not None for k, v in kwargs.items() if "controlnet" in k):
+            raise ValueError(self.controlnet_refusal)
         lowest, highest = torch.as_tensor(timestep).float().aminmax()
         lowest, highest = lowest.item() / 1000, highest.item() / 1000  # one host sync per call
         segment = self.schedule.segment_at(highest)
@@ -138,9 +143,11 @@ def _run_on_second_half(student, args: tuple, kwargs: dict):
     if batch % 2:
         raise ValueError(f"a classifier-free-guidance batch has an even size, got {batch}")
 
-    def half(value):
+    def half(value):  # per-sample tensors, also in lists (ControlNet residuals, one per block)
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
             return value[batch // 2 :]
+        if isinstance(value, (list, tuple)):
+            return type(value)(half(v) for v in value)
         return value
 
     output = student(*[half(a) for a in args], **{k: half(v) for k, v in kwargs.items()})
@@ -181,13 +188,35 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
         for segment, (module, residual) in enumerate(zip(students, student.residuals)):
             residual = copy.deepcopy(residual).to(teacher.device, teacher.dtype).eval().requires_grad_(False)
             apply_trunk_residual(module, residual, student.config.residual_trunk, student.schedule, segment)
-    hook = SegmentRoutingHook(students, student.schedule, pipe)
+    hook = SegmentRoutingHook(students, student.schedule, pipe, _controlnet_refusal(student, teacher))
     HookRegistry.check_if_exists_or_initialize(teacher).register_hook(hook, ROUTING_HOOK)
     teacher_scheduler = pipe.scheduler
     pipe.scheduler = StudentScheduler.for_schedule(student.schedule)
     setattr(pipe, _ATTR, teacher_scheduler)  # what disable restores
     setattr(pipe, SERVING_ATTR, {f"segment_{k}": s for k, s in enumerate(students)})
     return pipe
+
+
+def _controlnet_refusal(student: BlockwiseFlowModel, teacher: torch.nn.Module) -> str:
+    """Why ``student`` cannot serve a ControlNet pipeline ("" if it can).
+
+    Transformers add ControlNet residuals by block index inside their forward (SD3, Flux): a student that drops
+    blocks would add them to other blocks than the ControlNet was trained for, and one that skips its trunk (feature
+    residual approximation) would drop the trunk's. A student keeping every block takes them as the teacher does.
+    """
+    if student.residuals is not None:
+        return (
+            f"this student skips its first {student.config.residual_trunk} blocks at a segment's later steps, where "
+            "ControlNet adds its residuals: serve a ControlNet pipeline with a student trained without "
+            "--residual-trunk"
+        )
+    teacher_blocks = block_names(teacher)
+    if any(set(kept) != set(teacher_blocks) for kept in student.config.blocks):
+        return (
+            "this student drops some of the teacher's blocks, and ControlNet residuals are added by block index: "
+            "serve a ControlNet pipeline with a student keeping every block (train distill --blocks all)"
+        )
+    return ""
 
 
 def _is_flow_matching(scheduler) -> bool:
