@@ -26,20 +26,8 @@ def one_thread():
 
 
 def _run(tmp_path, *args, repeats: int = 1) -> dict:
-    main(
-        [
-            "distill",
-            *args,
-            "--reference-steps",
-            "4",
-            "--repeats",
-            str(repeats),
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    small = ["--reference-steps", "4", "--repeats", str(repeats), "--device", "cpu", "--out", str(tmp_path)]
+    main(["distill", *args, *small])
     [path] = tmp_path.glob("distill-*.json")
     return json.loads(path.read_text())
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from distributed import run
 from test_distill import toy_distillation
+from test_distill_dmd import _distill as distill_with_dmd
 
 from diffusers_block.distill import BlockwiseFlowModel
 
@@ -73,8 +74,6 @@ def test_a_launched_process_loads_what_it_trains_beside_on_its_own_gpu(monkeypat
 
 
 def _two_processes_with_distribution_matching(rank: int, world_size: int, folder) -> None:
-    from test_distill_dmd import _distill as distill_with_dmd
-
     distill_with_dmd(folder, "two")
 
 
@@ -82,8 +81,6 @@ def _two_processes_with_distribution_matching(rank: int, world_size: int, folder
 def test_distribution_matching_trains_its_critic_data_parallel(tmp_path):
     """The critic is the loop's second prepared model: under 2 processes it trains beside the students (each critic
     loss calls it once per segment before one backward), and every step's terms are the mean over both shards."""
-    from test_distill_dmd import _distill as distill_with_dmd
-
     run(_two_processes_with_distribution_matching, tmp_path, world_size=2, timeout=600)
     distill_with_dmd(tmp_path, "one")
     logs = {name: _log(tmp_path, name) for name in ("one", "two")}
