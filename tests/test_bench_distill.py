@@ -94,3 +94,48 @@ def test_bench_distill_counts_the_trunk_a_residual_student_skips(tmp_path, one_t
 def test_bench_distill_rejects_a_repeat_count_it_cannot_honour(extra):
     with pytest.raises(SystemExit, match="--repeats"):
         main(["distill", *extra, "--device", "cpu"])
+
+
+def test_bench_distill_architecture_timing_rows(tmp_path, one_thread):
+    main(["distill", "--architecture", "tiny-wan", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("distill-timing-*.json")
+    result = json.loads(path.read_text())
+    assert result["residual_trunk"] == 1  # a quarter of the 2 kept blocks, at least one
+    rows = {row["name"]: row for row in result["results"]}
+    expected = {"teacher-50-cfg-dense"}
+    for schedule in bench_distill.STUDENT_SCHEDULES:
+        for trunk in ("", "+residual-trunk1"):
+            plain = f"students-{schedule}-2of3-blocks{trunk}"
+            expected |= {plain, f"{plain}+sparse+cache"}
+    assert set(rows) == expected
+    assert all(row["seconds"] > 0 and row["speedup"] > 0 for row in rows.values())
+
+
+def test_timed_residual_trunk_students_run_their_trunk_at_each_segment_first_step_only():
+    from diffusers_block.bench.architectures import ARCHITECTURES, build, conditioning, noise
+    from diffusers_block.distill.apply import serving_students
+    from diffusers_block.distill.model import block_names
+
+    arch = ARCHITECTURES["tiny-wan"]
+    torch.manual_seed(0)
+    teacher = build(arch, torch.device("cpu"), torch.float32)
+    schedule = SegmentSchedule(uniform_sigmas(8), split_steps(8, 2))
+    names = block_names(teacher)
+    flow = BlockwiseFlowModel.for_teacher(teacher, schedule, [names] * 2).with_residual_trunk(teacher, 1)
+    students = serving_students(flow, teacher)
+    calls = {"trunk": 0, "after": 0}
+
+    def count(key):
+        def hook(*_):
+            calls[key] += 1
+
+        return hook
+
+    for student in students:  # a skipped block is still called (its hook returns the approximation): count its work
+        student.blocks[0].ffn.register_forward_hook(count("trunk"))
+        student.blocks[1].ffn.register_forward_hook(count("after"))
+    prompt = conditioning(arch, torch.device("cpu"), torch.float32, 1)
+    with torch.inference_mode():
+        out = bench_distill.sample_students(students, schedule, noise(arch, torch.device("cpu"), 0), prompt)
+    assert torch.isfinite(out).all()
+    assert calls == {"trunk": 2, "after": 8}  # the trunk at the 2 segments' first steps; the rest at all 8 steps

@@ -28,6 +28,7 @@ from .. import StaticScheduleConfig, disable_block_cache, enable_block_cache
 from ..attention import SparseAttentionConfig, disable_sparse_attention, enable_sparse_attention
 from ..data.digits import load_digit_images, make_moving_digits
 from ..distill import BlockwiseFlowModel, SegmentSchedule, disable_blockwise_flow, enable_blockwise_flow, load
+from ..distill.apply import serving_students
 from ..distill.model import block_names
 from ..distill.schedule import split_steps, uniform_sigmas
 from ..eval.classifier import DigitClassifier
@@ -268,6 +269,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 # --architecture: wall-clock of student schedules on a real-size architecture (random weights)
 # ----------------------------------------------------------------------------------------------------------------
 STUDENT_SCHEDULES = {"8 steps": (2, 4), "4 steps": (2, 2)}  # name -> (segments, steps per segment)
+RESIDUAL_TRUNK_FRACTION = 0.25  # feature residual approximation rows: this share of the kept blocks is the trunk
 
 
 def sample_students(students, schedule: SegmentSchedule, latents: torch.Tensor, prompt: dict) -> torch.Tensor:
@@ -302,6 +304,7 @@ def timing(args) -> dict:
     prompts = {"cond": conditioning(arch, device, dtype, 1), "uncond": conditioning(arch, device, dtype, 2)}
     names = block_names(teacher)
     keep = args.keep or max(1, round(0.8 * len(names)))
+    trunk = max(1, round(RESIDUAL_TRUNK_FRACTION * keep))
     sparse = _sparse_config(num_tokens(arch), cpu)
     cache = StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=1)
     attention_backend = attention._cudnn if not cpu else nullcontext
@@ -317,11 +320,13 @@ def timing(args) -> dict:
                 uniform_sigmas(segments * per_segment), split_steps(segments * per_segment, segments)
             )
             flow = BlockwiseFlowModel.for_teacher(teacher, schedule, [names[:keep]] * segments)
-            students = flow.to(device).build_students(teacher)
-            runs[f"students-{label}-{keep}of{len(names)}-blocks"] = _student_run(students, schedule, latents, prompts)
-            runs[f"students-{label}-{keep}of{len(names)}-blocks+sparse+cache"] = _student_run(
-                students, schedule, latents, prompts, sparse, cache
-            )
+            # with a trunk: untrained residual networks, the same work as trained ones
+            with_trunk = flow.with_residual_trunk(teacher, trunk)
+            for suffix, model in (("", flow), (f"+residual-trunk{trunk}", with_trunk)):
+                students = serving_students(model, teacher)
+                name = f"students-{label}-{keep}of{len(names)}-blocks{suffix}"
+                runs[name] = _student_run(students, schedule, latents, prompts)
+                runs[f"{name}+sparse+cache"] = _student_run(students, schedule, latents, prompts, sparse, cache)
         runs["teacher-50-cfg-dense"](2)  # warm-up: kernel selection, autotuning, allocator
         for name, run in runs.items():
             if name.startswith("students"):
@@ -348,6 +353,7 @@ def timing(args) -> dict:
         "tokens": num_tokens(arch),
         "sparse_attention": str(sparse),
         "block_cache": str(cache),
+        "residual_trunk": trunk,
         "note": "random weights: wall-clock only; students keep the first blocks (timing does not depend on which)",
         "results": rows,
     }

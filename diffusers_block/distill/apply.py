@@ -157,6 +157,17 @@ def _run_on_second_half(student, args: tuple, kwargs: dict):
     return output
 
 
+def serving_students(student: BlockwiseFlowModel, teacher: torch.nn.Module) -> torch.nn.ModuleList:
+    """One inference transformer per segment on ``teacher``'s device, with the student's feature residual
+    approximation hooked in when it has one (its trunks then run at each segment's first step only)."""
+    students = student.to(teacher.device).build_students(teacher)
+    if student.residuals is not None:
+        for segment, (module, residual) in enumerate(zip(students, student.residuals)):
+            residual = copy.deepcopy(residual).to(teacher.device, teacher.dtype).eval().requires_grad_(False)
+            apply_trunk_residual(module, residual, student.config.residual_trunk, student.schedule, segment)
+    return students
+
+
 def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
     """Serve ``pipe``'s denoising with ``student``'s segment students; returns ``pipe``.
 
@@ -183,11 +194,7 @@ def enable_blockwise_flow(pipe, student: BlockwiseFlowModel):
             f"DPM-Solver with use_flow_sigmas)"
         )
     disable_blockwise_flow(pipe)
-    students = student.to(teacher.device).build_students(teacher)
-    if student.residuals is not None:  # feature residual approximation: trunks run at each segment's first step
-        for segment, (module, residual) in enumerate(zip(students, student.residuals)):
-            residual = copy.deepcopy(residual).to(teacher.device, teacher.dtype).eval().requires_grad_(False)
-            apply_trunk_residual(module, residual, student.config.residual_trunk, student.schedule, segment)
+    students = serving_students(student, teacher)
     hook = SegmentRoutingHook(students, student.schedule, pipe, _controlnet_refusal(student, teacher))
     HookRegistry.check_if_exists_or_initialize(teacher).register_hook(hook, ROUTING_HOOK)
     teacher_scheduler = pipe.scheduler
