@@ -139,3 +139,25 @@ def test_timed_residual_trunk_students_run_their_trunk_at_each_segment_first_ste
         out = bench_distill.sample_students(students, schedule, noise(arch, torch.device("cpu"), 0), prompt)
     assert torch.isfinite(out).all()
     assert calls == {"trunk": 2, "after": 8}  # the trunk at the 2 segments' first steps; the rest at all 8 steps
+
+
+def test_rows_are_timed_in_turns_each_inside_its_own_setting():
+    from contextlib import contextmanager
+    from functools import partial
+    from types import SimpleNamespace
+
+    log = []
+
+    @contextmanager
+    def active(name):
+        log.append(f"enter {name}")
+        yield
+        log.append(f"exit {name}")
+
+    work = SimpleNamespace(pipe=SimpleNamespace(device=torch.device("cpu")))
+    work.generate = lambda steps, guidance: log.append(f"generate {steps}")
+    settings = [bench_distill._Setting(n, steps, 1.0, partial(active, n)) for n, steps in (("a", 1), ("b", 2))]
+    seconds = bench_distill._round_robin_seconds(work, settings, repeats=2)
+    assert log == ["enter a", "generate 1", "exit a", "enter b", "generate 2", "exit b"] * 2
+    assert set(seconds) == {"a", "b"} and all(t > 0 for t in seconds.values())
+    assert bench_distill._round_robin_seconds(work, settings, repeats=0) == {"a": None, "b": None}

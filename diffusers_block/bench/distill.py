@@ -8,7 +8,7 @@ every-other-step schedule at twice the steps, so its block work matches the budg
 forwards and FLOPs per sample (counted with torch's FlopCounterMode around the transformer), the digit
 classifier's accuracy (per frame, and motion accuracy for video), a digit FID (Fréchet distance in the
 classifier's feature space to real test digits), PSNR / SSIM to the reference at the same seed, and the median
-wall-clock of ``--repeats`` runs (``--repeats 0``: quality only, each row generated once and not timed, half the
+wall-clock of ``--repeats`` runs taken round-robin over the rows (``--repeats 0``: quality only, each row generated once and not timed, half the
 work, for CPU runs). Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
 """
 
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -133,19 +135,65 @@ class _Workload:
         return generate_digits(self.pipe, self.encoder, self.labels[:count], steps, guidance, seed=0)
 
 
-def _timed(work: _Workload, steps: int, guidance: float, repeats: int) -> tuple[torch.Tensor, float | None, float]:
-    """Output, median seconds over ``repeats`` runs after an untimed one (None when ``repeats`` is 0), transformer
-    FLOPs per sample."""
-    counter = TransformerFlops(work.pipe.transformer)
+@dataclass(frozen=True)
+class _Setting:
+    """One row's sampler: ``steps`` at ``guidance`` while ``active()`` holds (a student served, a solver, a cache)."""
+
+    name: str
+    steps: int
+    guidance: float
+    active: Callable[[], AbstractContextManager] = nullcontext
+
+
+@contextmanager
+def _serving(pipe, student: BlockwiseFlowModel):
+    enable_blockwise_flow(pipe, student)
     try:
-        work.generate(steps, guidance, count=2)
+        yield
     finally:
-        counter.remove()
-    output, times = work.generate(steps, guidance), []
+        disable_blockwise_flow(pipe)
+
+
+@contextmanager
+def _scheduler(pipe, make: Callable):
+    teacher_scheduler, pipe.scheduler = pipe.scheduler, make()
+    try:
+        yield
+    finally:
+        pipe.scheduler = teacher_scheduler
+
+
+@contextmanager
+def _static_cache(pipe):
+    enable_block_cache(pipe, StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=0))
+    try:
+        yield
+    finally:
+        disable_block_cache(pipe)
+
+
+def _generated(work: _Workload, setting: _Setting) -> tuple[torch.Tensor, float]:
+    """The whole batch's output and the transformer FLOPs per sample (counted on two samples), untimed."""
+    with setting.active():
+        counter = TransformerFlops(work.pipe.transformer)
+        try:
+            work.generate(setting.steps, setting.guidance, count=2)
+        finally:
+            counter.remove()
+        output = work.generate(setting.steps, setting.guidance)
+    return output.float().cpu(), counter.flops / 2
+
+
+def _round_robin_seconds(work: _Workload, settings: list[_Setting], repeats: int) -> dict[str, float | None]:
+    """Median seconds of ``repeats`` runs of each setting, taken in turns rather than row after row: at a few
+    milliseconds a call, the machine's load drifts enough to favour whichever row ran in a quiet minute."""
+    times = {setting.name: [] for setting in settings}
     for _ in range(repeats):
-        ms, output, _ = timed(lambda: work.generate(steps, guidance), work.pipe.device)
-        times.append(ms / 1e3)
-    return output.float().cpu(), statistics.median(times) if times else None, counter.flops / 2
+        for setting in settings:
+            with setting.active():
+                ms, _, _ = timed(partial(work.generate, setting.steps, setting.guidance), work.pipe.device)
+            times[setting.name].append(ms / 1e3)
+    return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
 def run(args) -> dict:
@@ -161,59 +209,53 @@ def run(args) -> dict:
     classifier = DigitClassifier.from_pretrained(model_path("digit-classifier", args.classifier)).to(device).eval()
     real_features = classifier.embed(work.real * 2 - 1)
     pipe = work.pipe
-    teacher_scheduler = pipe.scheduler
 
-    reference, reference_seconds, reference_flops = _timed(work, args.reference_steps, work.guidance, args.repeats)
-    forward_flops = reference_flops / (2 * args.reference_steps)
-    rows = []
-
-    def row(name: str, output: torch.Tensor, seconds: float | None, flops: float) -> Row:
-        frames = output.reshape(-1, *output.shape[-3:])
-        result = Row(
-            name=name,
-            forwards=flops / forward_flops,
-            gflops=flops / 1e9,
-            flops_ratio=reference_flops / flops,
-            accuracy=classifier.accuracy(output * 2 - 1, work.labels),
-            fid=frechet_distance(classifier.embed(output * 2 - 1), real_features),
-            psnr_db=psnr(output, reference, data_range=1.0, reduction="mean").item(),
-            ssim=ssim(frames, reference.reshape(frames.shape), data_range=1.0, reduction="mean").item(),
-            seconds=seconds,
-            speedup=None if seconds is None else reference_seconds / seconds,
-            motion_accuracy=motion_accuracy(output, work.motions) if work.video else None,
-        )
-        rows.append(result)
-        return result
-
-    row(f"teacher-{args.reference_steps}-cfg", reference, reference_seconds, reference_flops)
-    budgets = set()
+    settings = [_Setting(f"teacher-{args.reference_steps}-cfg", args.reference_steps, work.guidance)]
     for path in args.students or [model_path(STUDENTS[args.model])]:
         student = load(path)
-        enable_blockwise_flow(pipe, student)
-        try:
-            output, seconds, flops = _timed(work, student.num_steps, 1.0, args.repeats)
-        finally:
-            disable_blockwise_flow(pipe)
-        budgets.add(row(f"student-{Path(path).name}", output, seconds, flops).forwards)
+        settings.append(
+            _Setting(f"student-{Path(path).name}", student.num_steps, 1.0, partial(_serving, pipe, student))
+        )
+    generated = {setting.name: _generated(work, setting) for setting in settings}
+    reference, reference_flops = generated[settings[0].name]
+    forward_flops = reference_flops / (2 * args.reference_steps)
+    budgets = {flops / forward_flops for _, flops in list(generated.values())[1:]}
 
     # a student whose trunk runs at a segment's first step only has a fractional budget: baselines by whole steps,
     # each step count once
+    baselines = []
     for steps in sorted({max(1, round(budget / 2)) for budget in budgets}):  # CFG: two forwards a step
         for solver, make in SOLVERS.items():
-            pipe.scheduler = make()
-            try:
-                output, seconds, flops = _timed(work, steps, work.guidance, args.repeats)
-            finally:
-                pipe.scheduler = teacher_scheduler
-            row(f"teacher-{solver}-{steps}-cfg", output, seconds, flops)
+            active = partial(_scheduler, pipe, make)
+            baselines.append(_Setting(f"teacher-{solver}-{steps}-cfg", steps, work.guidance, active))
     # every other step computed: about `budget` forwards of block work
     for cache_steps in sorted({max(2, round(budget)) for budget in budgets}):
-        enable_block_cache(pipe, StaticScheduleConfig(interval=2, warmup_steps=1, cooldown_steps=0))
-        try:
-            output, seconds, flops = _timed(work, cache_steps, work.guidance, args.repeats)
-        finally:
-            disable_block_cache(pipe)
-        row(f"teacher-cache-static2-{cache_steps}-cfg", output, seconds, flops)
+        active = partial(_static_cache, pipe)
+        baselines.append(_Setting(f"teacher-cache-static2-{cache_steps}-cfg", cache_steps, work.guidance, active))
+    generated.update({setting.name: _generated(work, setting) for setting in baselines})
+    settings += baselines
+    seconds = _round_robin_seconds(work, settings, args.repeats)
+    reference_seconds = seconds[settings[0].name]
+
+    rows = []
+    for setting in settings:
+        output, flops = generated[setting.name]
+        frames = output.reshape(-1, *output.shape[-3:])
+        rows.append(
+            Row(
+                name=setting.name,
+                forwards=flops / forward_flops,
+                gflops=flops / 1e9,
+                flops_ratio=reference_flops / flops,
+                accuracy=classifier.accuracy(output * 2 - 1, work.labels),
+                fid=frechet_distance(classifier.embed(output * 2 - 1), real_features),
+                psnr_db=psnr(output, reference, data_range=1.0, reduction="mean").item(),
+                ssim=ssim(frames, reference.reshape(frames.shape), data_range=1.0, reduction="mean").item(),
+                seconds=seconds[setting.name],
+                speedup=None if seconds[setting.name] is None else reference_seconds / seconds[setting.name],
+                motion_accuracy=motion_accuracy(output, work.motions) if work.video else None,
+            )
+        )
 
     dicts = [asdict(r) for r in rows]
     columns = [
