@@ -89,7 +89,6 @@ def test_limit_spreads_the_scored_labels_over_digits_and_motions():
 
 
 def test_repeats_zero_keeps_the_counted_run_and_times_nothing():
-    import math
 
     import torch
 
@@ -103,5 +102,5 @@ def test_repeats_zero_keeps_the_counted_run_and_times_nothing():
         return sample(pipe.transformer, "wan", steps=2, seed=0)
 
     output, seconds, work = _measure(type("P", (), {"transformer": model})(), generate, 0)
-    assert len(runs) == 1 and math.isnan(seconds) and work > 0
+    assert len(runs) == 1 and seconds is None and work > 0  # untimed: None, as bench distill writes it
     assert torch.equal(output, sample(model, "wan", steps=2, seed=0).float().cpu())

@@ -197,6 +197,17 @@ def test_controlnet_residuals_reach_a_full_student_and_are_refused_by_a_pruned_o
         call(2, controlnet=True)
 
 
+def test_only_controlnet_residuals_count_as_controlnet_input():
+    from diffusers_block.distill.apply import carries_controlnet_residuals
+
+    residual = torch.zeros(1, 4, 8)
+    assert not carries_controlnet_residuals({"controlnet_blocks_repeat": False, "controlnet_block_samples": None})
+    assert not carries_controlnet_residuals({"hidden_states": residual})
+    assert carries_controlnet_residuals({"controlnet_block_samples": [residual, residual]})  # Flux
+    assert carries_controlnet_residuals({"block_controlnet_hidden_states": (residual,)})  # SD3
+    assert carries_controlnet_residuals({"controlnet_residual": residual})
+
+
 def test_composes_with_block_cache_and_sparse_attention():
     pipe = build_pipeline("wan")
     pipe.enable_blockwise_flow(_flow(pipe, schedule=SegmentSchedule(uniform_sigmas(6), (3, 3))))

@@ -227,7 +227,8 @@ def run(args) -> dict:
     for row in rows:
         if row["error"]:
             print(f"{row['name']} failed: {row['error'][:200]}")
-    print(f"uncached: accuracy {results[0].reference_accuracy:.1%}, {results[0].reference_seconds:.2f} s per run")
+    timed = "untimed" if results[0].reference_seconds is None else f"{results[0].reference_seconds:.2f} s per run"
+    print(f"uncached: accuracy {results[0].reference_accuracy:.1%}, {timed}")
     payload = {
         "benchmark": "quality",
         "environment": report.environment(device, args.allow_dirty),

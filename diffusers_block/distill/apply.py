@@ -109,7 +109,7 @@ class SegmentRoutingHook(ModelHook):
         timestep = get_argument(args, kwargs, "timestep", self._timestep_index)
         if timestep is None:
             raise ValueError("blockwise flow routes by timestep, but the transformer was called without one")
-        if self.controlnet_refusal and any(v is not None for k, v in kwargs.items() if "controlnet" in k):
+        if self.controlnet_refusal and carries_controlnet_residuals(kwargs):
             raise ValueError(self.controlnet_refusal)
         lowest, highest = torch.as_tensor(timestep).float().aminmax()
         lowest, highest = lowest.item() / 1000, highest.item() / 1000  # one host sync per call
@@ -135,6 +135,18 @@ class SegmentRoutingHook(ModelHook):
         for student in self.students:
             HookRegistry.check_if_exists_or_initialize(student).reset_stateful_hooks()
         return module
+
+
+def carries_controlnet_residuals(kwargs: dict) -> bool:
+    """Whether a transformer call passes ControlNet residuals (tensors, or lists of them, one per block); a flag such as
+    Flux's ``controlnet_blocks_repeat`` is not one."""
+
+    def residual(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return any(isinstance(v, torch.Tensor) for v in value)
+        return isinstance(value, torch.Tensor)
+
+    return any(residual(value) for key, value in kwargs.items() if "controlnet" in key)
 
 
 def _run_on_second_half(student, args: tuple, kwargs: dict):

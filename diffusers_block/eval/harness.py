@@ -35,9 +35,9 @@ class Comparison:
     relative_l2: float
     accuracy: float | None
     reference_accuracy: float | None
-    seconds: float
-    reference_seconds: float
-    speedup: float
+    seconds: float | None  # None: untimed (repeats=0) or failed
+    reference_seconds: float | None
+    speedup: float | None
     fraction_computed: float  # block work done, relative to the reference (Linear calls inside blocks)
     error: str | None = None  # the acceleration failed on this pipeline: why
     temporal_consistency: float | None = None  # videos only: 1 - mean |frame change| (data range 1)
@@ -70,17 +70,17 @@ class BlockWorkCounter:
             handle.remove()
 
 
-def _measure(pipe, generate: Callable[[object], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float, int]:
+def _measure(pipe, generate: Callable[[object], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float | None, int]:
     """An untimed warm-up run that counts the block work, then ``repeats`` timed runs: output, median s, work.
 
-    ``repeats=0`` times nothing (seconds NaN) and returns the warm-up run's output: fidelity and work only."""
+    ``repeats=0`` times nothing (seconds None) and returns the warm-up run's output: fidelity and work only."""
     counter = BlockWorkCounter(pipe.transformer)
     try:
         warmup = generate(pipe)
     finally:
         counter.remove()
     if repeats == 0:
-        return warmup.float().cpu(), float("nan"), counter.calls
+        return warmup.float().cpu(), None, counter.calls
     times, output = [], None
     for _ in range(repeats):
         if torch.cuda.is_available():
@@ -127,7 +127,7 @@ def compare(
                 reference_accuracy=reference_accuracy,
                 seconds=seconds,
                 reference_seconds=reference_seconds,
-                speedup=reference_seconds / seconds,
+                speedup=None if seconds is None else reference_seconds / seconds,
                 fraction_computed=work / reference_work,
                 temporal_consistency=_consistency(output),
                 reference_temporal_consistency=_consistency(reference),
@@ -136,7 +136,7 @@ def compare(
     return results
 
 
-def _failed(name: str, error: Exception, reference_accuracy, reference_seconds: float) -> Comparison:
+def _failed(name: str, error: Exception, reference_accuracy, reference_seconds: float | None) -> Comparison:
     nan = float("nan")
     return Comparison(
         name,
@@ -145,9 +145,9 @@ def _failed(name: str, error: Exception, reference_accuracy, reference_seconds: 
         nan,
         None,
         reference_accuracy,
-        nan,
+        None,
         reference_seconds,
-        nan,
+        None,
         nan,
         error=f"{type(error).__name__}: {error}",
     )
