@@ -8,8 +8,8 @@ every-other-step schedule at twice the steps, so its block work matches the budg
 forwards and FLOPs per sample (counted with torch's FlopCounterMode around the transformer), the digit
 classifier's accuracy (per frame, and motion accuracy for video), a digit FID (Fréchet distance in the
 classifier's feature space to real test digits), PSNR / SSIM to the reference at the same seed, and the median
-wall-clock of ``--repeats`` runs taken round-robin over the rows (``--repeats 0``: quality only, each row generated once and not timed, half the
-work, for CPU runs). Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
+wall-clock of ``--repeats`` runs taken round-robin over the rows (``--repeats 0``: quality only, each row generated
+once and not timed, half the work, for CPU runs). Prints a table, writes JSON (and with ``--plot`` FLOPs vs FID).
 """
 
 from __future__ import annotations
