@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from diffusers_block.bench import distill as bench_distill
+from diffusers_block.bench import distill_timing
 from diffusers_block.bench.__main__ import main
 from diffusers_block.distill import BlockwiseFlowModel, SegmentSchedule
 from diffusers_block.distill.schedule import split_steps, uniform_sigmas
@@ -103,7 +104,7 @@ def test_bench_distill_architecture_timing_rows(tmp_path, one_thread):
     assert result["residual_trunk"] == 1  # a quarter of the 2 kept blocks, at least one
     rows = {row["name"]: row for row in result["results"]}
     expected = {"teacher-50-cfg-dense"}
-    for schedule in bench_distill.STUDENT_SCHEDULES:
+    for schedule in distill_timing.STUDENT_SCHEDULES:
         for trunk in ("", "+residual-trunk1"):
             plain = f"students-{schedule}-2of3-blocks{trunk}"
             expected |= {plain, f"{plain}+sparse+cache"}
@@ -136,7 +137,7 @@ def test_timed_residual_trunk_students_run_their_trunk_at_each_segment_first_ste
         student.blocks[1].ffn.register_forward_hook(count("after"))
     prompt = conditioning(arch, torch.device("cpu"), torch.float32, 1)
     with torch.inference_mode():
-        out = bench_distill.sample_students(students, schedule, noise(arch, torch.device("cpu"), 0), prompt)
+        out = distill_timing.sample_students(students, schedule, noise(arch, torch.device("cpu"), 0), prompt)
     assert torch.isfinite(out).all()
     assert calls == {"trunk": 2, "after": 8}  # the trunk at the 2 segments' first steps; the rest at all 8 steps
 
