@@ -162,3 +162,16 @@ def test_rows_are_timed_in_turns_each_inside_its_own_setting():
     assert log == ["enter a", "generate 1", "exit a", "enter b", "generate 2", "exit b"] * 2
     assert set(seconds) == {"a", "b"} and all(t > 0 for t in seconds.values())
     assert bench_distill._round_robin_seconds(work, settings, repeats=0) == {"a": None, "b": None}
+
+
+def test_seed_draws_other_noise_for_every_row(tmp_path, one_thread):
+    runs = {}
+    for seed in (0, 1000):
+        result = _run(
+            tmp_path / str(seed), "--model", "digits-image", "--per-class", "1", "--seed", str(seed), repeats=0
+        )
+        assert result["args"]["seed"] == seed
+        runs[seed] = {row["name"]: row for row in result["results"]}
+    assert runs[0].keys() == runs[1000].keys()
+    for name in runs[0]:  # other samples: another distance to the real digits
+        assert runs[0][name]["fid"] != runs[1000][name]["fid"], name

@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="teacher CFG (default: 3 image, 5 video)")
     parser.add_argument("--per-class", type=int, default=50, help="images per digit, or clips per (digit, motion)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; 0: quality only, untimed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="noise seed of every row (generation batch b uses seed + b)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help=f"results directory (default: {report.RESULTS_DIR})")
     parser.add_argument("--name", help="results file name (default: distill-<model>)")
@@ -124,12 +127,13 @@ class _Workload:
             self.real = (load_digit_images("test", 32)[0] + 1) / 2
             self.guidance = 3.0 if args.guidance is None else args.guidance
         self.pipe.set_progress_bar_config(disable=True)
+        self.seed = args.seed
 
     def generate(self, steps: int, guidance: float, count: int | None = None) -> torch.Tensor:
         if self.video:
             d, m = self.digits[:count], self.motions[:count]
-            return generate_clips(self.pipe, self.encoder, d, m, steps, guidance, seed=0)
-        return generate_digits(self.pipe, self.encoder, self.labels[:count], steps, guidance, seed=0)
+            return generate_clips(self.pipe, self.encoder, d, m, steps, guidance, seed=self.seed)
+        return generate_digits(self.pipe, self.encoder, self.labels[:count], steps, guidance, seed=self.seed)
 
 
 @dataclass(frozen=True)
