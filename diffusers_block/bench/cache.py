@@ -22,7 +22,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import fields
 
 import torch
@@ -151,6 +151,24 @@ def timed(generate, device: torch.device) -> tuple[float, torch.Tensor, float | 
         torch.cuda.synchronize(device)
     ms = (time.perf_counter() - start) * 1e3
     return ms, latents, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def round_robin_seconds(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    contexts: dict[str, Callable[[], AbstractContextManager]] | None = None,
+) -> dict[str, list]:
+    """Seconds of ``repeats`` calls of each run, taken in turns rather than run after run, so that the machine's
+    drift (GPU clocks, other load) does not favour whichever run came first. A run's context (``contexts[name]()``,
+    e.g. a student served) is entered and left around each call, outside the timed part."""
+    contexts = contexts or {}
+    seconds = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            with contexts.get(name, nullcontext)():
+                seconds[name].append(timed(run, device)[0] / 1e3)
+    return seconds
 
 
 def measure(model, generate, contexts: dict[str, Callable], args, device: torch.device) -> dict[str, dict]:

@@ -36,7 +36,7 @@ from ..eval.metrics import frechet_distance, psnr, ssim
 from ..zoo import load_digits_image_pipeline, load_digits_video_pipeline, model_path
 from . import report
 from .architectures import ARCHITECTURES
-from .cache import timed
+from .cache import round_robin_seconds
 from .distill_timing import timing
 
 MODELS = ("digits-image", "digits-video")  # shipped teachers, found by zoo.locate.model_path
@@ -188,12 +188,9 @@ def _generated(work: _Workload, setting: _Setting) -> tuple[torch.Tensor, float]
 def _round_robin_seconds(work: _Workload, settings: list[_Setting], repeats: int) -> dict[str, float | None]:
     """Median seconds of ``repeats`` runs of each setting, taken in turns rather than row after row: at a few
     milliseconds a call, the machine's load drifts enough to favour whichever row ran in a quiet minute."""
-    times = {setting.name: [] for setting in settings}
-    for _ in range(repeats):
-        for setting in settings:
-            with setting.active():
-                ms, _, _ = timed(partial(work.generate, setting.steps, setting.guidance), work.pipe.device)
-            times[setting.name].append(ms / 1e3)
+    runs = {setting.name: partial(work.generate, setting.steps, setting.guidance) for setting in settings}
+    contexts = {setting.name: setting.active for setting in settings}
+    times = round_robin_seconds(runs, repeats, work.pipe.device, contexts)
     return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
@@ -220,7 +217,7 @@ def run(args) -> dict:
     generated = {setting.name: _generated(work, setting) for setting in settings}
     reference, reference_flops = generated[settings[0].name]
     forward_flops = reference_flops / (2 * args.reference_steps)
-    budgets = {flops / forward_flops for _, flops in list(generated.values())[1:]}
+    budgets = {generated[student.name][1] / forward_flops for student in settings[1:]}
 
     # a student whose trunk runs at a segment's first step only has a fractional budget: baselines by whole steps,
     # each step count once

@@ -24,7 +24,7 @@ from ..distill.schedule import split_steps, uniform_sigmas
 from ..state import cache_context
 from . import attention, report
 from .architectures import ARCHITECTURES, build, conditioning, noise, num_tokens
-from .cache import sample, timed
+from .cache import round_robin_seconds, sample
 
 STUDENT_SCHEDULES = {"8 steps": (2, 4), "4 steps": (2, 2)}  # name -> (segments, steps per segment)
 RESIDUAL_TRUNK_FRACTION = 0.25  # feature residual approximation rows: this share of the kept blocks is the trunk
@@ -89,10 +89,7 @@ def timing(args) -> dict:
         for name, run in runs.items():
             if name.startswith("students"):
                 run()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):  # round-robin, so clock drift does not favour one run
-            for name, run in runs.items():
-                times[name].append(timed(run, device)[0] / 1e3)
+        times = round_robin_seconds(runs, args.repeats, device)
     reference = statistics.median(times["teacher-50-cfg-dense"])
     rows = [
         {"name": name, "seconds": statistics.median(t), "speedup": reference / statistics.median(t), "times_s": t}
