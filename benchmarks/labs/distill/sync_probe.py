@@ -8,11 +8,12 @@ device-to-host syncs of one run of each counted with torch.cuda.set_sync_debug_m
 import json
 import statistics
 import sys
-import time
 import warnings
+from functools import partial
 
 import torch
 
+from diffusers_block.bench.cache import round_robin_seconds
 from diffusers_block.distill import apply, disable_blockwise_flow, enable_blockwise_flow, load
 from diffusers_block.eval.digits import balanced_labels, generate_digits
 from diffusers_block.zoo import load_digits_image_pipeline, model_path
@@ -51,14 +52,8 @@ def main(out: str) -> None:
             run(mode, labels[:10])
             torch.cuda.set_sync_debug_mode(0)
         syncs[mode] = sum("synchroniz" in str(w.message) for w in caught)
-    times = {mode: [] for mode in modes}
-    for _ in range(9):
-        for mode in modes:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            run(mode)
-            torch.cuda.synchronize()
-            times[mode].append(time.perf_counter() - start)
+    times = round_robin_seconds({mode: partial(run, mode) for mode in modes}, 9, torch.device("cuda"))
+    apply.SegmentRoutingHook.new_forward = shipped_forward
     disable_blockwise_flow(pipe)
     result = {
         "device": torch.cuda.get_device_name(),
